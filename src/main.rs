@@ -38,6 +38,9 @@ enum Command {
     Cpu(cmd::cpu::Args),
     /// Friendly adaptation: AIMD on a group's running processes from a slowdown signal.
     Adapt(cmd::adapt::Args),
+    /// A synthetic HTTP back end (fixed workers and service time) for demos, tests and benchmarks.
+    #[command(hide = true)]
+    Backend(cmd::backend::Args),
 }
 
 fn main() -> ExitCode {
@@ -52,6 +55,7 @@ fn main() -> ExitCode {
         Command::Sim(command) => cmd::sim::run(command),
         Command::Cpu(args) => cmd::cpu::run(args),
         Command::Adapt(args) => cmd::adapt::run(args),
+        Command::Backend(args) => cmd::backend::run(args),
     };
     match result {
         Ok(code) => code,

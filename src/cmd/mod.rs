@@ -1,6 +1,8 @@
 //! One module per subcommand. Each exposes `Args` (clap) and `run(Args) -> Result<ExitCode>`.
 
 pub mod adapt;
+pub mod admin_client;
+pub mod backend;
 pub mod cpu;
 pub mod ctl;
 pub mod demo;
@@ -31,4 +33,19 @@ pub fn init_tracing(format: LogFormat) {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+}
+
+/// A tokio runtime with `threads` workers (default: one per CPU); one thread runs on the
+/// current thread, with no hand-offs between threads.
+pub fn runtime(threads: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
+    let built = match threads {
+        Some(0) => anyhow::bail!("--threads: expected an integer ≥ 1, got 0"),
+        Some(1) => tokio::runtime::Builder::new_current_thread().enable_all().build(),
+        Some(n) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .enable_all()
+            .build(),
+        None => tokio::runtime::Builder::new_multi_thread().enable_all().build(),
+    };
+    built.map_err(|e| anyhow::anyhow!("cannot start the async runtime: {e}"))
 }

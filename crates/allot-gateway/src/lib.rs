@@ -4,4 +4,29 @@
 //! classify them, the class's actuators admit, queue or refuse, a dispatcher sends
 //! queued requests to back-end pools within the caps on running requests, and responses
 //! pass through bandwidth groups on their way back. Sensors record every step.
+//!
+//! Layout, one job per module:
+//! - [`config`]: the TOML configuration, validated with file/line/key errors;
+//! - [`state`]: the live gateway and the one way it changes ([`Gateway::apply`]);
+//! - `service`: one request's path; `sched`: queues, caps and permits;
+//! - `upstream`: back-end pools, balancing, passive health; `body`: streamed bodies,
+//!   shaping; `conn`: head and idle timeouts on client sockets;
+//! - [`server`]: accept loops with graceful shutdown; `admin`, `metrics`: the admin API;
+//! - [`stats`]: sensors and their snapshots.
 #![deny(missing_docs)]
+
+mod admin;
+mod body;
+mod clock;
+pub mod config;
+mod conn;
+mod metrics;
+mod sched;
+pub mod server;
+mod service;
+pub mod state;
+pub mod stats;
+mod upstream;
+
+pub use config::{Config, ConfigError};
+pub use state::Gateway;

@@ -1,0 +1,253 @@
+//! The admin API, on its own listener (loopback by default).
+//!
+//! Reads: `GET /metrics` (Prometheus text), `GET /status` (JSON sensors), `GET /config`,
+//! `GET /rules`. Writes, which need `Authorization: Bearer <token>`:
+//! `POST /rules` (`{"chain", "position"?, "rule"}`), `DELETE /rules/<chain>/<id>`,
+//! `PATCH /classes/<name>`, `PATCH /bandwidth_groups/<name>`, `PATCH /gateway` (a JSON
+//! object of the keys to change, as in the configuration file). Every write is validated
+//! like a configuration file and either applies whole or changes nothing.
+
+use std::convert::Infallible;
+
+use allot_model::classify::{ChainSpec, Rule, RuleSpec};
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use serde::Deserialize;
+use serde_json::Value;
+use toml::Spanned;
+
+use crate::config::{Config, ConfigError};
+use crate::state::Gateway;
+
+/// Largest admin request body.
+const MAX_ADMIN_BODY_BYTES: usize = 64 * 1024;
+
+type AdminResponse = Response<Full<Bytes>>;
+
+/// hyper's entry point for one admin request.
+pub(crate) async fn handle(gw: Gateway, req: Request<Incoming>) -> Result<AdminResponse, Infallible> {
+    Ok(route(&gw, req).await.unwrap_or_else(|(status, msg)| text(status, msg)))
+}
+
+type Routed = Result<AdminResponse, (StatusCode, String)>;
+
+async fn route(gw: &Gateway, req: Request<Incoming>) -> Routed {
+    let path = req.uri().path().trim_end_matches('/').to_string();
+    let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    let method = req.method().clone();
+    if method == Method::GET {
+        return match segments.as_slice() {
+            ["metrics"] => Ok(Response::builder()
+                .header(
+                    header::CONTENT_TYPE,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                )
+                .body(Full::new(Bytes::from(crate::metrics::render(gw))))
+                .unwrap_or_default()),
+            ["status"] => json(&gw.status()),
+            ["config"] => json(&gw.settings().config),
+            ["rules"] => {
+                let rules = gw.rules();
+                let chains: Vec<ChainSpec> =
+                    rules.set.chains().iter().cloned().map(ChainSpec::from).collect();
+                json(&serde_json::json!({ "entry": rules.set.entry(), "chains": chains }))
+            }
+            _ => Err((StatusCode::NOT_FOUND, "allot: no such admin endpoint".into())),
+        };
+    }
+    authorize(gw, &req)?;
+    let body = read_body(req).await?;
+    match (method, segments.as_slice()) {
+        (Method::POST, ["rules"]) => {
+            #[derive(Deserialize)]
+            #[serde(deny_unknown_fields)]
+            struct AddRule {
+                chain: String,
+                position: Option<usize>,
+                rule: RuleSpec,
+            }
+            let add: AddRule = parse_json(&body)?;
+            let rule = Rule::try_from(add.rule).map_err(bad)?;
+            let set = gw
+                .rules()
+                .set
+                .with_rule_added(&add.chain, add.position, rule)
+                .map_err(bad)?;
+            set_chains(gw, &set)?;
+            Ok(text(StatusCode::CREATED, "rule added".into()))
+        }
+        (Method::DELETE, ["rules", chain, id]) => {
+            let set = gw.rules().set.with_rule_removed(chain, id).map_err(|e| {
+                (StatusCode::NOT_FOUND, format!("allot: {e}"))
+            })?;
+            set_chains(gw, &set)?;
+            Ok(text(StatusCode::OK, "rule removed".into()))
+        }
+        (Method::PATCH, ["classes", name]) => {
+            let patch = parse_json::<Value>(&body)?;
+            gw.change(|c| patch_named(&mut c.class, name, &patch, "class"))
+                .map_err(config_error)?;
+            Ok(text(StatusCode::OK, format!("class {name} changed")))
+        }
+        (Method::PATCH, ["bandwidth_groups", name]) => {
+            let patch = parse_json::<Value>(&body)?;
+            gw.change(|c| patch_named(&mut c.bandwidth_group, name, &patch, "bandwidth_group"))
+                .map_err(config_error)?;
+            Ok(text(StatusCode::OK, format!("bandwidth group {name} changed")))
+        }
+        (Method::PATCH, ["gateway"]) => {
+            let patch = parse_json::<Value>(&body)?;
+            gw.change(|c| {
+                c.gateway = merged(&c.gateway, &patch, "gateway")?;
+                Ok(())
+            })
+            .map_err(config_error)?;
+            Ok(text(StatusCode::OK, "gateway changed".into()))
+        }
+        _ => Err((StatusCode::NOT_FOUND, "allot: no such admin endpoint".into())),
+    }
+}
+
+fn authorize(gw: &Gateway, req: &Request<Incoming>) -> Result<(), (StatusCode, String)> {
+    let Some(token) = gw.settings().admin_token.clone() else {
+        return Err((
+            StatusCode::FORBIDDEN,
+            "allot: write endpoints are disabled: set admin.token or admin.token_env".into(),
+        ));
+    };
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    if given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes())) {
+        Ok(())
+    } else {
+        Err((
+            StatusCode::UNAUTHORIZED,
+            "allot: write endpoints need `Authorization: Bearer <token>`".into(),
+        ))
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn read_body(req: Request<Incoming>) -> Result<Bytes, (StatusCode, String)> {
+    Limited::new(req.into_body(), MAX_ADMIN_BODY_BYTES)
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .map_err(|e| (StatusCode::BAD_REQUEST, format!("allot: cannot read body: {e}")))
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, (StatusCode, String)> {
+    serde_json::from_slice(body).map_err(|e| (StatusCode::BAD_REQUEST, format!("allot: bad JSON: {e}")))
+}
+
+fn bad(e: impl std::fmt::Display) -> (StatusCode, String) {
+    (StatusCode::BAD_REQUEST, format!("allot: {e}"))
+}
+
+fn config_error(e: ConfigError) -> (StatusCode, String) {
+    bad(e)
+}
+
+fn set_chains(gw: &Gateway, set: &allot_model::classify::RuleSet) -> Result<(), (StatusCode, String)> {
+    let chains: Vec<Spanned<ChainSpec>> = set
+        .chains()
+        .iter()
+        .cloned()
+        .map(|c| Spanned::new(0..0, ChainSpec::from(c)))
+        .collect();
+    gw.change(|c: &mut Config| {
+        c.chain = chains;
+        Ok(())
+    })
+    .map_err(config_error)
+}
+
+/// `current` with the keys of `patch` replaced, re-read through serde so unknown keys and
+/// wrong types are refused exactly as in the file.
+fn merged<T: serde::Serialize + serde::de::DeserializeOwned>(
+    current: &T,
+    patch: &Value,
+    what: &str,
+) -> Result<T, ConfigError> {
+    let invalid = |message: String| ConfigError::Invalid {
+        path: "run-time change".into(),
+        line: 0,
+        key: what.to_string(),
+        message,
+    };
+    let mut value = serde_json::to_value(current).map_err(|e| invalid(e.to_string()))?;
+    let (Value::Object(target), Value::Object(changes)) = (&mut value, patch) else {
+        return Err(invalid("expected a JSON object of keys to change".into()));
+    };
+    for (k, v) in changes {
+        target.insert(k.clone(), v.clone());
+    }
+    serde_json::from_value(value).map_err(|e| invalid(e.to_string()))
+}
+
+trait Named {
+    fn name(&self) -> &str;
+}
+
+impl Named for crate::config::ClassConfig {
+    fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Named for crate::config::BandwidthGroupConfig {
+    fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+fn patch_named<T>(items: &mut [Spanned<T>], name: &str, patch: &Value, what: &str) -> Result<(), ConfigError>
+where
+    T: Named + serde::Serialize + serde::de::DeserializeOwned,
+{
+    let Some(item) = items.iter_mut().find(|i| i.get_ref().name() == name) else {
+        return Err(ConfigError::Invalid {
+            path: "run-time change".into(),
+            line: 0,
+            key: format!("{what}.{name}"),
+            message: format!("no {what} is named {name:?}"),
+        });
+    };
+    if patch.get("name").is_some_and(|n| n != name) {
+        return Err(ConfigError::Invalid {
+            path: "run-time change".into(),
+            line: 0,
+            key: format!("{what}.{name}.name"),
+            message: "a name cannot be changed at run time".into(),
+        });
+    }
+    *item.get_mut() = merged(item.get_ref(), patch, &format!("{what}.{name}"))?;
+    Ok(())
+}
+
+fn json(v: &impl serde::Serialize) -> Routed {
+    let body = serde_json::to_vec_pretty(v)
+        .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    Ok(Response::builder()
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .unwrap_or_default())
+}
+
+fn text(status: StatusCode, msg: String) -> AdminResponse {
+    let mut resp = Response::new(Full::new(Bytes::from(format!("{msg}\n"))));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}

@@ -1,0 +1,22 @@
+//! The gateway's one clock: nanoseconds since the process first asked, as the model's
+//! [`Nanos`]. Read once per event at the edges; the model never reads it.
+
+use std::sync::OnceLock;
+
+use allot_model::Nanos;
+use tokio::time::Instant;
+
+fn origin() -> Instant {
+    static ORIGIN: OnceLock<Instant> = OnceLock::new();
+    *ORIGIN.get_or_init(Instant::now)
+}
+
+/// Now, as the model's time.
+pub fn now() -> Nanos {
+    to_nanos(Instant::now())
+}
+
+/// An instant as the model's time.
+pub fn to_nanos(at: Instant) -> Nanos {
+    Nanos(u64::try_from(at.saturating_duration_since(origin()).as_nanos()).unwrap_or(u64::MAX))
+}

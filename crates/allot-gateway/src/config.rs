@@ -1,0 +1,647 @@
+//! The gateway's configuration file: TOML, validated at load.
+//!
+//! Parsing works from a string so it is testable; [`Config::load`] adds the path. Every
+//! error names the file, the line and the key, and says what is allowed.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use allot_model::classify::{Chain, ChainSpec, RuleSet, Target};
+use allot_model::queue::Policy;
+use serde::{Deserialize, Serialize};
+use toml::Spanned;
+
+/// A configuration error: where it is and what is wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML, or a key has the wrong type or is unknown.
+    #[error("{path}{}: {message}", at_line(*line))]
+    Syntax {
+        /// The file.
+        path: String,
+        /// 1-based line, 0 when unknown.
+        line: usize,
+        /// What toml said.
+        message: String,
+    },
+    /// A value is out of range or refers to something that does not exist.
+    #[error("{path}{}: `{key}`: {message}", at_line(*line))]
+    Invalid {
+        /// The file.
+        path: String,
+        /// 1-based line of the table holding the key.
+        line: usize,
+        /// Dotted key, naming the table by its `name` where it has one.
+        key: String,
+        /// What is allowed, and what was found.
+        message: String,
+    },
+}
+
+fn at_line(line: usize) -> String {
+    if line == 0 {
+        String::new()
+    } else {
+        format!(":{line}")
+    }
+}
+
+/// The whole gateway configuration.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where clients connect, and the bounds on what they send.
+    #[serde(default)]
+    pub listener: ListenerConfig,
+    /// The admin API (metrics, status, run-time changes).
+    #[serde(default)]
+    pub admin: AdminConfig,
+    /// Gateway-wide settings.
+    #[serde(default)]
+    pub gateway: GatewaySettings,
+    /// Back ends: named groups of addresses.
+    #[serde(default)]
+    pub backend: Vec<Spanned<BackendConfig>>,
+    /// Classes: each with its queue, caps and actuators.
+    #[serde(default)]
+    pub class: Vec<Spanned<ClassConfig>>,
+    /// Output-bandwidth groups shared by the responses of their classes.
+    #[serde(default)]
+    pub bandwidth_group: Vec<Spanned<BandwidthGroupConfig>>,
+    /// Rule chains that classify requests; the entry chain is `gateway.entry_chain`.
+    #[serde(default)]
+    pub chain: Vec<Spanned<ChainSpec>>,
+}
+
+/// The client-facing listener.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ListenerConfig {
+    /// Address to listen on.
+    pub address: SocketAddr,
+    /// Largest request head accepted; larger gets 431.
+    pub max_head_bytes: usize,
+    /// Time allowed to receive a whole request head once it has started; then 408.
+    pub head_timeout_ms: u64,
+    /// An idle keep-alive connection is closed after this long.
+    pub idle_timeout_ms: u64,
+    /// Largest request body accepted; larger gets 413.
+    pub max_body_bytes: u64,
+}
+
+impl Default for ListenerConfig {
+    fn default() -> Self {
+        ListenerConfig {
+            address: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            max_head_bytes: 16 * 1024,
+            head_timeout_ms: 10_000,
+            idle_timeout_ms: 60_000,
+            max_body_bytes: 10 * 1024 * 1024,
+        }
+    }
+}
+
+/// The admin listener.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Address of the admin API; loopback unless you mean otherwise.
+    pub address: SocketAddr,
+    /// Bearer token for write endpoints. Without a token (here or in `token_env`) the
+    /// write endpoints are disabled.
+    pub token: Option<String>,
+    /// Name of an environment variable holding the token (used when `token` is unset).
+    pub token_env: Option<String>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            address: SocketAddr::from(([127, 0, 0, 1], 9090)),
+            token: None,
+            token_env: Some("ALLOT_ADMIN_TOKEN".into()),
+        }
+    }
+}
+
+impl AdminConfig {
+    /// The effective token: `token`, else the variable named by `token_env`.
+    pub fn resolved_token(&self) -> Option<String> {
+        self.token.clone().or_else(|| {
+            self.token_env
+                .as_deref()
+                .and_then(|name| std::env::var(name).ok())
+                .filter(|t| !t.is_empty())
+        })
+    }
+}
+
+/// Gateway-wide settings.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewaySettings {
+    /// Cap on requests in service across all classes.
+    pub max_running: usize,
+    /// The chain classification starts from (default: the first `[[chain]]`).
+    pub entry_chain: Option<String>,
+    /// Seconds put in `Retry-After` on a 503.
+    pub retry_after_s: u64,
+}
+
+impl Default for GatewaySettings {
+    fn default() -> Self {
+        GatewaySettings {
+            max_running: 256,
+            entry_chain: None,
+            retry_after_s: 1,
+        }
+    }
+}
+
+/// How a back end spreads requests over its addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Balance {
+    /// Each address in turn.
+    #[default]
+    RoundRobin,
+    /// The address with the fewest requests in flight.
+    LeastInFlight,
+}
+
+/// One back end: an unmodified server reachable at one or more addresses.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    /// Name used by classes and in metrics.
+    pub name: String,
+    /// `host:port` addresses (IP literals).
+    pub addresses: Vec<SocketAddr>,
+    /// How requests are spread over the addresses.
+    #[serde(default)]
+    pub balance: Balance,
+    /// Time allowed to open a connection.
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// Time allowed for the response head once the request is sent; then 504.
+    #[serde(default = "default_response_timeout_ms")]
+    pub response_timeout_ms: u64,
+    /// Consecutive connect failures after which an address is taken out.
+    #[serde(default = "default_eject_after_failures")]
+    pub eject_after_failures: u32,
+    /// How long an ejected address stays out before it is tried again.
+    #[serde(default = "default_eject_for_ms")]
+    pub eject_for_ms: u64,
+    /// Idle pooled connections kept per address.
+    #[serde(default = "default_max_idle_per_address")]
+    pub max_idle_per_address: usize,
+}
+
+fn default_connect_timeout_ms() -> u64 {
+    1_000
+}
+fn default_response_timeout_ms() -> u64 {
+    30_000
+}
+fn default_eject_after_failures() -> u32 {
+    3
+}
+fn default_eject_for_ms() -> u64 {
+    5_000
+}
+fn default_max_idle_per_address() -> usize {
+    256
+}
+
+/// An accept-rate actuator: a token bucket on admissions.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AcceptRate {
+    /// Admissions per second.
+    pub rate_per_sec: f64,
+    /// Admissions allowed at once after a quiet spell.
+    #[serde(default = "default_burst")]
+    pub burst: f64,
+}
+
+fn default_burst() -> f64 {
+    1.0
+}
+
+/// One class of requests.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClassConfig {
+    /// Name used by rules and in metrics.
+    pub name: String,
+    /// The back end this class is forwarded to.
+    pub backend: String,
+    /// Strict priority between classes when a service slot frees (higher first).
+    #[serde(default)]
+    pub priority: i32,
+    /// Relative admission rate among classes of equal priority (the accept-ratio group).
+    #[serde(default = "default_ratio")]
+    pub ratio: f64,
+    /// Cap on this class's requests in service.
+    #[serde(default = "default_class_max_running")]
+    pub max_running: usize,
+    /// Cap on this class's waiting requests; more get 503.
+    #[serde(default = "default_queue_limit")]
+    pub queue_limit: usize,
+    /// Longest a request may wait for service; then 503.
+    #[serde(default = "default_max_wait_ms")]
+    pub max_wait_ms: u64,
+    /// Order of service inside the class.
+    #[serde(default = "default_policy")]
+    pub policy: Policy,
+    /// A request waiting this long is served first whatever the policy (default: half of
+    /// `max_wait_ms`).
+    pub age_bound_ms: Option<u64>,
+    /// Optional accept-rate actuator.
+    pub accept_rate: Option<AcceptRate>,
+    /// Optional output-bandwidth group.
+    pub bandwidth_group: Option<String>,
+}
+
+fn default_ratio() -> f64 {
+    1.0
+}
+fn default_class_max_running() -> usize {
+    usize::MAX
+}
+fn default_queue_limit() -> usize {
+    1024
+}
+fn default_max_wait_ms() -> u64 {
+    10_000
+}
+fn default_policy() -> Policy {
+    Policy::Fifo
+}
+
+impl ClassConfig {
+    /// The age past which a waiting request goes first.
+    pub fn age_bound(&self) -> Duration {
+        Duration::from_millis(self.age_bound_ms.unwrap_or(self.max_wait_ms / 2))
+    }
+}
+
+/// An output-bandwidth group: bytes per second shared by all responses of its classes.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BandwidthGroupConfig {
+    /// Name used by classes.
+    pub name: String,
+    /// Response bytes per second, all responses together.
+    pub bytes_per_sec: f64,
+    /// Bytes allowed at once after a quiet spell (default: a tenth of a second's worth,
+    /// at least 16 KiB).
+    pub burst_bytes: Option<f64>,
+}
+
+impl BandwidthGroupConfig {
+    /// The effective burst.
+    pub fn burst(&self) -> f64 {
+        self.burst_bytes
+            .unwrap_or((self.bytes_per_sec / 10.0).max(16.0 * 1024.0))
+    }
+}
+
+impl Config {
+    /// Reads and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let display = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: display.clone(),
+            source,
+        })?;
+        Config::parse(&text, &display)
+    }
+
+    /// Parses and validates `text`; `origin` names it in errors (a file path).
+    pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            path: origin.to_string(),
+            line: e.span().map(|s| line_of(text, s.start)).unwrap_or(0),
+            message: e.message().trim().to_string(),
+        })?;
+        config.validate(text, origin)?;
+        Ok(config)
+    }
+
+    /// Validates a configuration changed at run time (no file, so no lines).
+    pub fn revalidate(&self) -> Result<(), ConfigError> {
+        self.validate("", "run-time change")
+    }
+
+    /// The classes, without their spans.
+    pub fn classes(&self) -> impl Iterator<Item = &ClassConfig> {
+        self.class.iter().map(|c| c.get_ref())
+    }
+
+    /// The back ends, without their spans.
+    pub fn backends(&self) -> impl Iterator<Item = &BackendConfig> {
+        self.backend.iter().map(|c| c.get_ref())
+    }
+
+    /// The bandwidth groups, without their spans.
+    pub fn bandwidth_groups(&self) -> impl Iterator<Item = &BandwidthGroupConfig> {
+        self.bandwidth_group.iter().map(|c| c.get_ref())
+    }
+
+    /// Compiles the rule chains against the classes.
+    pub fn rule_set(&self) -> Result<RuleSet, allot_model::classify::RuleError> {
+        let chains = self
+            .chain
+            .iter()
+            .map(|c| c.get_ref().clone().try_into())
+            .collect::<Result<Vec<_>, _>>()?;
+        let entry = self.entry_chain().unwrap_or_default();
+        RuleSet::new(chains, &entry, self.classes().map(|c| c.name.clone()).collect())
+    }
+
+    /// The chain classification starts from.
+    pub fn entry_chain(&self) -> Option<String> {
+        self.gateway
+            .entry_chain
+            .clone()
+            .or_else(|| self.chain.first().map(|c| c.get_ref().name.clone()))
+    }
+
+    fn validate(&self, text: &str, origin: &str) -> Result<(), ConfigError> {
+        let invalid = |span: std::ops::Range<usize>, key: String, message: String| {
+            ConfigError::Invalid {
+                path: origin.to_string(),
+                line: if text.is_empty() { 0 } else { line_of(text, span.start) },
+                key,
+                message,
+            }
+        };
+        if self.gateway.max_running == 0 {
+            return Err(invalid(
+                find_key(text, "max_running"),
+                "gateway.max_running".into(),
+                "expected an integer ≥ 1, got 0".into(),
+            ));
+        }
+        if self.class.is_empty() {
+            return Err(invalid(
+                0..0,
+                "class".into(),
+                "at least one [[class]] is required".into(),
+            ));
+        }
+        let mut backend_names = HashSet::new();
+        for b in &self.backend {
+            let (span, b) = (b.span(), b.get_ref());
+            if !backend_names.insert(b.name.as_str()) {
+                return Err(invalid(
+                    span,
+                    format!("backend.{}.name", b.name),
+                    "back-end names must be unique".into(),
+                ));
+            }
+            if b.addresses.is_empty() {
+                return Err(invalid(
+                    span,
+                    format!("backend.{}.addresses", b.name),
+                    "expected at least one `ip:port` address".into(),
+                ));
+            }
+            if b.connect_timeout_ms == 0 || b.response_timeout_ms == 0 {
+                return Err(invalid(
+                    span,
+                    format!("backend.{}", b.name),
+                    "timeouts must be ≥ 1 ms".into(),
+                ));
+            }
+        }
+        let mut group_names = HashSet::new();
+        for g in &self.bandwidth_group {
+            let (span, g) = (g.span(), g.get_ref());
+            if !group_names.insert(g.name.as_str()) {
+                return Err(invalid(
+                    span,
+                    format!("bandwidth_group.{}.name", g.name),
+                    "group names must be unique".into(),
+                ));
+            }
+            if !(g.bytes_per_sec.is_finite() && g.bytes_per_sec > 0.0) {
+                return Err(invalid(
+                    span,
+                    format!("bandwidth_group.{}.bytes_per_sec", g.name),
+                    format!("expected a number > 0, got {}", g.bytes_per_sec),
+                ));
+            }
+            if g.burst() < 1.0 || !g.burst().is_finite() {
+                return Err(invalid(
+                    span,
+                    format!("bandwidth_group.{}.burst_bytes", g.name),
+                    format!("expected a number ≥ 1, got {}", g.burst()),
+                ));
+            }
+        }
+        let mut class_names = HashSet::new();
+        for c in &self.class {
+            let (span, c) = (c.span(), c.get_ref());
+            let key = |k: &str| format!("class.{}.{k}", c.name);
+            if !class_names.insert(c.name.as_str()) {
+                return Err(invalid(
+                    span,
+                    key("name"),
+                    "class names must be unique".into(),
+                ));
+            }
+            if !backend_names.contains(c.backend.as_str()) {
+                return Err(invalid(
+                    span,
+                    key("backend"),
+                    format!(
+                        "no [[backend]] is named {:?}; known: {}",
+                        c.backend,
+                        join(&backend_names)
+                    ),
+                ));
+            }
+            if c.max_running == 0 {
+                return Err(invalid(
+                    span,
+                    key("max_running"),
+                    "expected an integer ≥ 1, got 0".into(),
+                ));
+            }
+            if !(c.ratio.is_finite() && c.ratio > 0.0) {
+                return Err(invalid(
+                    span,
+                    key("ratio"),
+                    format!("expected a number > 0, got {}", c.ratio),
+                ));
+            }
+            if let Some(rate) = c.accept_rate {
+                if !(rate.rate_per_sec.is_finite() && rate.rate_per_sec >= 0.0) {
+                    return Err(invalid(
+                        span,
+                        key("accept_rate.rate_per_sec"),
+                        format!("expected a number ≥ 0, got {}", rate.rate_per_sec),
+                    ));
+                }
+                if !(rate.burst.is_finite() && rate.burst >= 1.0) {
+                    return Err(invalid(
+                        span,
+                        key("accept_rate.burst"),
+                        format!("expected a number ≥ 1, got {}", rate.burst),
+                    ));
+                }
+            }
+            if let Some(g) = &c.bandwidth_group {
+                if !group_names.contains(g.as_str()) {
+                    return Err(invalid(
+                        span,
+                        key("bandwidth_group"),
+                        format!(
+                            "no [[bandwidth_group]] is named {g:?}; known: {}",
+                            join(&group_names)
+                        ),
+                    ));
+                }
+            }
+        }
+        if self.chain.is_empty() && self.class.len() > 1 {
+            return Err(invalid(
+                0..0,
+                "chain".into(),
+                "with more than one class, a [[chain]] must say which requests go where".into(),
+            ));
+        }
+        if let Err(e) = self.rule_set_or_single() {
+            let span = self.chain.first().map(|c| c.span()).unwrap_or(0..0);
+            return Err(invalid(span, "chain".into(), e.to_string()));
+        }
+        Ok(())
+    }
+
+    /// The rule set, or with no chains (one class) a rule set sending everything to it.
+    pub fn rule_set_or_single(&self) -> Result<RuleSet, allot_model::classify::RuleError> {
+        if self.chain.is_empty() {
+            let only = self.classes().next().map(|c| c.name.clone());
+            let chain = Chain {
+                name: "main".into(),
+                rules: Vec::new(),
+                default: Target::Class(only.unwrap_or_default()),
+            };
+            return RuleSet::new(
+                vec![chain],
+                "main",
+                self.classes().map(|c| c.name.clone()).collect(),
+            );
+        }
+        self.rule_set()
+    }
+}
+
+fn join(names: &HashSet<&str>) -> String {
+    let mut v: Vec<&str> = names.iter().copied().collect();
+    v.sort_unstable();
+    if v.is_empty() {
+        "none".into()
+    } else {
+        v.join(", ")
+    }
+}
+
+/// 1-based line of byte offset `at` in `text`.
+fn line_of(text: &str, at: usize) -> usize {
+    text.get(..at.min(text.len()))
+        .map(|t| t.matches('\n').count() + 1)
+        .unwrap_or(1)
+}
+
+/// The span of the first line that sets `key`, for keys outside arrays of tables.
+fn find_key(text: &str, key: &str) -> std::ops::Range<usize> {
+    let mut offset = 0;
+    for line in text.split_inclusive('\n') {
+        let trimmed = line.trim_start();
+        if trimmed.starts_with(key) && trimmed[key.len()..].trim_start().starts_with('=') {
+            return offset..offset + line.len();
+        }
+        offset += line.len();
+    }
+    0..0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[listener]
+address = "127.0.0.1:0"
+
+[[backend]]
+name = "app"
+addresses = ["127.0.0.1:9000"]
+
+[[class]]
+name = "premium"
+backend = "app"
+priority = 10
+
+[[class]]
+name = "basic"
+backend = "app"
+max_running = 4
+
+[[chain]]
+name = "main"
+default = { class = "basic" }
+[[chain.rule]]
+id = "net"
+source = ["10.0.0.0/8"]
+target = { class = "premium" }
+"#;
+
+    #[test]
+    fn good_config_loads() {
+        let c = Config::parse(GOOD, "t.toml").expect("valid");
+        assert_eq!(c.class.len(), 2);
+        assert_eq!(c.entry_chain().as_deref(), Some("main"));
+        assert!(c.rule_set().is_ok());
+    }
+
+    #[test]
+    fn errors_name_file_line_and_key() {
+        let bad = GOOD.replace("max_running = 4", "max_running = 0");
+        let err = Config::parse(&bad, "t.toml").unwrap_err().to_string();
+        assert!(err.starts_with("t.toml:15: `class.basic.max_running`"), "{err}");
+
+        let bad = GOOD.replace("backend = \"app\"\nmax", "backend = \"nope\"\nmax");
+        let err = Config::parse(&bad, "t.toml").unwrap_err().to_string();
+        assert!(err.contains("`class.basic.backend`"), "{err}");
+        assert!(err.contains("known: app"), "{err}");
+
+        let bad = GOOD.replace("priority = 10", "priority = \"high\"");
+        let err = Config::parse(&bad, "t.toml").unwrap_err().to_string();
+        assert!(err.starts_with("t.toml:13:"), "{err}");
+
+        let bad = GOOD.replace("priority = 10", "priorty = 10");
+        let err = Config::parse(&bad, "t.toml").unwrap_err().to_string();
+        assert!(err.contains("priorty"), "{err}");
+    }
+
+    #[test]
+    fn rule_errors_are_config_errors() {
+        let bad = GOOD.replace("target = { class = \"premium\" }", "target = { class = \"gold\" }");
+        let err = Config::parse(&bad, "t.toml").unwrap_err().to_string();
+        assert!(err.contains("gold"), "{err}");
+    }
+}

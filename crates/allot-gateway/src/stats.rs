@@ -1,0 +1,349 @@
+//! Sensors: counters, gauges and latency histograms per class and per back end.
+//!
+//! One source of truth read three ways: `/metrics` (Prometheus text, through a
+//! [`prometheus_client`] collector), `/status` (JSON snapshots) and the demo's table
+//! (differences of snapshots).
+
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Upper bounds of the latency buckets, in seconds: 100 µs doubling up to about 105 s.
+pub fn bucket_bounds_s() -> [f64; BUCKETS] {
+    let mut b = [0.0; BUCKETS];
+    let mut v = 0.0001;
+    for slot in b.iter_mut() {
+        *slot = v;
+        v *= 2.0;
+    }
+    b
+}
+
+/// Number of finite latency buckets.
+pub const BUCKETS: usize = 21;
+
+/// A latency histogram updated without locks.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    counts: [AtomicU64; BUCKETS + 1],
+    sum_ns: AtomicU64,
+}
+
+impl Histogram {
+    /// Records one observation.
+    pub fn observe(&self, d: Duration) {
+        let s = d.as_secs_f64();
+        let idx = bucket_bounds_s()
+            .iter()
+            .position(|&b| s <= b)
+            .unwrap_or(BUCKETS);
+        self.counts[idx].fetch_add(1, Relaxed);
+        self.sum_ns
+            .fetch_add(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX), Relaxed);
+    }
+
+    /// A copy of the current counts.
+    pub fn snapshot(&self) -> HistogramSnapshot {
+        HistogramSnapshot {
+            counts: self.counts.iter().map(|c| c.load(Relaxed)).collect(),
+            sum_ns: self.sum_ns.load(Relaxed),
+        }
+    }
+}
+
+/// Counts of a [`Histogram`] at one moment; differences give a window.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct HistogramSnapshot {
+    /// Per-bucket counts (not cumulative); the last bucket is +Inf.
+    pub counts: Vec<u64>,
+    /// Sum of all observations, in nanoseconds.
+    pub sum_ns: u64,
+}
+
+impl HistogramSnapshot {
+    /// Observations counted.
+    pub fn count(&self) -> u64 {
+        self.counts.iter().sum()
+    }
+
+    /// Mean, in milliseconds (0 when empty).
+    pub fn mean_ms(&self) -> f64 {
+        match self.count() {
+            0 => 0.0,
+            n => self.sum_ns as f64 / n as f64 / 1e6,
+        }
+    }
+
+    /// The `q` quantile in milliseconds, interpolated inside its bucket (0 when empty).
+    pub fn quantile_ms(&self, q: f64) -> f64 {
+        let n = self.count();
+        if n == 0 {
+            return 0.0;
+        }
+        let bounds = bucket_bounds_s();
+        let rank = (q.clamp(0.0, 1.0) * n as f64).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (i, &c) in self.counts.iter().enumerate() {
+            if seen + c >= rank {
+                let lo = if i == 0 { 0.0 } else { bounds[i - 1] };
+                let hi = bounds.get(i).copied().unwrap_or(lo * 2.0);
+                let within = (rank - seen) as f64 / c as f64;
+                return (lo + (hi - lo) * within) * 1e3;
+            }
+            seen += c;
+        }
+        bounds[BUCKETS - 1] * 1e3
+    }
+
+    /// `self − earlier`, bucket by bucket.
+    pub fn since(&self, earlier: &HistogramSnapshot) -> HistogramSnapshot {
+        HistogramSnapshot {
+            counts: self
+                .counts
+                .iter()
+                .enumerate()
+                .map(|(i, c)| c.saturating_sub(earlier.counts.get(i).copied().unwrap_or(0)))
+                .collect(),
+            sum_ns: self.sum_ns.saturating_sub(earlier.sum_ns),
+        }
+    }
+}
+
+/// Why a request was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefuseReason {
+    /// The class queue was at its limit.
+    QueueFull,
+    /// The request waited `max_wait` without being served.
+    Timeout,
+    /// The accept-rate actuator had no token.
+    Rate,
+    /// The principal's agreement quota was spent.
+    Quota,
+}
+
+impl RefuseReason {
+    /// All reasons, in metric order.
+    pub const ALL: [RefuseReason; 4] = [
+        RefuseReason::QueueFull,
+        RefuseReason::Timeout,
+        RefuseReason::Rate,
+        RefuseReason::Quota,
+    ];
+
+    /// The label value and the word in a 503 body.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefuseReason::QueueFull => "queue_full",
+            RefuseReason::Timeout => "timeout",
+            RefuseReason::Rate => "rate",
+            RefuseReason::Quota => "quota",
+        }
+    }
+}
+
+/// Sensors of one class.
+#[derive(Debug, Default)]
+pub struct ClassStats {
+    /// Requests classified into the class.
+    pub arrivals: AtomicU64,
+    /// Requests sent on to service.
+    pub admitted: AtomicU64,
+    /// Requests refused, by [`RefuseReason`] (indexed as [`RefuseReason::ALL`]).
+    pub refused: [AtomicU64; 4],
+    /// Requests waiting now.
+    pub queued: AtomicI64,
+    /// Requests in service now.
+    pub in_flight: AtomicI64,
+    /// Time from classification to service.
+    pub queue_delay: Histogram,
+    /// Time from service start to the end of the response body.
+    pub service_time: Histogram,
+    /// Request body bytes received.
+    pub bytes_in: AtomicU64,
+    /// Response body bytes sent.
+    pub bytes_out: AtomicU64,
+    /// Responses with status ≥ 500 produced by the gateway for back-end failures.
+    pub failed: AtomicU64,
+}
+
+impl ClassStats {
+    /// Counts one refusal.
+    pub fn refuse(&self, reason: RefuseReason) {
+        self.refused[reason as usize].fetch_add(1, Relaxed);
+    }
+
+    /// A serialisable copy.
+    pub fn snapshot(&self, name: &str) -> ClassSnapshot {
+        ClassSnapshot {
+            name: name.to_string(),
+            arrivals: self.arrivals.load(Relaxed),
+            admitted: self.admitted.load(Relaxed),
+            refused_queue_full: self.refused[0].load(Relaxed),
+            refused_timeout: self.refused[1].load(Relaxed),
+            refused_rate: self.refused[2].load(Relaxed),
+            refused_quota: self.refused[3].load(Relaxed),
+            queued: self.queued.load(Relaxed).max(0) as u64,
+            in_flight: self.in_flight.load(Relaxed).max(0) as u64,
+            bytes_in: self.bytes_in.load(Relaxed),
+            bytes_out: self.bytes_out.load(Relaxed),
+            failed: self.failed.load(Relaxed),
+            queue_delay: self.queue_delay.snapshot(),
+            service_time: self.service_time.snapshot(),
+        }
+    }
+}
+
+/// A class's sensors at one moment.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ClassSnapshot {
+    /// Class name.
+    pub name: String,
+    /// Requests classified into the class.
+    pub arrivals: u64,
+    /// Requests sent on to service.
+    pub admitted: u64,
+    /// Refused: queue at its limit.
+    pub refused_queue_full: u64,
+    /// Refused: waited `max_wait`.
+    pub refused_timeout: u64,
+    /// Refused: accept rate.
+    pub refused_rate: u64,
+    /// Refused: agreement quota.
+    pub refused_quota: u64,
+    /// Waiting now.
+    pub queued: u64,
+    /// In service now.
+    pub in_flight: u64,
+    /// Request body bytes received.
+    pub bytes_in: u64,
+    /// Response body bytes sent.
+    pub bytes_out: u64,
+    /// 502/504 answers for back-end failures.
+    pub failed: u64,
+    /// Queueing delay histogram.
+    pub queue_delay: HistogramSnapshot,
+    /// Service time histogram.
+    pub service_time: HistogramSnapshot,
+}
+
+impl ClassSnapshot {
+    /// All refusals together.
+    pub fn refused(&self) -> u64 {
+        self.refused_queue_full + self.refused_timeout + self.refused_rate + self.refused_quota
+    }
+}
+
+/// Why a back end failed a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendFailure {
+    /// No connection could be opened.
+    Connect,
+    /// No response head within the response timeout.
+    Timeout,
+    /// The connection broke during the exchange.
+    Protocol,
+}
+
+/// Sensors of one back end.
+#[derive(Debug, Default)]
+pub struct BackendStats {
+    /// Requests sent.
+    pub requests: AtomicU64,
+    /// Requests in flight now.
+    pub in_flight: AtomicI64,
+    /// Failures by [`BackendFailure`] (connect, timeout, protocol).
+    pub failures: [AtomicU64; 3],
+    /// Time from sending to the end of the response body.
+    pub service_time: Histogram,
+    /// Response body bytes received from it.
+    pub bytes_out: AtomicU64,
+}
+
+impl BackendStats {
+    /// A serialisable copy.
+    pub fn snapshot(&self, name: &str, healthy_addresses: usize) -> BackendSnapshot {
+        BackendSnapshot {
+            name: name.to_string(),
+            requests: self.requests.load(Relaxed),
+            in_flight: self.in_flight.load(Relaxed).max(0) as u64,
+            failures_connect: self.failures[0].load(Relaxed),
+            failures_timeout: self.failures[1].load(Relaxed),
+            failures_protocol: self.failures[2].load(Relaxed),
+            healthy_addresses,
+            bytes_out: self.bytes_out.load(Relaxed),
+            service_time: self.service_time.snapshot(),
+        }
+    }
+}
+
+/// A back end's sensors at one moment.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct BackendSnapshot {
+    /// Back-end name.
+    pub name: String,
+    /// Requests sent.
+    pub requests: u64,
+    /// In flight now.
+    pub in_flight: u64,
+    /// Connect failures.
+    pub failures_connect: u64,
+    /// Response timeouts.
+    pub failures_timeout: u64,
+    /// Broken exchanges.
+    pub failures_protocol: u64,
+    /// Addresses not ejected now.
+    pub healthy_addresses: usize,
+    /// Response body bytes received.
+    pub bytes_out: u64,
+    /// Service time histogram.
+    pub service_time: HistogramSnapshot,
+}
+
+/// The whole gateway's sensors at one moment, as `/status` serves them.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Status {
+    /// Seconds since the gateway started.
+    pub uptime_s: f64,
+    /// Requests in service now, all classes.
+    pub running: u64,
+    /// The overall cap on requests in service.
+    pub max_running: u64,
+    /// Per class.
+    pub classes: Vec<ClassSnapshot>,
+    /// Per back end.
+    pub backends: Vec<BackendSnapshot>,
+}
+
+/// Shared handle to a class's sensors.
+pub type ClassStatsRef = Arc<ClassStats>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_and_means_come_from_buckets() {
+        let h = Histogram::default();
+        for _ in 0..99 {
+            h.observe(Duration::from_micros(50));
+        }
+        h.observe(Duration::from_secs(1));
+        let s = h.snapshot();
+        assert_eq!(s.count(), 100);
+        assert!((s.mean_ms() - (99.0 * 0.05 + 1000.0) / 100.0).abs() < 1e-9);
+        assert!(s.quantile_ms(0.5) <= 0.1);
+        assert!(s.quantile_ms(1.0) > 500.0 && s.quantile_ms(1.0) <= 1638.4);
+        let later = h.snapshot();
+        assert_eq!(later.since(&s).count(), 0);
+    }
+
+    #[test]
+    fn empty_histogram_reads_zero() {
+        let s = HistogramSnapshot::default();
+        assert_eq!(s.mean_ms(), 0.0);
+        assert_eq!(s.quantile_ms(0.99), 0.0);
+    }
+}

@@ -1,0 +1,152 @@
+//! `allot backend`: a synthetic HTTP back end for the demo, tests and benchmarks.
+//!
+//! It behaves like a server with a fixed number of workers: at most `--workers` requests
+//! are served at once (the rest wait, as in a listen queue), each takes `--service-ms`
+//! plus `--ms-per-kib` per KiB of response. It counts what it sees, so tests can check
+//! from the outside what the gateway let through.
+//!
+//! Paths: `/bytes/<n>` answers n bytes; `/sleep/<ms>` waits that long first; `/echo`
+//! streams the request body back; `/headers` answers the request headers as JSON;
+//! `/__stats` answers `{"requests", "max_concurrent", "concurrent"}` and is not counted;
+//! anything else answers `ok <path>`.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+/// Flags of `allot backend`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Args {
+    /// Address to listen on (port 0 picks one; the line `listening backend=ADDR` says which).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub listen: SocketAddr,
+    /// Requests served at once; more wait.
+    #[arg(long, default_value_t = 64)]
+    pub workers: usize,
+    /// Fixed time per request, in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    pub service_ms: u64,
+    /// Extra time per KiB of response, in milliseconds.
+    #[arg(long, default_value_t = 0.0)]
+    pub ms_per_kib: f64,
+    /// Worker threads.
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+}
+
+/// What the back end counts.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Requests served (excluding `/__stats`).
+    pub requests: AtomicU64,
+    /// Requests being served now.
+    pub concurrent: AtomicU64,
+    /// Most requests ever served at once.
+    pub max_concurrent: AtomicU64,
+}
+
+/// Runs the back end until killed.
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let runtime = super::runtime(Some(args.threads))?;
+    runtime.block_on(async {
+        let listener = TcpListener::bind(args.listen).await?;
+        println!("listening backend={}", listener.local_addr()?);
+        serve(listener, args, Arc::new(Counters::default())).await;
+        anyhow::Ok(())
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Serves on `listener` forever (spawn it; drop the task to stop).
+pub async fn serve(listener: TcpListener, args: Args, counters: Arc<Counters>) {
+    let workers = Arc::new(Semaphore::new(args.workers.max(1)));
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let (workers, counters, args) = (Arc::clone(&workers), Arc::clone(&counters), args.clone());
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                handle(req, Arc::clone(&workers), Arc::clone(&counters), args.clone())
+            });
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into()).map_err(|never| match never {}).boxed()
+}
+
+async fn handle(
+    req: Request<Incoming>,
+    workers: Arc<Semaphore>,
+    counters: Arc<Counters>,
+    args: Args,
+) -> Result<Response<Body>, Infallible> {
+    let path = req.uri().path().to_string();
+    if path == "/__stats" {
+        let body = format!(
+            "{{\"requests\":{},\"max_concurrent\":{},\"concurrent\":{}}}",
+            counters.requests.load(SeqCst),
+            counters.max_concurrent.load(SeqCst),
+            counters.concurrent.load(SeqCst)
+        );
+        return Ok(Response::new(full(body)));
+    }
+    let Ok(_worker) = workers.acquire().await else {
+        return Ok(Response::new(full("closing")));
+    };
+    counters.requests.fetch_add(1, SeqCst);
+    let now = counters.concurrent.fetch_add(1, SeqCst) + 1;
+    counters.max_concurrent.fetch_max(now, SeqCst);
+    let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    let (body, extra_ms): (Body, u64) = match segments.as_slice() {
+        ["bytes", n] => {
+            let n: usize = n.parse().unwrap_or(0).min(64 << 20);
+            let ms = (n as f64 / 1024.0 * args.ms_per_kib) as u64;
+            (full(vec![b'x'; n]), ms)
+        }
+        ["sleep", ms] => (full(format!("slept {ms}\n")), ms.parse().unwrap_or(0)),
+        ["echo"] => (req.into_body().boxed(), 0),
+        ["headers"] => {
+            let map: serde_json::Map<String, serde_json::Value> = req
+                .headers()
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.as_str().to_string(),
+                        serde_json::Value::String(String::from_utf8_lossy(v.as_bytes()).into()),
+                    )
+                })
+                .collect();
+            (full(serde_json::Value::Object(map).to_string()), 0)
+        }
+        _ => (full(format!("ok {path}\n")), 0),
+    };
+    let wait = args.service_ms + extra_ms;
+    if wait > 0 {
+        tokio::time::sleep(Duration::from_millis(wait)).await;
+    }
+    counters.concurrent.fetch_sub(1, SeqCst);
+    Ok(Response::new(body))
+}

@@ -5,7 +5,8 @@
 //! plus `--ms-per-kib` per KiB of response. It counts what it sees, so tests can check
 //! from the outside what the gateway let through.
 //!
-//! Paths: `/bytes/<n>` answers n bytes; `/sleep/<ms>` waits that long first; `/echo`
+//! Paths (any prefix allowed, so tests can classify by it): `…/bytes/<n>` answers n bytes;
+//! `…/sleep/<ms>` waits that long first; `/echo`
 //! streams the request body back; `/headers` answers the request headers as JSON;
 //! `/__stats` answers `{"requests", "max_concurrent", "concurrent"}` and is not counted;
 //! anything else answers `ok <path>`.
@@ -121,12 +122,12 @@ async fn handle(
     counters.max_concurrent.fetch_max(now, SeqCst);
     let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
     let (body, extra_ms): (Body, u64) = match segments.as_slice() {
-        ["bytes", n] => {
+        [.., "bytes", n] => {
             let n: usize = n.parse().unwrap_or(0).min(64 << 20);
             let ms = (n as f64 / 1024.0 * args.ms_per_kib) as u64;
             (full(vec![b'x'; n]), ms)
         }
-        ["sleep", ms] => (full(format!("slept {ms}\n")), ms.parse().unwrap_or(0)),
+        [.., "sleep", ms] => (full(format!("slept {ms}\n")), ms.parse().unwrap_or(0)),
         ["echo"] => (req.into_body().boxed(), 0),
         ["headers"] => {
             let map: serde_json::Map<String, serde_json::Value> = req

@@ -53,7 +53,7 @@ max_wait_ms = 2000
 [[class]]
 name = "basic"
 backend = "app"
-queue_limit = 64           # more waiting than this is refused at once
+queue_limit = 32           # more waiting than this is refused at once
 max_wait_ms = 500          # and nobody waits longer than this
 
 [[chain]]
@@ -67,7 +67,7 @@ target = { class = "premium" }
 "#;
 
 const PREMIUM_CLIENTS: usize = 8;
-const BASIC_CLIENTS: usize = 64;
+const BASIC_CLIENTS: usize = 96;
 const PREMIUM_THINK: Duration = Duration::from_millis(50);
 const BASIC_THINK: Duration = Duration::from_millis(60);
 

@@ -6,6 +6,7 @@
 //! slot and the connection lease until its last byte (so a slot is released when the
 //! response *body* ends) and passes every chunk through the class's bandwidth group.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};

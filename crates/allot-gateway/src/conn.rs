@@ -5,6 +5,7 @@
 //! hyper's own header timeout closes the connection without a word; clients and
 //! operators expect nginx's 408, so the timing lives here, around the socket.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;

@@ -231,13 +231,6 @@ impl Scheduler {
     }
 }
 
-impl Permit {
-    /// The class this slot belongs to.
-    pub fn class(&self) -> usize {
-        self.class
-    }
-}
-
 impl Drop for Permit {
     fn drop(&mut self) {
         self.scheduler.release(self.class);

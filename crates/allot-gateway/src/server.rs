@@ -100,7 +100,7 @@ pub async fn serve_admin(gw: Gateway, listener: TcpListener, shutdown: impl Futu
 
 async fn drain(graceful: GracefulShutdown, what: &str) {
     tokio::select! {
-        () = graceful.shutdown() => tracing::info!(listener = what, "all connections drained"),
+        () = graceful.shutdown() => tracing::debug!(listener = what, "all connections drained"),
         () = tokio::time::sleep(SHUTDOWN_GRACE) => {
             tracing::warn!(listener = what, grace_s = SHUTDOWN_GRACE.as_secs(), "connections still open after the grace period; closing them")
         }

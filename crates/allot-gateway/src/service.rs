@@ -50,18 +50,20 @@ async fn serve(gw: &Gateway, peer: SocketAddr, req: Request<Incoming>) -> Respon
 
     // Classification.
     let rules = gw.rules();
-    let host = req
-        .headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .or_else(|| req.uri().host());
-    let facts = RequestFacts {
-        client: peer.ip(),
-        host,
-        path: req.uri().path(),
-        headers: &HeaderView(req.headers()),
+    let picked = {
+        let host = req
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| req.uri().host());
+        let facts = RequestFacts {
+            client: peer.ip(),
+            host,
+            path: req.uri().path(),
+            headers: &HeaderView(req.headers()),
+        };
+        rules.set.classify(&facts, &mut || rand::random::<f64>())
     };
-    let picked = rules.set.classify(&facts, &mut || rand::random::<f64>());
     let index = rules.to_class.get(picked).copied().unwrap_or(0);
     let Some(class) = gw.class(index) else {
         return reply(StatusCode::INTERNAL_SERVER_ERROR, "allot: no such class\n", None);

@@ -7,12 +7,14 @@
 //!
 //! Layout, one job per module:
 //! - [`time`]: the instant type every decision takes.
+//! - [`classify`]: the gateway's ordered rule chains (request → class).
 //! - [`queue`]: one class's queue between registration and service, and its policies.
 //! - [`dispatch`]: which class's queue is served next (priority, then ratio).
 //! - [`bucket`]: token buckets for accept rates and bandwidth groups.
 #![deny(missing_docs)]
 
 pub mod bucket;
+pub mod classify;
 pub mod dispatch;
 pub mod queue;
 pub mod time;

@@ -44,7 +44,10 @@ async fn max_running_caps_what_the_backend_sees_and_every_request_gets_one_answe
     }
     assert_eq!(answers, 400);
     let b = backend_stats(backend).await;
-    assert_eq!(b["requests"], 400, "each request reached the back end exactly once");
+    assert_eq!(
+        b["requests"], 400,
+        "each request reached the back end exactly once"
+    );
     let max = b["max_concurrent"].as_u64().unwrap();
     assert!(max <= 4, "the back end saw {max} at once");
     assert_eq!(max, 4, "the cap was used");
@@ -99,9 +102,15 @@ target = { class = "premium" }
         t.await.unwrap();
     }
     let s = status(admin).await;
-    let (p, b) = (class_mean_delay_ms(&s, "premium"), class_mean_delay_ms(&s, "basic"));
+    let (p, b) = (
+        class_mean_delay_ms(&s, "premium"),
+        class_mean_delay_ms(&s, "basic"),
+    );
     assert!(class_field(&s, "premium", "admitted") > 50.0);
-    assert!(b > 0.0 && p * 5.0 <= b, "premium {p:.2} ms, basic {b:.2} ms");
+    assert!(
+        b > 0.0 && p * 5.0 <= b,
+        "premium {p:.2} ms, basic {b:.2} ms"
+    );
 }
 
 async fn mean_response_ms(gw: SocketAddr) -> f64 {
@@ -147,7 +156,10 @@ async fn shortest_first_beats_fifo_on_a_mixed_workload() {
         means.push(mean_response_ms(gw).await);
     }
     let (fifo, sf) = (means[0], means[1]);
-    assert!(sf < fifo * 0.8, "shortest-first {sf:.1} ms against fifo {fifo:.1} ms");
+    assert!(
+        sf < fifo * 0.8,
+        "shortest-first {sf:.1} ms against fifo {fifo:.1} ms"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -184,7 +196,11 @@ target = { class = "b" }
             let mut c = Client::connect(gw, None).await;
             let mut got = Vec::new();
             while Instant::now() < deadline {
-                let p = if i % 2 == 0 { "/a/bytes/65536" } else { "/b/bytes/65536" };
+                let p = if i % 2 == 0 {
+                    "/a/bytes/65536"
+                } else {
+                    "/b/bytes/65536"
+                };
                 let r = c.get(p, &[]).await.expect("response");
                 got.push((r.body.len() as u64, Instant::now()));
             }

@@ -96,7 +96,10 @@ async fn each_kind_of_rule_routes_and_a_split_holds() {
         assert_eq!(r.status, 200, "{path} {headers:?}: {}", r.text());
         let after = status(admin).await;
         let grew = class_field(&after, class, "arrivals") - class_field(&before, class, "arrivals");
-        assert_eq!(grew, 1.0, "{path} {headers:?} from {source:?} should be class {class}");
+        assert_eq!(
+            grew, 1.0,
+            "{path} {headers:?} from {source:?} should be class {class}"
+        );
     }
 
     // 10 000 requests through the probability rule, on 8 keep-alive connections.
@@ -131,7 +134,10 @@ async fn each_kind_of_rule_routes_and_a_split_holds() {
 async fn a_dead_address_is_skipped_and_a_dead_backend_gets_502() {
     let (_b, live) = backend(8, 0, &[]);
     // A port nobody listens on: bind, note, close.
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let cfg = format!(
         r#"
 [listener]
@@ -163,7 +169,10 @@ target = {{ class = "broken" }}
     let (_g, gw, admin, _) = gateway(&cfg, &[], &[]);
     let mut c = Client::connect(gw, None).await;
     for i in 0..20 {
-        let r = c.send("POST", "/echo", &[], format!("body {i}").as_bytes()).await.expect("response");
+        let r = c
+            .send("POST", "/echo", &[], format!("body {i}").as_bytes())
+            .await
+            .expect("response");
         assert_eq!(r.status, 200);
         assert_eq!(r.text(), format!("body {i}"), "the body survives a retry");
     }
@@ -171,7 +180,13 @@ target = {{ class = "broken" }}
     assert_eq!(r.status, 502);
     assert!(r.text().contains("gone"), "{}", r.text());
     let s = status(admin).await;
-    let app = s["backends"].as_array().unwrap().iter().find(|b| b["name"] == "app").unwrap().clone();
+    let app = s["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["name"] == "app")
+        .unwrap()
+        .clone();
     assert_eq!(app["healthy_addresses"], 1, "the dead address was ejected");
 }
 
@@ -185,12 +200,23 @@ async fn forwarded_headers_are_added_and_hop_by_hop_removed() {
     let r = get_once(
         gw,
         "/headers",
-        &[("x-forwarded-for", "192.0.2.1"), ("connection", "x-drop"), ("x-drop", "1"), ("host", "site.test")],
+        &[
+            ("x-forwarded-for", "192.0.2.1"),
+            ("connection", "x-drop"),
+            ("x-drop", "1"),
+            ("host", "site.test"),
+        ],
     )
     .await;
     let h: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
     assert_eq!(h["x-forwarded-for"], "192.0.2.1, 127.0.0.1");
-    assert_eq!(h["forwarded"], "for=127.0.0.1;host=\"site.test\";proto=http");
+    assert_eq!(
+        h["forwarded"],
+        "for=127.0.0.1;host=\"site.test\";proto=http"
+    );
     assert_eq!(h["host"], "site.test");
-    assert!(h.get("x-drop").is_none(), "headers named in Connection are hop-by-hop");
+    assert!(
+        h.get("x-drop").is_none(),
+        "headers named in Connection are hop-by-hop"
+    );
 }

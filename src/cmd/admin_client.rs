@@ -31,7 +31,9 @@ pub async fn call(
     let stream = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
         .await
         .with_context(|| format!("connecting to the admin API at {addr}: timed out"))?
-        .with_context(|| format!("connecting to the admin API at {addr} (is the gateway running? --admin)"))?;
+        .with_context(|| {
+            format!("connecting to the admin API at {addr} (is the gateway running? --admin)")
+        })?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .context("admin API handshake")?;

@@ -83,7 +83,12 @@ pub async fn serve(listener: TcpListener, args: Args, counters: Arc<Counters>) {
         let (workers, counters, args) = (Arc::clone(&workers), Arc::clone(&counters), args.clone());
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
-                handle(req, Arc::clone(&workers), Arc::clone(&counters), args.clone())
+                handle(
+                    req,
+                    Arc::clone(&workers),
+                    Arc::clone(&counters),
+                    args.clone(),
+                )
             });
             let _ = http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc)

@@ -74,7 +74,11 @@ enum RulesCmd {
         #[arg(long)]
         probability: Option<f64>,
         /// Target class.
-        #[arg(long, conflicts_with = "to_chain", required_unless_present = "to_chain")]
+        #[arg(
+            long,
+            conflicts_with = "to_chain",
+            required_unless_present = "to_chain"
+        )]
         class: Option<String>,
         /// Target chain.
         #[arg(long = "chain")]
@@ -123,7 +127,10 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 let (name, contains) = h
                     .split_once(':')
                     .context("--header: expected `Header-Name:substring`")?;
-                rule.insert("header".into(), json!({"name": name.trim(), "contains": contains}));
+                rule.insert(
+                    "header".into(),
+                    json!({"name": name.trim(), "contains": contains}),
+                );
             }
             if let Some(p) = probability {
                 rule.insert("probability".into(), json!(p));
@@ -140,7 +147,11 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         What::Rules(RulesCmd::Remove { chain, id }) => {
             (Method::DELETE, format!("/rules/{chain}/{id}"), None)
         }
-        What::Class { name, set } => (Method::PATCH, format!("/classes/{name}"), Some(pairs(&set)?)),
+        What::Class { name, set } => (
+            Method::PATCH,
+            format!("/classes/{name}"),
+            Some(pairs(&set)?),
+        ),
         What::Bandwidth { name, set } => (
             Method::PATCH,
             format!("/bandwidth_groups/{name}"),
@@ -177,7 +188,12 @@ mod tests {
 
     #[test]
     fn pairs_parse_json_values_and_bare_words() {
-        let s = pairs(&["max_running=4".into(), "policy=fifo".into(), "accept_rate=null".into()]).unwrap();
+        let s = pairs(&[
+            "max_running=4".into(),
+            "policy=fifo".into(),
+            "accept_rate=null".into(),
+        ])
+        .unwrap();
         let v: Value = serde_json::from_str(&s).unwrap();
         assert_eq!(v["max_running"], 4);
         assert_eq!(v["policy"], "fifo");

@@ -103,19 +103,33 @@ async fn demo(length: Duration) -> anyhow::Result<()> {
     }));
 
     println!("allot demo: a gateway at {target} in front of two back-end addresses");
-    println!("  (4 workers each, 20 ms per request: about 400 requests/s in all; at most 8 in service)");
+    println!(
+        "  (4 workers each, 20 ms per request: about 400 requests/s in all; at most 8 in service)"
+    );
     println!("  premium: {PREMIUM_CLIENTS} clients from 127.0.0.2, priority 10");
-    println!("  basic:   {BASIC_CLIENTS} clients from 127.0.0.1, offering about twice what is left\n");
+    println!(
+        "  basic:   {BASIC_CLIENTS} clients from 127.0.0.1, offering about twice what is left\n"
+    );
 
     let deadline = Instant::now() + length;
     let mut clients = Vec::new();
     let premium_ip = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
     let basic_ip = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1));
     for _ in 0..PREMIUM_CLIENTS {
-        clients.push(tokio::spawn(client(target, premium_ip, PREMIUM_THINK, deadline)));
+        clients.push(tokio::spawn(client(
+            target,
+            premium_ip,
+            PREMIUM_THINK,
+            deadline,
+        )));
     }
     for _ in 0..BASIC_CLIENTS {
-        clients.push(tokio::spawn(client(target, basic_ip, BASIC_THINK, deadline)));
+        clients.push(tokio::spawn(client(
+            target,
+            basic_ip,
+            BASIC_THINK,
+            deadline,
+        )));
     }
 
     println!(
@@ -124,7 +138,10 @@ async fn demo(length: Duration) -> anyhow::Result<()> {
     );
     let start = gw.status();
     let mut last = start.clone();
-    let mut tick = tokio::time::interval_at(Instant::now() + Duration::from_secs(1), Duration::from_secs(1));
+    let mut tick = tokio::time::interval_at(
+        Instant::now() + Duration::from_secs(1),
+        Duration::from_secs(1),
+    );
     for second in 1..=length.as_secs() {
         tick.tick().await;
         let now = gw.status();
@@ -175,7 +192,9 @@ fn summary(start: &Status, end: &Status, seconds: f64) {
     if p > 0.0 {
         println!("\npremium waited {:.0}× less than basic ({p:.1} ms against {b:.1} ms), on the same back end.", b / p);
     } else {
-        println!("\npremium never waited; basic waited {b:.1} ms on average, on the same back end.");
+        println!(
+            "\npremium never waited; basic waited {b:.1} ms on average, on the same back end."
+        );
     }
     println!("Try it on your own servers: `allot gateway --config examples/premium-basic.toml`.");
 }
@@ -183,23 +202,34 @@ fn summary(start: &Status, end: &Status, seconds: f64) {
 /// One closed-loop client: request, read the answer, think, repeat until the deadline.
 async fn client(target: SocketAddr, source: IpAddr, think: Duration, deadline: Instant) {
     while Instant::now() < deadline {
-        let Ok(socket) = TcpSocket::new_v4() else { return };
+        let Ok(socket) = TcpSocket::new_v4() else {
+            return;
+        };
         if socket.bind(SocketAddr::new(source, 0)).is_err() {
             return;
         }
-        let Ok(Ok(stream)) = tokio::time::timeout(Duration::from_secs(2), socket.connect(target)).await else {
+        let Ok(Ok(stream)) =
+            tokio::time::timeout(Duration::from_secs(2), socket.connect(target)).await
+        else {
             tokio::time::sleep(think).await;
             continue;
         };
-        let Ok((mut sender, conn)) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await else {
+        let Ok((mut sender, conn)) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await
+        else {
             continue;
         };
         tokio::spawn(conn);
         while Instant::now() < deadline {
-            let Ok(req) = http::Request::get("/").header("host", "demo").body(Empty::<Bytes>::new()) else {
+            let Ok(req) = http::Request::get("/")
+                .header("host", "demo")
+                .body(Empty::<Bytes>::new())
+            else {
                 return;
             };
-            let Ok(resp) = sender.send_request(req).await else { break };
+            let Ok(resp) = sender.send_request(req).await else {
+                break;
+            };
             if resp.into_body().collect().await.is_err() {
                 break;
             }

@@ -45,7 +45,9 @@ async fn serve(config: Config, path: PathBuf) -> anyhow::Result<()> {
     let gateway_addr = listener.local_addr()?;
     let admin_addr = admin.local_addr()?;
     if config.admin.resolved_token().is_none() {
-        tracing::warn!("no admin token: the admin API is read-only (set admin.token or ALLOT_ADMIN_TOKEN)");
+        tracing::warn!(
+            "no admin token: the admin API is read-only (set admin.token or ALLOT_ADMIN_TOKEN)"
+        );
     }
     let gw = Gateway::new(config).context("starting the gateway")?;
     // One machine-readable line, so scripts and tests learn ports chosen at run time.
@@ -56,7 +58,11 @@ async fn serve(config: Config, path: PathBuf) -> anyhow::Result<()> {
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let admin_task = tokio::spawn(server::serve_admin(gw.clone(), admin, stopped(stop_rx.clone())));
+    let admin_task = tokio::spawn(server::serve_admin(
+        gw.clone(),
+        admin,
+        stopped(stop_rx.clone()),
+    ));
     let reload_task = tokio::spawn(reload_on_hangup(gw.clone(), path));
     let serve_task = tokio::spawn(server::serve(gw.clone(), listener, stopped(stop_rx)));
 
@@ -82,7 +88,9 @@ async fn reload_on_hangup(gw: Gateway, path: PathBuf) {
     while hup.recv().await.is_some() {
         match Config::load(&path).and_then(|c| gw.apply(c)) {
             Ok(()) => tracing::info!(config = %path.display(), "configuration reloaded"),
-            Err(e) => tracing::error!(error = %e, "reload refused; the configuration in force is kept"),
+            Err(e) => {
+                tracing::error!(error = %e, "reload refused; the configuration in force is kept")
+            }
         }
     }
 }

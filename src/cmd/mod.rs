@@ -40,12 +40,16 @@ pub fn init_tracing(format: LogFormat) {
 pub fn runtime(threads: Option<usize>) -> anyhow::Result<tokio::runtime::Runtime> {
     let built = match threads {
         Some(0) => anyhow::bail!("--threads: expected an integer ≥ 1, got 0"),
-        Some(1) => tokio::runtime::Builder::new_current_thread().enable_all().build(),
+        Some(1) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
         Some(n) => tokio::runtime::Builder::new_multi_thread()
             .worker_threads(n)
             .enable_all()
             .build(),
-        None => tokio::runtime::Builder::new_multi_thread().enable_all().build(),
+        None => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build(),
     };
     built.map_err(|e| anyhow::anyhow!("cannot start the async runtime: {e}"))
 }

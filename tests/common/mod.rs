@@ -89,7 +89,10 @@ pub fn spawn_allot(args: &[&str], envs: &[(&str, &str)]) -> Proc {
     };
     let line = match rx.recv_timeout(Duration::from_secs(30)) {
         Ok(line) => line,
-        Err(_) => panic!("allot {args:?} did not say where it listens; stderr:\n{}", proc.stderr()),
+        Err(_) => panic!(
+            "allot {args:?} did not say where it listens; stderr:\n{}",
+            proc.stderr()
+        ),
     };
     let rest = line
         .strip_prefix("listening ")
@@ -115,7 +118,11 @@ pub fn backend(workers: usize, service_ms: u64, extra: &[&str]) -> (Proc, Socket
 
 /// A gateway on `config` (written to a temporary file). Returns it, its client address,
 /// its admin address and the config path.
-pub fn gateway(config: &str, extra: &[&str], envs: &[(&str, &str)]) -> (Proc, SocketAddr, SocketAddr, PathBuf) {
+pub fn gateway(
+    config: &str,
+    extra: &[&str],
+    envs: &[(&str, &str)],
+) -> (Proc, SocketAddr, SocketAddr, PathBuf) {
     let path = temp_path("gateway.toml");
     std::fs::write(&path, config).expect("write config");
     let p = path.to_string_lossy().to_string();
@@ -168,7 +175,13 @@ impl Client {
     }
 
     /// Sends one request and reads the whole answer; `None` if the connection broke.
-    pub async fn send(&mut self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Option<Reply> {
+    pub async fn send(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Option<Reply> {
         self.sender.ready().await.ok()?;
         let mut req = http::Request::builder().method(method).uri(path);
         if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
@@ -185,7 +198,11 @@ impl Client {
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
         let body = resp.into_body().collect().await.ok()?.to_bytes();
-        Some(Reply { status, headers, body })
+        Some(Reply {
+            status,
+            headers,
+            body,
+        })
     }
 
     pub async fn get(&mut self, path: &str, headers: &[(&str, &str)]) -> Option<Reply> {

@@ -27,8 +27,13 @@ const MAX_ADMIN_BODY_BYTES: usize = 64 * 1024;
 type AdminResponse = Response<Full<Bytes>>;
 
 /// hyper's entry point for one admin request.
-pub(crate) async fn handle(gw: Gateway, req: Request<Incoming>) -> Result<AdminResponse, Infallible> {
-    Ok(route(&gw, req).await.unwrap_or_else(|(status, msg)| text(status, msg)))
+pub(crate) async fn handle(
+    gw: Gateway,
+    req: Request<Incoming>,
+) -> Result<AdminResponse, Infallible> {
+    Ok(route(&gw, req)
+        .await
+        .unwrap_or_else(|(status, msg)| text(status, msg)))
 }
 
 type Routed = Result<AdminResponse, (StatusCode, String)>;
@@ -50,11 +55,19 @@ async fn route(gw: &Gateway, req: Request<Incoming>) -> Routed {
             ["config"] => json(&gw.settings().config),
             ["rules"] => {
                 let rules = gw.rules();
-                let chains: Vec<ChainSpec> =
-                    rules.set.chains().iter().cloned().map(ChainSpec::from).collect();
+                let chains: Vec<ChainSpec> = rules
+                    .set
+                    .chains()
+                    .iter()
+                    .cloned()
+                    .map(ChainSpec::from)
+                    .collect();
                 json(&serde_json::json!({ "entry": rules.set.entry(), "chains": chains }))
             }
-            _ => Err((StatusCode::NOT_FOUND, "allot: no such admin endpoint".into())),
+            _ => Err((
+                StatusCode::NOT_FOUND,
+                "allot: no such admin endpoint".into(),
+            )),
         };
     }
     authorize(gw, &req)?;
@@ -79,9 +92,11 @@ async fn route(gw: &Gateway, req: Request<Incoming>) -> Routed {
             Ok(text(StatusCode::CREATED, "rule added".into()))
         }
         (Method::DELETE, ["rules", chain, id]) => {
-            let set = gw.rules().set.with_rule_removed(chain, id).map_err(|e| {
-                (StatusCode::NOT_FOUND, format!("allot: {e}"))
-            })?;
+            let set = gw
+                .rules()
+                .set
+                .with_rule_removed(chain, id)
+                .map_err(|e| (StatusCode::NOT_FOUND, format!("allot: {e}")))?;
             set_chains(gw, &set)?;
             Ok(text(StatusCode::OK, "rule removed".into()))
         }
@@ -95,7 +110,10 @@ async fn route(gw: &Gateway, req: Request<Incoming>) -> Routed {
             let patch = parse_json::<Value>(&body)?;
             gw.change(|c| patch_named(&mut c.bandwidth_group, name, &patch, "bandwidth_group"))
                 .map_err(config_error)?;
-            Ok(text(StatusCode::OK, format!("bandwidth group {name} changed")))
+            Ok(text(
+                StatusCode::OK,
+                format!("bandwidth group {name} changed"),
+            ))
         }
         (Method::PATCH, ["gateway"]) => {
             let patch = parse_json::<Value>(&body)?;
@@ -106,7 +124,10 @@ async fn route(gw: &Gateway, req: Request<Incoming>) -> Routed {
             .map_err(config_error)?;
             Ok(text(StatusCode::OK, "gateway changed".into()))
         }
-        _ => Err((StatusCode::NOT_FOUND, "allot: no such admin endpoint".into())),
+        _ => Err((
+            StatusCode::NOT_FOUND,
+            "allot: no such admin endpoint".into(),
+        )),
     }
 }
 
@@ -141,11 +162,17 @@ async fn read_body(req: Request<Incoming>) -> Result<Bytes, (StatusCode, String)
         .collect()
         .await
         .map(|b| b.to_bytes())
-        .map_err(|e| (StatusCode::BAD_REQUEST, format!("allot: cannot read body: {e}")))
+        .map_err(|e| {
+            (
+                StatusCode::BAD_REQUEST,
+                format!("allot: cannot read body: {e}"),
+            )
+        })
 }
 
 fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, (StatusCode, String)> {
-    serde_json::from_slice(body).map_err(|e| (StatusCode::BAD_REQUEST, format!("allot: bad JSON: {e}")))
+    serde_json::from_slice(body)
+        .map_err(|e| (StatusCode::BAD_REQUEST, format!("allot: bad JSON: {e}")))
 }
 
 fn bad(e: impl std::fmt::Display) -> (StatusCode, String) {
@@ -156,7 +183,10 @@ fn config_error(e: ConfigError) -> (StatusCode, String) {
     bad(e)
 }
 
-fn set_chains(gw: &Gateway, set: &allot_model::classify::RuleSet) -> Result<(), (StatusCode, String)> {
+fn set_chains(
+    gw: &Gateway,
+    set: &allot_model::classify::RuleSet,
+) -> Result<(), (StatusCode, String)> {
     let chains: Vec<Spanned<ChainSpec>> = set
         .chains()
         .iter()
@@ -209,7 +239,12 @@ impl Named for crate::config::BandwidthGroupConfig {
     }
 }
 
-fn patch_named<T>(items: &mut [Spanned<T>], name: &str, patch: &Value, what: &str) -> Result<(), ConfigError>
+fn patch_named<T>(
+    items: &mut [Spanned<T>],
+    name: &str,
+    patch: &Value,
+    what: &str,
+) -> Result<(), ConfigError>
 where
     T: Named + serde::Serialize + serde::de::DeserializeOwned,
 {

@@ -177,7 +177,10 @@ impl Proxied {
         drop(permit);
     }
 
-    fn poll_proxied(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+    fn poll_proxied(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         if let Some(delay) = self.delay.as_mut() {
             ready!(delay.as_mut().poll(cx));
             self.delay = None;

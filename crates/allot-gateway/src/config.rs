@@ -367,7 +367,11 @@ impl Config {
             .map(|c| c.get_ref().clone().try_into())
             .collect::<Result<Vec<_>, _>>()?;
         let entry = self.entry_chain().unwrap_or_default();
-        RuleSet::new(chains, &entry, self.classes().map(|c| c.name.clone()).collect())
+        RuleSet::new(
+            chains,
+            &entry,
+            self.classes().map(|c| c.name.clone()).collect(),
+        )
     }
 
     /// The chain classification starts from.
@@ -379,14 +383,17 @@ impl Config {
     }
 
     fn validate(&self, text: &str, origin: &str) -> Result<(), ConfigError> {
-        let invalid = |span: std::ops::Range<usize>, key: String, message: String| {
-            ConfigError::Invalid {
+        let invalid =
+            |span: std::ops::Range<usize>, key: String, message: String| ConfigError::Invalid {
                 path: origin.to_string(),
-                line: if text.is_empty() { 0 } else { line_of(text, span.start) },
+                line: if text.is_empty() {
+                    0
+                } else {
+                    line_of(text, span.start)
+                },
                 key,
                 message,
-            }
-        };
+            };
         if self.gateway.max_running == 0 {
             return Err(invalid(
                 find_key(text, "max_running"),
@@ -622,7 +629,10 @@ target = { class = "premium" }
     fn errors_name_file_line_and_key() {
         let bad = GOOD.replace("max_running = 4", "max_running = 0");
         let err = Config::parse(&bad, "t.toml").unwrap_err().to_string();
-        assert!(err.starts_with("t.toml:15: `class.basic.max_running`"), "{err}");
+        assert!(
+            err.starts_with("t.toml:15: `class.basic.max_running`"),
+            "{err}"
+        );
 
         let bad = GOOD.replace("backend = \"app\"\nmax", "backend = \"nope\"\nmax");
         let err = Config::parse(&bad, "t.toml").unwrap_err().to_string();
@@ -640,7 +650,10 @@ target = { class = "premium" }
 
     #[test]
     fn rule_errors_are_config_errors() {
-        let bad = GOOD.replace("target = { class = \"premium\" }", "target = { class = \"gold\" }");
+        let bad = GOOD.replace(
+            "target = { class = \"premium\" }",
+            "target = { class = \"gold\" }",
+        );
         let err = Config::parse(&bad, "t.toml").unwrap_err().to_string();
         assert!(err.contains("gold"), "{err}");
     }

@@ -99,7 +99,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for TimedIo<T> {
         // Pending: arm and check the deadline of the current phase.
         match &mut this.phase {
             Phase::Idle(deadline) => {
-                let d = deadline.get_or_insert_with(|| Box::pin(tokio::time::sleep(this.idle_timeout)));
+                let d =
+                    deadline.get_or_insert_with(|| Box::pin(tokio::time::sleep(this.idle_timeout)));
                 if d.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(Ok(())); // quiet close: EOF between requests
                 }
@@ -122,7 +123,11 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for TimedIo<T> {
 }
 
 impl<T: AsyncWrite + Unpin> AsyncWrite for TimedIo<T> {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
     }
 

@@ -14,7 +14,12 @@ struct StatusCollector(Status);
 
 type Labels = Vec<(&'static str, String)>;
 
-fn counter(e: &mut DescriptorEncoder, name: &str, help: &str, rows: &[(Labels, u64)]) -> std::fmt::Result {
+fn counter(
+    e: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    rows: &[(Labels, u64)],
+) -> std::fmt::Result {
     let mut m = e.encode_descriptor(name, help, None, MetricType::Counter)?;
     for (labels, v) in rows {
         m.encode_family(labels)?
@@ -23,7 +28,12 @@ fn counter(e: &mut DescriptorEncoder, name: &str, help: &str, rows: &[(Labels, u
     Ok(())
 }
 
-fn gauge(e: &mut DescriptorEncoder, name: &str, help: &str, rows: &[(Labels, i64)]) -> std::fmt::Result {
+fn gauge(
+    e: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    rows: &[(Labels, i64)],
+) -> std::fmt::Result {
     let mut m = e.encode_descriptor(name, help, None, MetricType::Gauge)?;
     for (labels, v) in rows {
         m.encode_family(labels)?.encode_gauge(v)?;
@@ -63,8 +73,18 @@ impl Collector for StatusCollector {
         let rows = |f: fn(&crate::stats::ClassSnapshot) -> u64| -> Vec<(Labels, u64)> {
             s.classes.iter().map(|c| (class(&c.name), f(c))).collect()
         };
-        counter(&mut e, "allot_class_arrivals", "Requests classified into the class.", &rows(|c| c.arrivals))?;
-        counter(&mut e, "allot_class_admitted", "Requests sent on to service.", &rows(|c| c.admitted))?;
+        counter(
+            &mut e,
+            "allot_class_arrivals",
+            "Requests classified into the class.",
+            &rows(|c| c.arrivals),
+        )?;
+        counter(
+            &mut e,
+            "allot_class_admitted",
+            "Requests sent on to service.",
+            &rows(|c| c.admitted),
+        )?;
         let refused: Vec<(Labels, u64)> = s
             .classes
             .iter()
@@ -76,29 +96,90 @@ impl Collector for StatusCollector {
                     ("quota", c.refused_quota),
                 ]
                 .map(|(reason, v)| {
-                    (vec![("class", c.name.clone()), ("reason", reason.to_string())], v)
+                    (
+                        vec![("class", c.name.clone()), ("reason", reason.to_string())],
+                        v,
+                    )
                 })
             })
             .collect();
-        counter(&mut e, "allot_class_refused", "Requests refused, by reason.", &refused)?;
-        counter(&mut e, "allot_class_failed", "Requests answered 502/504 for back-end failures.", &rows(|c| c.failed))?;
-        counter(&mut e, "allot_class_bytes_in", "Request body bytes received.", &rows(|c| c.bytes_in))?;
-        counter(&mut e, "allot_class_bytes_out", "Response body bytes sent.", &rows(|c| c.bytes_out))?;
+        counter(
+            &mut e,
+            "allot_class_refused",
+            "Requests refused, by reason.",
+            &refused,
+        )?;
+        counter(
+            &mut e,
+            "allot_class_failed",
+            "Requests answered 502/504 for back-end failures.",
+            &rows(|c| c.failed),
+        )?;
+        counter(
+            &mut e,
+            "allot_class_bytes_in",
+            "Request body bytes received.",
+            &rows(|c| c.bytes_in),
+        )?;
+        counter(
+            &mut e,
+            "allot_class_bytes_out",
+            "Response body bytes sent.",
+            &rows(|c| c.bytes_out),
+        )?;
         let g = |f: fn(&crate::stats::ClassSnapshot) -> u64| -> Vec<(Labels, i64)> {
-            s.classes.iter().map(|c| (class(&c.name), f(c) as i64)).collect()
+            s.classes
+                .iter()
+                .map(|c| (class(&c.name), f(c) as i64))
+                .collect()
         };
-        gauge(&mut e, "allot_class_queue_length", "Requests waiting now.", &g(|c| c.queued))?;
-        gauge(&mut e, "allot_class_in_flight", "Requests in service now.", &g(|c| c.in_flight))?;
-        let qd: Vec<(Labels, &HistogramSnapshot)> =
-            s.classes.iter().map(|c| (class(&c.name), &c.queue_delay)).collect();
-        histogram(&mut e, "allot_class_queue_delay", "Time from classification to service.", &qd)?;
-        let st: Vec<(Labels, &HistogramSnapshot)> =
-            s.classes.iter().map(|c| (class(&c.name), &c.service_time)).collect();
-        histogram(&mut e, "allot_class_service_time", "Time from service start to the end of the response body.", &st)?;
+        gauge(
+            &mut e,
+            "allot_class_queue_length",
+            "Requests waiting now.",
+            &g(|c| c.queued),
+        )?;
+        gauge(
+            &mut e,
+            "allot_class_in_flight",
+            "Requests in service now.",
+            &g(|c| c.in_flight),
+        )?;
+        let qd: Vec<(Labels, &HistogramSnapshot)> = s
+            .classes
+            .iter()
+            .map(|c| (class(&c.name), &c.queue_delay))
+            .collect();
+        histogram(
+            &mut e,
+            "allot_class_queue_delay",
+            "Time from classification to service.",
+            &qd,
+        )?;
+        let st: Vec<(Labels, &HistogramSnapshot)> = s
+            .classes
+            .iter()
+            .map(|c| (class(&c.name), &c.service_time))
+            .collect();
+        histogram(
+            &mut e,
+            "allot_class_service_time",
+            "Time from service start to the end of the response body.",
+            &st,
+        )?;
 
         let backend = |name: &str| vec![("backend", name.to_string())];
-        let b: Vec<(Labels, u64)> = s.backends.iter().map(|b| (backend(&b.name), b.requests)).collect();
-        counter(&mut e, "allot_backend_requests", "Requests sent to the back end.", &b)?;
+        let b: Vec<(Labels, u64)> = s
+            .backends
+            .iter()
+            .map(|b| (backend(&b.name), b.requests))
+            .collect();
+        counter(
+            &mut e,
+            "allot_backend_requests",
+            "Requests sent to the back end.",
+            &b,
+        )?;
         let failures: Vec<(Labels, u64)> = s
             .backends
             .iter()
@@ -108,25 +189,76 @@ impl Collector for StatusCollector {
                     ("timeout", b.failures_timeout),
                     ("protocol", b.failures_protocol),
                 ]
-                .map(|(kind, v)| (vec![("backend", b.name.clone()), ("kind", kind.to_string())], v))
+                .map(|(kind, v)| {
+                    (
+                        vec![("backend", b.name.clone()), ("kind", kind.to_string())],
+                        v,
+                    )
+                })
             })
             .collect();
-        counter(&mut e, "allot_backend_failures", "Failed exchanges, by kind.", &failures)?;
-        let b: Vec<(Labels, u64)> = s.backends.iter().map(|b| (backend(&b.name), b.bytes_out)).collect();
-        counter(&mut e, "allot_backend_bytes_out", "Response body bytes received from the back end.", &b)?;
-        let b: Vec<(Labels, i64)> = s.backends.iter().map(|b| (backend(&b.name), b.in_flight as i64)).collect();
-        gauge(&mut e, "allot_backend_in_flight", "Requests in flight now.", &b)?;
+        counter(
+            &mut e,
+            "allot_backend_failures",
+            "Failed exchanges, by kind.",
+            &failures,
+        )?;
+        let b: Vec<(Labels, u64)> = s
+            .backends
+            .iter()
+            .map(|b| (backend(&b.name), b.bytes_out))
+            .collect();
+        counter(
+            &mut e,
+            "allot_backend_bytes_out",
+            "Response body bytes received from the back end.",
+            &b,
+        )?;
+        let b: Vec<(Labels, i64)> = s
+            .backends
+            .iter()
+            .map(|b| (backend(&b.name), b.in_flight as i64))
+            .collect();
+        gauge(
+            &mut e,
+            "allot_backend_in_flight",
+            "Requests in flight now.",
+            &b,
+        )?;
         let b: Vec<(Labels, i64)> = s
             .backends
             .iter()
             .map(|b| (backend(&b.name), b.healthy_addresses as i64))
             .collect();
-        gauge(&mut e, "allot_backend_healthy_addresses", "Addresses not ejected now.", &b)?;
-        let b: Vec<(Labels, &HistogramSnapshot)> =
-            s.backends.iter().map(|b| (backend(&b.name), &b.service_time)).collect();
-        histogram(&mut e, "allot_backend_service_time", "Time from sending to the end of the response body.", &b)?;
-        gauge(&mut e, "allot_gateway_running", "Requests in service now, all classes.", &[(vec![], s.running as i64)])?;
-        gauge(&mut e, "allot_gateway_max_running", "The overall cap on requests in service.", &[(vec![], s.max_running as i64)])?;
+        gauge(
+            &mut e,
+            "allot_backend_healthy_addresses",
+            "Addresses not ejected now.",
+            &b,
+        )?;
+        let b: Vec<(Labels, &HistogramSnapshot)> = s
+            .backends
+            .iter()
+            .map(|b| (backend(&b.name), &b.service_time))
+            .collect();
+        histogram(
+            &mut e,
+            "allot_backend_service_time",
+            "Time from sending to the end of the response body.",
+            &b,
+        )?;
+        gauge(
+            &mut e,
+            "allot_gateway_running",
+            "Requests in service now, all classes.",
+            &[(vec![], s.running as i64)],
+        )?;
+        gauge(
+            &mut e,
+            "allot_gateway_max_running",
+            "The overall cap on requests in service.",
+            &[(vec![], s.max_running as i64)],
+        )?;
         Ok(())
     }
 }

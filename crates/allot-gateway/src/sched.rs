@@ -55,7 +55,9 @@ pub struct Permit {
 
 impl std::fmt::Debug for Permit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Permit").field("class", &self.class).finish()
+        f.debug_struct("Permit")
+            .field("class", &self.class)
+            .finish()
     }
 }
 
@@ -130,7 +132,13 @@ impl Scheduler {
     }
 
     /// Asks for a slot for a request of `class` for `path` from `flow`, registered at `now`.
-    pub fn admit(self: &Arc<Self>, class: usize, path: &str, flow: IpAddr, now: Nanos) -> Admission {
+    pub fn admit(
+        self: &Arc<Self>,
+        class: usize,
+        path: &str,
+        flow: IpAddr,
+        now: Nanos,
+    ) -> Admission {
         let mut s = self.lock();
         let Some(c) = s.classes.get(class) else {
             return Admission::Refused(RefuseReason::QueueFull);
@@ -148,7 +156,9 @@ impl Scheduler {
         let c = &mut s.classes[class];
         match c.queue.push(tx, path, flow, now) {
             Ok(ticket) => {
-                c.stats.queued.store(c.queue.len() as i64, std::sync::atomic::Ordering::Relaxed);
+                c.stats
+                    .queued
+                    .store(c.queue.len() as i64, std::sync::atomic::Ordering::Relaxed);
                 Admission::Wait(rx, ticket)
             }
             Err(_) => Admission::Refused(RefuseReason::QueueFull),

@@ -66,7 +66,11 @@ async fn serve(gw: &Gateway, peer: SocketAddr, req: Request<Incoming>) -> Respon
     };
     let index = rules.to_class.get(picked).copied().unwrap_or(0);
     let Some(class) = gw.class(index) else {
-        return reply(StatusCode::INTERNAL_SERVER_ERROR, "allot: no such class\n", None);
+        return reply(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "allot: no such class\n",
+            None,
+        );
     };
     class.stats.arrivals.fetch_add(1, Relaxed);
     let cfg = class.cfg.read().unwrap_or_else(|p| p.into_inner()).clone();
@@ -118,7 +122,11 @@ async fn serve(gw: &Gateway, peer: SocketAddr, req: Request<Incoming>) -> Respon
     // Service.
     let Some(backend) = gw.backend(cfg.backend) else {
         class.stats.in_flight.fetch_sub(1, Relaxed);
-        return reply(StatusCode::INTERNAL_SERVER_ERROR, "allot: no such back end\n", None);
+        return reply(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "allot: no such back end\n",
+            None,
+        );
     };
     let path = cfg.learn_sizes.then(|| req.uri().path().to_string());
     let (parts, body) = req.into_parts();
@@ -255,7 +263,8 @@ pub(crate) fn reply(
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     if let Some(s) = retry_after_s {
-        resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(s));
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(s));
     }
     resp
 }
@@ -294,7 +303,11 @@ fn upstream_request(
 ) -> Request<RequestBody> {
     strip_hop_by_hop(&mut parts.headers);
     let ip = peer.ip().to_canonical();
-    let xff = match parts.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+    let xff = match parts
+        .headers
+        .get("x-forwarded-for")
+        .and_then(|v| v.to_str().ok())
+    {
         Some(prev) => format!("{prev}, {ip}"),
         None => ip.to_string(),
     };
@@ -314,7 +327,11 @@ fn upstream_request(
         .map(|h| format!(";host=\"{h}\""))
         .unwrap_or_default();
     let element = format!("{node}{host};proto=http");
-    let forwarded = match parts.headers.get(header::FORWARDED).and_then(|v| v.to_str().ok()) {
+    let forwarded = match parts
+        .headers
+        .get(header::FORWARDED)
+        .and_then(|v| v.to_str().ok())
+    {
         Some(prev) => format!("{prev}, {element}"),
         None => element,
     };
@@ -335,10 +352,16 @@ mod tests {
     #[test]
     fn hop_by_hop_headers_go_including_those_named_in_connection() {
         let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
         h.insert("x-secret", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
         h.insert("x-kept", HeaderValue::from_static("yes"));
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);

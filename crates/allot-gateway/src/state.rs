@@ -154,14 +154,19 @@ impl Gateway {
             let now = crate::clock::now();
             for g in config.bandwidth_groups() {
                 match groups.get(&g.name) {
-                    Some(existing) => existing
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .set_rate(g.bytes_per_sec, g.burst(), now),
+                    Some(existing) => existing.lock().unwrap_or_else(|p| p.into_inner()).set_rate(
+                        g.bytes_per_sec,
+                        g.burst(),
+                        now,
+                    ),
                     None => {
                         groups.insert(
                             g.name.clone(),
-                            Arc::new(Mutex::new(TokenBucket::new(g.bytes_per_sec, g.burst(), now))),
+                            Arc::new(Mutex::new(TokenBucket::new(
+                                g.bytes_per_sec,
+                                g.burst(),
+                                now,
+                            ))),
                         );
                     }
                 }
@@ -177,7 +182,10 @@ impl Gateway {
                 let cfg = ClassCfg {
                     backend: backend_index.get(&c.backend).copied().unwrap_or(0),
                     max_wait: Duration::from_millis(c.max_wait_ms),
-                    bandwidth: c.bandwidth_group.as_ref().and_then(|g| groups.get(g).cloned()),
+                    bandwidth: c
+                        .bandwidth_group
+                        .as_ref()
+                        .and_then(|g| groups.get(g).cloned()),
                     learn_sizes: c.policy == allot_model::queue::Policy::ShortestFirst,
                     retired: false,
                 };
@@ -187,7 +195,9 @@ impl Gateway {
                         *write(&rt.cfg) = cfg;
                         let mut accept = rt.accept.lock().unwrap_or_else(|p| p.into_inner());
                         match (accept.as_mut(), c.accept_rate) {
-                            (Some(bucket), Some(r)) => bucket.set_rate(r.rate_per_sec, r.burst, now),
+                            (Some(bucket), Some(r)) => {
+                                bucket.set_rate(r.rate_per_sec, r.burst, now)
+                            }
                             (None, Some(r)) => {
                                 *accept = Some(TokenBucket::new(r.rate_per_sec, r.burst, now))
                             }
@@ -242,7 +252,9 @@ impl Gateway {
         if old.config.listener.address != config.listener.address
             || old.config.admin.address != config.admin.address
         {
-            tracing::warn!("listener and admin addresses are fixed at start; restart to change them");
+            tracing::warn!(
+                "listener and admin addresses are fixed at start; restart to change them"
+            );
         }
         *write(&inner.settings) = Arc::new(Settings {
             admin_token: config.admin.resolved_token(),
@@ -253,7 +265,10 @@ impl Gateway {
 
     /// Validates `edit` applied to a copy of the configuration in force, then applies it.
     /// On any error nothing changes.
-    pub fn change(&self, edit: impl FnOnce(&mut Config) -> Result<(), ConfigError>) -> Result<(), ConfigError> {
+    pub fn change(
+        &self,
+        edit: impl FnOnce(&mut Config) -> Result<(), ConfigError>,
+    ) -> Result<(), ConfigError> {
         let mut config = self.settings().config.clone();
         edit(&mut config)?;
         config.revalidate()?;

@@ -196,7 +196,9 @@ impl Backend {
         let mut order: Vec<Arc<Address>> = match s.balance {
             Balance::RoundRobin => {
                 let start = self.next.fetch_add(1, Relaxed) % n.max(1);
-                (0..n).map(|i| Arc::clone(&s.addresses[(start + i) % n])).collect()
+                (0..n)
+                    .map(|i| Arc::clone(&s.addresses[(start + i) % n]))
+                    .collect()
             }
             Balance::LeastInFlight => {
                 let mut v: Vec<_> = s.addresses.to_vec();
@@ -335,7 +337,12 @@ async fn connect(addr: SocketAddr, timeout: Duration) -> Result<SendRequest<Requ
     let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return Err(e.to_string()),
-        Err(_) => return Err(format!("connect timed out after {} ms", timeout.as_millis())),
+        Err(_) => {
+            return Err(format!(
+                "connect timed out after {} ms",
+                timeout.as_millis()
+            ))
+        }
     };
     let _ = stream.set_nodelay(true);
     let (sender, conn) = hyper::client::conn::http1::Builder::new()

@@ -1,0 +1,268 @@
+//! Acceptance (f): rules and actuators changed at run time take effect without a restart,
+//! a write without the token gets 401; SIGHUP with a changed configuration takes effect
+//! without dropping requests in flight, and a broken one is refused, logged, and the old
+//! one kept.
+
+mod common;
+
+use common::*;
+use std::time::Duration;
+
+const TOKEN: &str = "s3cret-token";
+
+fn config(backend: std::net::SocketAddr, slow_class: &str) -> String {
+    format!(
+        r#"
+[listener]
+address = "127.0.0.1:0"
+[admin]
+address = "127.0.0.1:0"
+token_env = "TEST_ALLOT_TOKEN"
+[[backend]]
+name = "app"
+addresses = ["{backend}"]
+[[class]]
+name = "one"
+backend = "app"
+[[class]]
+name = "two"
+backend = "app"
+[[chain]]
+name = "main"
+default = {{ class = "one" }}
+[[chain.rule]]
+id = "slow"
+path_prefix = "/slow/"
+target = {{ class = "{slow_class}" }}
+"#
+    )
+}
+
+fn ctl(admin: std::net::SocketAddr, token: Option<&str>, args: &[&str]) -> (i32, String, String) {
+    let a = admin.to_string();
+    let mut all = vec!["ctl", "--admin", &a];
+    if let Some(t) = token {
+        all.extend_from_slice(&["--token", t]);
+    }
+    all.extend_from_slice(args);
+    run_allot(&all, &[("ALLOT_ADMIN_TOKEN", "")])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_and_actuators_change_at_run_time_and_writes_need_the_token() {
+    let (_b, backend) = backend(16, 0, &[]);
+    let (_g, gw, admin, _) = gateway(&config(backend, "one"), &[], &[("TEST_ALLOT_TOKEN", TOKEN)]);
+
+    // Without the token, or with a wrong one: 401 and nothing changes.
+    let (code, _, err) = ctl(
+        admin,
+        None,
+        &[
+            "rules",
+            "add",
+            "main",
+            "--id",
+            "api",
+            "--path-prefix",
+            "/api/",
+            "--class",
+            "two",
+        ],
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("401"), "{err}");
+    let (code, _, _) = ctl(admin, Some("wrong"), &["class", "two", "max_running=1"]);
+    assert_eq!(code, 1);
+
+    // Add a rule: /api/ goes to class two from now on.
+    let (code, out, err) = ctl(
+        admin,
+        Some(TOKEN),
+        &[
+            "rules",
+            "add",
+            "main",
+            "--id",
+            "api",
+            "--path-prefix",
+            "/api/",
+            "--class",
+            "two",
+            "--position",
+            "0",
+        ],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    let before = status(admin).await;
+    assert_eq!(get_once(gw, "/api/x", &[]).await.status, 200);
+    let after = status(admin).await;
+    assert_eq!(
+        class_field(&after, "two", "arrivals") - class_field(&before, "two", "arrivals"),
+        1.0
+    );
+    let (_, listed, _) = ctl(admin, None, &["rules", "list"]);
+    assert!(listed.contains("\"api\""), "{listed}");
+
+    // A bad rule is refused and changes nothing.
+    let (code, _, err) = ctl(
+        admin,
+        Some(TOKEN),
+        &["rules", "add", "main", "--id", "x", "--class", "nope"],
+    );
+    assert_eq!(code, 1);
+    assert!(err.contains("400"), "{err}");
+
+    // Accept rate on class two: 1 per second, burst 1 → the second quick request is refused.
+    let (code, out, err) = ctl(
+        admin,
+        Some(TOKEN),
+        &[
+            "class",
+            "two",
+            r#"accept_rate={"rate_per_sec":1,"burst":1}"#,
+        ],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    let mut c = Client::connect(gw, None).await;
+    let mut refused = 0;
+    for _ in 0..5 {
+        let r = c.get("/api/y", &[]).await.expect("response");
+        if r.status == 503 {
+            refused += 1;
+            assert!(r.headers.contains_key("retry-after"));
+            assert_eq!(r.text(), "allot: class two refused: rate\n");
+        }
+    }
+    assert!(refused >= 3, "only {refused} refused by a 1/s accept rate");
+
+    // Remove the actuator and the rule again.
+    assert_eq!(
+        ctl(admin, Some(TOKEN), &["class", "two", "accept_rate=null"]).0,
+        0
+    );
+    assert_eq!(c.get("/api/y", &[]).await.expect("response").status, 200);
+    assert_eq!(
+        ctl(admin, Some(TOKEN), &["rules", "remove", "main", "api"]).0,
+        0
+    );
+    let before = status(admin).await;
+    get_once(gw, "/api/z", &[]).await;
+    let after = status(admin).await;
+    assert_eq!(
+        class_field(&after, "one", "arrivals") - class_field(&before, "one", "arrivals"),
+        1.0
+    );
+
+    // A typo in a key is refused with its name.
+    let (code, _, err) = ctl(admin, Some(TOKEN), &["class", "two", "max_runing=3"]);
+    assert_eq!(code, 1);
+    let (_, out, _) = ctl(admin, Some(TOKEN), &["class", "two", "max_runing=3"]);
+    assert!(out.contains("max_runing"), "{out}{err}");
+
+    // The bandwidth and gateway endpoints exist and validate.
+    let (code, out, _) = ctl(admin, Some(TOKEN), &["gateway", "max_running=0"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("max_running"), "{out}");
+    assert_eq!(ctl(admin, Some(TOKEN), &["gateway", "max_running=32"]).0, 0);
+    let s = status(admin).await;
+    assert_eq!(s["max_running"], 32);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_without_dropping_in_flight_and_keeps_the_old_on_error() {
+    let (_b, backend) = backend(16, 0, &[]);
+    let (g, gw, admin, path) = gateway(&config(backend, "one"), &[], &[]);
+
+    // A slow request in flight across the reload.
+    let slow = tokio::spawn(async move { get_once(gw, "/slow/sleep/1500", &[]).await });
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            class_field(&status(admin).await, "one", "in_flight") == 1.0
+        })
+        .await
+    );
+    std::fs::write(&path, config(backend, "two")).unwrap();
+    g.signal("HUP");
+    let reloaded = eventually(Duration::from_secs(10), || async {
+        get_once(admin, "/rules", &[])
+            .await
+            .text()
+            .contains("\"two\"")
+    })
+    .await;
+    assert!(reloaded, "the new configuration took effect");
+    let r = slow.await.unwrap();
+    assert_eq!(
+        r.status,
+        200,
+        "the request in flight finished: {}",
+        r.text()
+    );
+    let before = status(admin).await;
+    get_once(gw, "/slow/x", &[]).await;
+    let after = status(admin).await;
+    assert_eq!(
+        class_field(&after, "two", "arrivals") - class_field(&before, "two", "arrivals"),
+        1.0
+    );
+
+    // A broken file is refused, logged, and the configuration in force kept.
+    std::fs::write(&path, "[[class]]\nname = 3\n").unwrap();
+    g.signal("HUP");
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            g.stderr().contains("reload refused")
+        })
+        .await,
+        "stderr: {}",
+        g.stderr()
+    );
+    assert!(
+        g.stderr().contains("gateway.toml:2"),
+        "the error names the file and line: {}",
+        g.stderr()
+    );
+    let before = status(admin).await;
+    assert_eq!(get_once(gw, "/slow/y", &[]).await.status, 200);
+    let after = status(admin).await;
+    assert_eq!(
+        class_field(&after, "two", "arrivals") - class_field(&before, "two", "arrivals"),
+        1.0
+    );
+}
+
+#[test]
+fn check_validates_and_names_file_line_and_key() {
+    let path = temp_path("check.toml");
+    std::fs::write(&path, "[[backend]]\nname = \"app\"\naddresses = [\"127.0.0.1:1\"]\n[[class]]\nname = \"a\"\nbackend = \"app\"\nmax_running = 0\n").unwrap();
+    let p = path.to_string_lossy().to_string();
+    let (code, _, err) = run_allot(&["gateway", "--config", &p, "--check"], &[]);
+    assert_eq!(code, 2);
+    assert!(
+        err.contains(&format!(
+            "{p}:4: `class.a.max_running`: expected an integer ≥ 1, got 0"
+        )),
+        "{err}"
+    );
+    let ok = "[[backend]]\nname = \"app\"\naddresses = [\"127.0.0.1:1\"]\n[[class]]\nname = \"a\"\nbackend = \"app\"\n";
+    std::fs::write(&path, ok).unwrap();
+    let (code, out, err) = run_allot(&["gateway", "--config", &p, "--check"], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("ok"), "{out}");
+}
+
+#[test]
+fn every_example_configuration_is_valid() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).expect("examples/") {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let p = path.to_string_lossy().to_string();
+            let (code, out, err) = run_allot(&["gateway", "--config", &p, "--check"], &[]);
+            assert_eq!(code, 0, "{p}: {out}{err}");
+            checked += 1;
+        }
+    }
+    assert!(checked >= 4, "only {checked} examples");
+}

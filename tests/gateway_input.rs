@@ -1,0 +1,119 @@
+//! Acceptance (g): malformed, oversized and slow inputs get 400 / 431 / 408 / 413 over raw
+//! TCP while other clients are served, and the gateway keeps running.
+
+mod common;
+
+use common::*;
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Writes `bytes`, optionally waits, and reads the status line of the answer.
+async fn raw(gw: SocketAddr, bytes: &[u8], then_wait: Duration) -> String {
+    let mut s = TcpStream::connect(gw).await.expect("connect");
+    s.write_all(bytes).await.expect("write");
+    tokio::time::sleep(then_wait).await;
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    text.lines().next().unwrap_or("").to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_inputs_get_their_status_while_others_are_served() {
+    let (_b, backend) = backend(16, 0, &[]);
+    let cfg = format!(
+        r#"
+[listener]
+address = "127.0.0.1:0"
+max_head_bytes = 8192
+head_timeout_ms = 300
+max_body_bytes = 1000
+[admin]
+address = "127.0.0.1:0"
+[[backend]]
+name = "app"
+addresses = ["{backend}"]
+[[class]]
+name = "all"
+backend = "app"
+"#
+    );
+    let (_g, gw, _, _) = gateway(&cfg, &[], &[]);
+
+    // A well-behaved client keeps being served throughout.
+    let good = tokio::spawn(async move {
+        let mut c = Client::connect(gw, None).await;
+        let mut ok = 0;
+        for _ in 0..50 {
+            if c.get("/fine", &[]).await.map(|r| r.status) == Some(200) {
+                ok += 1;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        ok
+    });
+
+    let malformed = raw(
+        gw,
+        b"GET / HTTP/1.1\r\nHost: x\r\nBad Header Without Colon\r\n\r\n",
+        Duration::ZERO,
+    );
+    let not_http = raw(
+        gw,
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03garbage\r\n\r\n",
+        Duration::ZERO,
+    );
+    let huge = format!(
+        "GET / HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(20_000)
+    );
+    let oversized = raw(gw, huge.as_bytes(), Duration::ZERO);
+    let slow = raw(gw, b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow:", Duration::ZERO);
+    let big_body = raw(
+        gw,
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\nabc",
+        Duration::ZERO,
+    );
+    let (malformed, not_http, oversized, slow, big_body) =
+        tokio::join!(malformed, not_http, oversized, slow, big_body);
+    assert!(
+        malformed.starts_with("HTTP/1.1 400"),
+        "malformed: {malformed:?}"
+    );
+    assert!(
+        not_http.starts_with("HTTP/1.1 400"),
+        "not HTTP: {not_http:?}"
+    );
+    assert!(
+        oversized.starts_with("HTTP/1.1 431"),
+        "oversized head: {oversized:?}"
+    );
+    assert!(slow.starts_with("HTTP/1.1 408"), "slow head: {slow:?}");
+    assert!(
+        big_body.starts_with("HTTP/1.1 413"),
+        "big body: {big_body:?}"
+    );
+
+    // A chunked body that passes the limit midway: 413 too.
+    let mut chunked =
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+    for _ in 0..3 {
+        chunked.extend_from_slice(format!("{:x}\r\n{}\r\n", 600, "b".repeat(600)).as_bytes());
+    }
+    chunked.extend_from_slice(b"0\r\n\r\n");
+    let over = raw(gw, &chunked, Duration::ZERO).await;
+    assert!(
+        over.starts_with("HTTP/1.1 413"),
+        "chunked over the limit: {over:?}"
+    );
+
+    assert_eq!(
+        good.await.unwrap(),
+        50,
+        "the good client was served throughout"
+    );
+    // And still alive afterwards.
+    assert_eq!(get_once(gw, "/after", &[]).await.status, 200);
+}

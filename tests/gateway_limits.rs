@@ -6,10 +6,9 @@ mod common;
 
 use common::*;
 use std::net::SocketAddr;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-static SERIAL: Mutex<()> = Mutex::new(());
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn head(backend: SocketAddr, max_running: usize) -> String {
     format!(
@@ -19,7 +18,7 @@ fn head(backend: SocketAddr, max_running: usize) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_running_caps_what_the_backend_sees_and_every_request_gets_one_answer() {
-    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let _serial = SERIAL.lock().await;
     let (_b, backend) = backend(64, 20, &[]);
     let cfg = head(backend, 4)
         + "[[class]]\nname = \"all\"\nbackend = \"app\"\nqueue_limit = 1000\nmax_wait_ms = 30000\n";
@@ -59,7 +58,7 @@ async fn max_running_caps_what_the_backend_sees_and_every_request_gets_one_answe
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn premium_waits_at_most_a_fifth_of_basic_under_overload() {
-    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let _serial = SERIAL.lock().await;
     let (_b, backend) = backend(4, 20, &[]);
     let cfg = head(backend, 4)
         + r#"
@@ -146,7 +145,7 @@ async fn mean_response_ms(gw: SocketAddr) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shortest_first_beats_fifo_on_a_mixed_workload() {
-    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let _serial = SERIAL.lock().await;
     let (_b, backend) = backend(4, 2, &["--ms-per-kib", "1"]);
     let mut means = Vec::new();
     for policy in ["fifo", "shortest-first"] {
@@ -164,7 +163,7 @@ async fn shortest_first_beats_fifo_on_a_mixed_workload() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bandwidth_group_holds_its_rate_across_two_classes() {
-    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let _serial = SERIAL.lock().await;
     let (_b, backend) = backend(16, 0, &[]);
     let cfg = head(backend, 64)
         + r#"

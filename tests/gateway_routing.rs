@@ -80,7 +80,9 @@ async fn each_kind_of_rule_routes_and_a_split_holds() {
     let (_b, backend) = backend(64, 0, &[]);
     let (_g, gw, admin, _) = gateway(&config(backend), &[], &[]);
 
-    let cases: &[(&str, &[(&str, &str)], Option<&str>, &str)] = &[
+    // (path, headers, source address, expected class)
+    type Case<'a> = (&'a str, &'a [(&'a str, &'a str)], Option<&'a str>, &'a str);
+    let cases: &[Case] = &[
         ("/x", &[], Some("127.0.0.2"), "net"),
         ("/x", &[("host", "API.example.com:8080")], None, "host"),
         ("/static/app.js", &[], None, "path"),

@@ -63,7 +63,7 @@ impl ForwardError {
 /// How one exchange ended when it did not produce a response.
 enum Exchange {
     /// Nothing was written: the request may go elsewhere.
-    NotSent(Request<RequestBody>),
+    NotSent(Box<Request<RequestBody>>),
     /// The request was handed over and failed.
     Failed(ForwardError),
 }
@@ -226,7 +226,7 @@ impl Backend {
             if let Some(sender) = address.take_idle() {
                 match self.exchange(sender, &address, req, &s).await {
                     Ok(done) => return Ok(done),
-                    Err(Exchange::NotSent(back)) => req = back,
+                    Err(Exchange::NotSent(back)) => req = *back,
                     Err(Exchange::Failed(e)) => return Err(e),
                 }
             }
@@ -234,7 +234,7 @@ impl Backend {
                 Ok(sender) => match self.exchange(sender, &address, req, &s).await {
                     Ok(done) => return Ok(done),
                     Err(Exchange::NotSent(back)) => {
-                        req = back;
+                        req = *back;
                         last = format!("{}: connection closed before sending", address.addr);
                     }
                     Err(Exchange::Failed(e)) => return Err(e),
@@ -278,7 +278,7 @@ impl Backend {
                 Ok((resp, lease))
             }
             Ok(Err(mut e)) => match e.take_message() {
-                Some(back) => Err(Exchange::NotSent(back)),
+                Some(back) => Err(Exchange::NotSent(Box::new(back))),
                 None => {
                     self.stats.requests.fetch_add(1, Relaxed);
                     Err(Exchange::Failed(ForwardError::Protocol {

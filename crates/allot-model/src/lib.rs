@@ -7,8 +7,18 @@
 //!
 //! Layout, one job per module:
 //! - [`time`]: the instant type every decision takes.
+//! - [`ewma`], [`slowdown`], [`aimd`]: the feedback-control pieces (FVM paper).
+//! - [`alps`]: basic and optimised ALPS decisions with the I/O rule.
+//! - [`fvm`]: the FVM fluid model (section 3, eqs. 3–7).
+//! - [`accuracy`]: relative error, RMS, fairness indices.
 #![deny(missing_docs)]
 
+pub mod accuracy;
+pub mod aimd;
+pub mod alps;
+pub mod ewma;
+pub mod fvm;
+pub mod slowdown;
 pub mod time;
 
 pub use time::Nanos;

@@ -77,6 +77,7 @@ pub struct SlowdownSignal {
     /// Per closed period: the EWMA at its end and any baseline samples recorded in it.
     history: VecDeque<f64>,
     pending_baseline: Option<f64>,
+    reference: Option<f64>,
 }
 
 impl SlowdownSignal {
@@ -94,6 +95,7 @@ impl SlowdownSignal {
             ewma,
             history: VecDeque::with_capacity(config.window_periods + 1),
             pending_baseline: None,
+            reference: None,
         })
     }
 
@@ -115,6 +117,12 @@ impl SlowdownSignal {
         }
     }
 
+    /// Sets a standing reference latency (measured unloaded) that the baseline never
+    /// exceeds, whatever the window holds; `None` removes it.
+    pub fn set_reference(&mut self, reference: Option<f64>) {
+        self.reference = reference.filter(|r| r.is_finite() && *r > 0.0);
+    }
+
     /// Closes a period at `now`: pushes the EWMA into the window, drops the oldest, and
     /// returns `R` and whether it exceeds the threshold.
     pub fn end_period(&mut self, now: Nanos) -> SlowdownReading {
@@ -129,7 +137,12 @@ impl SlowdownSignal {
                 self.history.pop_front();
             }
         }
-        let baseline = self.history.iter().cloned().reduce(f64::min);
+        let baseline = self
+            .history
+            .iter()
+            .cloned()
+            .chain(self.reference)
+            .reduce(f64::min);
         let slowdown = match (ewma, baseline) {
             (Some(e), Some(b)) if b > 0.0 => e / b,
             _ => 1.0,
@@ -197,6 +210,18 @@ mod tests {
         assert_eq!(r.ewma, Some(8.0));
         assert_eq!(r.baseline, Some(2.0));
         assert!((r.slowdown - 4.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn a_reference_caps_the_baseline_for_good() {
+        let mut s = signal(1.0, 2, 2.5);
+        s.set_reference(Some(1.0));
+        for i in 0..10 {
+            s.record(3.0);
+            let r = s.end_period(Nanos::from_secs(i));
+            assert_eq!(r.baseline, Some(1.0));
+            assert!(r.congested);
+        }
     }
 
     #[test]

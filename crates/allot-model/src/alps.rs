@@ -200,6 +200,29 @@ impl Alps {
         self.reads
     }
 
+    /// Sets a member's CPU-time origin without charging anything (the scheduler's first
+    /// reading at start, so nothing consumed after it goes uncounted).
+    pub fn prime(&mut self, id: usize, cpu_ns: u64) {
+        if let Some(m) = self.members.get_mut(id) {
+            m.last_cpu_ns = Some(cpu_ns);
+        }
+    }
+
+    /// A refinement below the quantum (not in the paper): an eligible member with less
+    /// than one quantum of allowance left, consuming `cpu_per_wall` of a CPU, will use it
+    /// up in `allowance·Q / cpu_per_wall` of wall time. If that is before the next quantum,
+    /// returns it, so the actuator can stop the member on time instead of letting it
+    /// overrun until the next tick; the model corrects any misprediction at the next read.
+    pub fn exhaustion_in_ns(&self, id: usize, cpu_per_wall: f64) -> Option<u64> {
+        let m = self.members.get(id)?;
+        if !m.active || !m.eligible || m.allowance >= 1.0 || cpu_per_wall <= 0.0 {
+            return None;
+        }
+        let q = self.config.quantum_ns as f64;
+        let t = (m.allowance.max(0.0) * q / cpu_per_wall.min(f64::from(m.parallelism))).round();
+        (t < q).then_some(t as u64)
+    }
+
     /// Tells the model how many CPUs a member can use at once (its runnable tasks,
     /// bounded by the CPUs it may run on); at least 1.
     pub fn set_parallelism(&mut self, id: usize, parallelism: u32) {
@@ -480,6 +503,22 @@ mod tests {
             reads[0],
             reads[1]
         );
+    }
+
+    #[test]
+    fn predicts_exhaustion_within_the_quantum() {
+        let mut alps = Alps::new(config(Algorithm::Basic), &[1, 4]).unwrap();
+        alps.prime(0, 0);
+        alps.prime(1, 0);
+        alps.begin_quantum();
+        let p = |cpu_ns| Progress { cpu_ns, blocked: false };
+        // Member 0 used 15 of its 20 ms: 5 ms left; at half a CPU that is 10 ms of wall.
+        alps.end_quantum(&[(0, p(15_000_000)), (1, p(15_000_000))]);
+        assert_eq!(alps.exhaustion_in_ns(0, 0.5), Some(10_000_000));
+        // At a tenth of a CPU it would take 50 ms: after the next quantum, so no early stop.
+        assert_eq!(alps.exhaustion_in_ns(0, 0.1), None);
+        // Member 1 has more than a quantum left.
+        assert_eq!(alps.exhaustion_in_ns(1, 1.0), None);
     }
 
     #[test]

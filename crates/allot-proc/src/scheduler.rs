@@ -19,7 +19,7 @@ use crate::group::Principal;
 use crate::procfs;
 use crate::selector::{protected_pids, Selector};
 use crate::stopped::StoppedSet;
-use crate::timer::{monotonic_ns, PeriodicTimer, Wait};
+use crate::timer::{monotonic_ns, sleep_until, PeriodicTimer, Wait};
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -229,12 +229,19 @@ fn run_loop(
     let mut cycle_mark: Vec<u64> = vec![0; n];
     let mut run_start_cpu: Vec<u64> = vec![0; n];
     // First readings: origins for the model, the cycle marks and the totals.
+    let mut last_read: Vec<(u64, u64)> = vec![(0, start_ns); n];
+    let mut run_since: Vec<u64> = vec![start_ns; n];
     for (id, p) in r.principals.iter_mut().enumerate() {
         if let Some(s) = p.sample(&mut r.stopped) {
             cycle_mark[id] = s.cpu_ns;
             run_start_cpu[id] = s.cpu_ns;
+            last_read[id] = (s.cpu_ns, start_ns);
+            r.alps.prime(id, s.cpu_ns);
         }
     }
+    // The earliest moment a member is predicted to use up its allowance before the next
+    // tick (see `Alps::exhaustion_in_ns`): the loop runs an extra step then.
+    let mut early: Option<u64> = None;
     let mut timer = PeriodicTimer::new(r.config.quantum);
     let refresh_ns = r.config.refresh.as_nanos() as u64;
     let mut next_refresh = start_ns + refresh_ns;
@@ -250,7 +257,11 @@ fn run_loop(
         if shutdown.load(Ordering::SeqCst) {
             break;
         }
-        if let Wait::Interrupted = timer.wait() {
+        let wait = match early.take() {
+            Some(at) if at < timer.next_deadline_ns() => sleep_until(at),
+            _ => timer.wait(),
+        };
+        if let Wait::Interrupted = wait {
             continue;
         }
         let now = monotonic_ns();
@@ -264,28 +275,45 @@ fn run_loop(
         // Sensor: the members the model asks for.
         let due = r.alps.begin_quantum();
         let mut readings = Vec::with_capacity(due.len());
+        let mut rates: Vec<(usize, f64)> = Vec::with_capacity(due.len());
         for id in due {
             match r.principals[id].sample(&mut r.stopped) {
-                Some(s) => readings.push((
-                    id,
-                    Progress {
-                        cpu_ns: s.cpu_ns,
-                        blocked: s.blocked,
-                    },
-                )),
+                Some(s) => {
+                    readings.push((
+                        id,
+                        Progress {
+                            cpu_ns: s.cpu_ns,
+                            blocked: s.blocked,
+                        },
+                    ));
+                    let (last_cpu, last_t) = last_read[id];
+                    let since = last_t.max(run_since[id]);
+                    if now > since {
+                        let rate = s.cpu_ns.saturating_sub(last_cpu) as f64 / (now - since) as f64;
+                        rates.push((id, rate));
+                    }
+                    last_read[id] = (s.cpu_ns, now);
+                }
                 None => r.alps.set_active(id, false),
             }
         }
         // Controller.
         let outcome = r.alps.end_quantum(&readings);
         // Actuator: record-then-stop, continue.
-        for id in outcome.stop {
+        for &id in &outcome.stop {
             let handles: Vec<&crate::handle::ProcHandle> = r.principals[id].handles().collect();
             r.stopped.stop_all(handles)?;
         }
-        for id in outcome.resume {
+        for &id in &outcome.resume {
             let handles: Vec<&crate::handle::ProcHandle> = r.principals[id].handles().collect();
             r.stopped.cont_all(handles);
+            run_since[id] = now;
+        }
+        for (id, rate) in rates {
+            if let Some(t) = r.alps.exhaustion_in_ns(id, rate) {
+                let at = now + t.max(500_000);
+                early = Some(early.map_or(at, |e: u64| e.min(at)));
+            }
         }
         if outcome.cycle_ended {
             let mut consumed = vec![0.0; n];

@@ -335,8 +335,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         Some(path) => {
             let f = File::create(path).with_context(|| format!("--report {}", path.display()))?;
             let mut w = BufWriter::new(f);
+            // Flushed with the first cycle: a file that cannot be written fails the run
+            // there, and everything stopped is continued on the way out.
             writeln!(w, "cycle,principal,share,consumed_ms,entitlement_ms,rel_error")
-                .and_then(|_| w.flush())
                 .with_context(|| format!("--report {}", path.display()))?;
             Some((path.clone(), w))
         }

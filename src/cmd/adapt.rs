@@ -1,12 +1,194 @@
-//! `allot adapt` (not yet built).
+//! `allot adapt`: friendly adaptation of a process group (FVM paper): AIMD on how many of
+//! its members run at once, from the slowdown of a probe; rate control (a duty cycle)
+//! once one member is left. Stopped members are continued on exit; after a SIGKILL,
+//! `allot cpu resume` continues them from the state file.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
-/// Flags of this subcommand.
+use allot_proc::adapt::{run_adapt, AdaptConfig, AdaptObserver, PeriodReport};
+use allot_proc::probe::Probe;
+use allot_proc::selector::{parse_selector, SelectorKind};
+use allot_proc::stopped;
+use anyhow::bail;
+
+use super::cpu::parse_duration;
+
+/// Flags of `allot adapt`. Defaults are the FVM paper's table 1.
 #[derive(Debug, clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// A member process (repeatable; all selectors together form the group).
+    #[arg(long = "pid", value_name = "PID")]
+    pub pids: Vec<String>,
+    /// A process tree (the PID and its descendants).
+    #[arg(long = "tree", value_name = "PID")]
+    pub trees: Vec<String>,
+    /// Every process of a user.
+    #[arg(long = "user", value_name = "NAME")]
+    pub users: Vec<String>,
+    /// Every process whose command name matches.
+    #[arg(long = "comm", value_name = "REGEX")]
+    pub comms: Vec<String>,
+    /// Control period T_c.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub period: Duration,
+    /// Window of the baseline minimum (w · T_c).
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    pub window: Duration,
+    /// EWMA weight γ of each probe sample, in (0, 1].
+    #[arg(long, default_value_t = 0.3)]
+    pub gamma: f64,
+    /// Slowdown threshold H: congested when R > H.
+    #[arg(long = "threshold", short = 'H', default_value_t = 2.5)]
+    pub threshold: f64,
+    /// Additive increase of the number of running members.
+    #[arg(long, default_value_t = 1.0)]
+    pub increase: f64,
+    /// Additive increase of the duty cycle in rate control (fraction of the period).
+    #[arg(long, default_value_t = 0.1)]
+    pub rate_increase: f64,
+    /// Multiplicative decrease factor (> 1).
+    #[arg(long, default_value_t = 1.5)]
+    pub decrease: f64,
+    /// Initial limit L (members running at once).
+    #[arg(long, default_value_t = 10.0)]
+    pub initial: f64,
+    /// Lowest duty cycle in rate control, in (0, 1].
+    #[arg(long, default_value_t = 0.05)]
+    pub min_duty: f64,
+    /// Probe runs per period.
+    #[arg(long, default_value_t = 4)]
+    pub samples: u32,
+    /// Time this command as the probe instead of the built-in work unit.
+    #[arg(long)]
+    pub probe_cmd: Option<String>,
+    /// Passes of the built-in probe over its 256 KiB buffer.
+    #[arg(long, default_value_t = 12)]
+    pub probe_passes: u32,
+    /// Do not time an unloaded reference at start (use only the windowed minimum).
+    #[arg(long)]
+    pub no_reference: bool,
+    /// Stop after this long (default: until SIGINT/SIGTERM).
+    #[arg(long, value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+    /// Print a JSON summary at the end (period lines go to standard error).
+    #[arg(long)]
+    pub json: bool,
+    /// State file for the stopped set (default under $XDG_RUNTIME_DIR or /tmp).
+    #[arg(long)]
+    pub state: Option<PathBuf>,
+}
 
-/// Runs the subcommand.
-pub fn run(_args: Args) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("not yet built")
+struct Lines {
+    json: bool,
+}
+
+impl AdaptObserver for Lines {
+    fn on_period(&mut self, r: &PeriodReport) -> Result<(), String> {
+        let line = format!(
+            "period={} t={:.1}s members={} L={:.2} running={} duty={:.2} mode={} R={:.2}{} probe={:.2}ms",
+            r.period,
+            r.elapsed_s,
+            r.members,
+            r.limit,
+            r.running,
+            r.duty,
+            r.mode,
+            r.slowdown,
+            if r.congested { " congested" } else { "" },
+            r.probe_ms
+        );
+        if self.json {
+            eprintln!("{line}");
+        } else {
+            println!("{line}");
+        }
+        Ok(())
+    }
+}
+
+/// Runs `allot adapt`.
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let mut selectors = Vec::new();
+    for (kind, list) in [
+        (SelectorKind::Pid, &args.pids),
+        (SelectorKind::Tree, &args.trees),
+        (SelectorKind::User, &args.users),
+        (SelectorKind::Comm, &args.comms),
+    ] {
+        for v in list {
+            selectors.push(parse_selector(kind, v)?);
+        }
+    }
+    if selectors.is_empty() {
+        bail!("no group: give at least one of --pid, --tree, --user, --comm");
+    }
+    if args.period < Duration::from_millis(10) {
+        bail!("--period {:?}: expected at least 10ms", args.period);
+    }
+    if args.window < args.period {
+        bail!("--window {:?}: must be at least one --period ({:?})", args.window, args.period);
+    }
+    if args.samples == 0 || args.samples > 100 {
+        bail!("--samples {}: expected 1 to 100", args.samples);
+    }
+    if !(args.initial.is_finite() && args.initial >= 1.0) {
+        bail!("--initial {}: expected a number >= 1", args.initial);
+    }
+    let probe = match args.probe_cmd {
+        Some(cmd) => Probe::Command(cmd),
+        None => Probe::BuiltIn {
+            bytes: 256 * 1024,
+            passes: args.probe_passes.max(1),
+        },
+    };
+    let shutdown = allot_proc::shutdown::install()?;
+    let config = AdaptConfig {
+        selectors,
+        period: args.period,
+        window: args.window,
+        gamma: args.gamma,
+        threshold: args.threshold,
+        mpl_increase: args.increase,
+        rate_increase: args.rate_increase,
+        decrease: args.decrease,
+        initial: args.initial,
+        min_duty: args.min_duty,
+        samples_per_period: args.samples,
+        probe,
+        reference: !args.no_reference,
+        duration: args.duration,
+        state_file: args
+            .state
+            .unwrap_or_else(|| stopped::default_state_file("adapt")),
+    };
+    let s = run_adapt(config, shutdown, &mut Lines { json: args.json })?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "periods": s.periods,
+                "reference_probe_ms": s.reference_probe_ms,
+                "mean_limit": s.mean_limit,
+                "mean_slowdown": s.mean_slowdown,
+                "mean_probe_ms": s.mean_probe_ms,
+                "overhead_cpu_fraction": s.overhead_cpu_fraction,
+                "wall_s": s.wall_s,
+                "signal": s.signal,
+            })
+        );
+    } else {
+        println!(
+            "summary: {} periods in {:.1}s; second half: mean L {:.2}, mean R {:.2}, mean probe {:.2}ms (unloaded {:.2}ms); allot CPU {:.2}%",
+            s.periods,
+            s.wall_s,
+            s.mean_limit,
+            s.mean_slowdown,
+            s.mean_probe_ms,
+            s.reference_probe_ms,
+            s.overhead_cpu_fraction * 100.0
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }

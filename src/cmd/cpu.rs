@@ -1,12 +1,392 @@
-//! `allot cpu` (not yet built).
+//! `allot cpu`: proportional CPU shares for groups of processes, by ALPS (user-level,
+//! SIGSTOP/SIGCONT), and `allot cpu resume` to continue what a killed allot left stopped.
 
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
-/// Flags of this subcommand.
+use allot_model::alps::Algorithm;
+use allot_proc::scheduler::{run_cpu, CpuConfig, CpuObserver, CpuSummary, CycleRow, LiveStatus};
+use allot_proc::selector::{parse_selector, split_shares, Selector, SelectorKind};
+use allot_proc::stopped;
+use anyhow::{bail, Context};
+use serde::Deserialize;
+
+/// Flags of `allot cpu`.
 #[derive(Debug, clap::Args)]
-pub struct Args {}
+#[command(args_conflicts_with_subcommands = true)]
+pub struct Args {
+    /// Continue processes a killed allot left stopped.
+    #[command(subcommand)]
+    pub action: Option<Action>,
+    /// ALPS quantum (e.g. 10ms, 20ms, 40ms).
+    #[arg(long, value_parser = parse_duration)]
+    pub quantum: Option<Duration>,
+    /// Basic or optimised ALPS (the optimised one reads /proc less).
+    #[arg(long, value_enum)]
+    pub algorithm: Option<AlgorithmArg>,
+    /// Do not apply the I/O rule (a blocked member then holds up the cycle).
+    #[arg(long)]
+    pub no_io: bool,
+    /// A process and its shares, PID:SHARES (repeatable; one principal each).
+    #[arg(long = "pid", value_name = "PID:SHARES")]
+    pub pids: Vec<String>,
+    /// A process tree (the PID and its descendants) and its shares.
+    #[arg(long = "tree", value_name = "PID:SHARES")]
+    pub trees: Vec<String>,
+    /// Every process of a user and their shares.
+    #[arg(long = "user", value_name = "NAME:SHARES")]
+    pub users: Vec<String>,
+    /// Every process whose command name matches REGEX, and their shares.
+    #[arg(long = "comm", value_name = "REGEX:SHARES")]
+    pub comms: Vec<String>,
+    /// TOML file with `quantum`, `algorithm`, `io`, `duration` and `[[principal]]`s.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Stop after this long (default: until SIGINT/SIGTERM).
+    #[arg(long, value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+    /// Write one CSV row per principal per cycle here.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
+    /// Print the summary as one JSON object (live lines go to standard error).
+    #[arg(long)]
+    pub json: bool,
+    /// State file for the stopped set (default under $XDG_RUNTIME_DIR or /tmp).
+    #[arg(long)]
+    pub state: Option<PathBuf>,
+}
 
-/// Runs the subcommand.
-pub fn run(_args: Args) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("not yet built")
+/// Subcommands of `allot cpu`.
+#[derive(Debug, clap::Subcommand)]
+pub enum Action {
+    /// Continue every process recorded in a state file (default: every state file whose
+    /// allot is no longer running), checking each is still the process recorded.
+    Resume {
+        /// The state file to read.
+        #[arg(long)]
+        state: Option<PathBuf>,
+    },
+}
+
+/// `--algorithm` values.
+#[derive(Debug, Clone, Copy, clap::ValueEnum, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum AlgorithmArg {
+    /// Algorithm 2 of the ALPS paper.
+    Optimized,
+    /// Algorithm 1 of the ALPS paper.
+    Basic,
+}
+
+/// Parses `20ms`, `1.5s`, `2m`, `500us`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let v: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a duration like 20ms, 1.5s or 2m"))?;
+    let secs = match unit.trim() {
+        "ns" => v / 1e9,
+        "us" | "µs" => v / 1e6,
+        "ms" => v / 1e3,
+        "s" | "" => v,
+        "m" | "min" => v * 60.0,
+        "h" => v * 3600.0,
+        u => return Err(format!("{s:?}: unknown unit {u:?} (use ns, us, ms, s, m or h)")),
+    };
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(format!("{s:?}: a duration must be finite and >= 0"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    quantum: Option<String>,
+    algorithm: Option<AlgorithmArg>,
+    io: Option<bool>,
+    duration: Option<String>,
+    #[serde(default)]
+    principal: Vec<FilePrincipal>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FilePrincipal {
+    pid: Option<i32>,
+    tree: Option<i32>,
+    user: Option<String>,
+    comm: Option<String>,
+    shares: u64,
+}
+
+fn load_config(path: &Path) -> anyhow::Result<FileConfig> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("{}", path.display()))?;
+    parse_config(&text).with_context(|| format!("{}", path.display()))
+}
+
+fn parse_config(text: &str) -> anyhow::Result<FileConfig> {
+    let cfg: FileConfig = toml::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
+    for (i, p) in cfg.principal.iter().enumerate() {
+        let n = [p.pid.is_some(), p.tree.is_some(), p.user.is_some(), p.comm.is_some()]
+            .iter()
+            .filter(|b| **b)
+            .count();
+        if n != 1 {
+            bail!(
+                "`principal[{i}]`: give exactly one of `pid`, `tree`, `user`, `comm` (got {n})"
+            );
+        }
+        if p.shares == 0 {
+            bail!("`principal[{i}].shares`: expected an integer >= 1, got 0");
+        }
+    }
+    Ok(cfg)
+}
+
+fn file_principal(p: &FilePrincipal) -> anyhow::Result<(Selector, u64)> {
+    let sel = if let Some(pid) = p.pid {
+        parse_selector(SelectorKind::Pid, &pid.to_string())?
+    } else if let Some(pid) = p.tree {
+        parse_selector(SelectorKind::Tree, &pid.to_string())?
+    } else if let Some(u) = &p.user {
+        parse_selector(SelectorKind::User, u)?
+    } else if let Some(c) = &p.comm {
+        parse_selector(SelectorKind::Comm, c)?
+    } else {
+        bail!("principal without a selector")
+    };
+    Ok((sel, p.shares))
+}
+
+struct Output {
+    report: Option<(PathBuf, BufWriter<File>)>,
+    json: bool,
+}
+
+impl CpuObserver for Output {
+    fn on_cycle(&mut self, rows: &[CycleRow]) -> Result<(), String> {
+        let Some((path, w)) = &mut self.report else {
+            return Ok(());
+        };
+        let write = |w: &mut BufWriter<File>| -> std::io::Result<()> {
+            for r in rows {
+                writeln!(
+                    w,
+                    "{},{},{},{:.3},{:.3},{:.5}",
+                    r.cycle, r.principal, r.share, r.consumed_ms, r.entitlement_ms, r.rel_error
+                )?;
+            }
+            w.flush()
+        };
+        write(w).map_err(|e| format!("--report {}: {e}", path.display()))
+    }
+
+    fn on_status(&mut self, s: &LiveStatus) {
+        let line = format!(
+            "t={:.0}s cycles={} cycle={:.1}ms rms_rel_error(last 10)={:.2}% own_cpu={:.2}% stopped={}",
+            s.elapsed_s,
+            s.cycles,
+            s.cycle_ms,
+            s.recent_rms * 100.0,
+            s.own_cpu_fraction * 100.0,
+            s.stopped
+        );
+        if self.json {
+            eprintln!("{line}");
+        } else {
+            println!("{line}");
+        }
+    }
+
+    fn on_membership(&mut self, principal: &str, added: &[i32], removed: &[i32]) {
+        tracing::debug!(principal, ?added, ?removed, "membership changed");
+    }
+}
+
+fn print_summary(s: &CpuSummary, json: bool) {
+    if json {
+        let principals: Vec<serde_json::Value> = s
+            .principals
+            .iter()
+            .map(|p| {
+                serde_json::json!({
+                    "principal": p.label,
+                    "share": p.share,
+                    "cpu_ms": p.cpu_ms,
+                    "fraction": p.fraction,
+                })
+            })
+            .collect();
+        let v = serde_json::json!({
+            "mean_rms_rel_error": s.mean_rms_rel_error,
+            "overhead_cpu_fraction": s.overhead_cpu_fraction,
+            "cycles": s.cycles,
+            "quanta": s.quanta,
+            "reads": s.reads,
+            "wall_s": s.wall_s,
+            "signal": s.signal,
+            "principals": principals,
+        });
+        println!("{v}");
+        return;
+    }
+    println!(
+        "summary: {} cycles in {:.1}s, mean RMS relative error {:.2}%, allot CPU {:.3}% of wall time{}",
+        s.cycles,
+        s.wall_s,
+        s.mean_rms_rel_error * 100.0,
+        s.overhead_cpu_fraction * 100.0,
+        s.signal.as_ref().map(|x| format!(" (ended by {x})")).unwrap_or_default()
+    );
+    let total_share: u64 = s.principals.iter().map(|p| p.share).sum();
+    println!("{:<28} {:>6} {:>12} {:>9} {:>9}", "principal", "share", "cpu_ms", "got", "target");
+    for p in &s.principals {
+        println!(
+            "{:<28} {:>6} {:>12.1} {:>8.2}% {:>8.2}%",
+            p.label,
+            p.share,
+            p.cpu_ms,
+            p.fraction * 100.0,
+            p.share as f64 / total_share.max(1) as f64 * 100.0
+        );
+    }
+}
+
+fn resume(state: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    let files = match state {
+        Some(f) => vec![f],
+        None => stopped::orphaned_state_files(&stopped::state_dir()),
+    };
+    if files.is_empty() {
+        println!(
+            "nothing to resume: no state file of a stopped allot in {}",
+            stopped::state_dir().display()
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    for f in files {
+        let n = stopped::resume_file(&f)?;
+        println!("{}: continued {n} process(es)", f.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs `allot cpu`.
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    if let Some(Action::Resume { state }) = args.action {
+        return resume(state);
+    }
+    let file = match &args.config {
+        Some(p) => load_config(p)?,
+        None => FileConfig::default(),
+    };
+    let cfg_name = args
+        .config
+        .as_ref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    let quantum = match (args.quantum, &file.quantum) {
+        (Some(q), _) => q,
+        (None, Some(q)) => parse_duration(q).map_err(|e| anyhow::anyhow!("{cfg_name}: `quantum`: {e}"))?,
+        (None, None) => Duration::from_millis(20),
+    };
+    if quantum < Duration::from_millis(1) || quantum > Duration::from_secs(10) {
+        bail!("--quantum {quantum:?}: expected between 1ms and 10s");
+    }
+    let duration = match (args.duration, &file.duration) {
+        (Some(d), _) => Some(d),
+        (None, Some(d)) => {
+            Some(parse_duration(d).map_err(|e| anyhow::anyhow!("{cfg_name}: `duration`: {e}"))?)
+        }
+        (None, None) => None,
+    };
+    let algorithm = match args.algorithm.or(file.algorithm) {
+        Some(AlgorithmArg::Basic) => Algorithm::Basic,
+        _ => Algorithm::Optimized,
+    };
+    let io_rule = !args.no_io && file.io.unwrap_or(true);
+    let mut principals = Vec::new();
+    for p in &file.principal {
+        principals.push(file_principal(p).with_context(|| cfg_name.clone())?);
+    }
+    for (kind, list) in [
+        (SelectorKind::Pid, &args.pids),
+        (SelectorKind::Tree, &args.trees),
+        (SelectorKind::User, &args.users),
+        (SelectorKind::Comm, &args.comms),
+    ] {
+        for arg in list {
+            let (value, shares) = split_shares(kind, arg)?;
+            principals.push((parse_selector(kind, &value)?, shares));
+        }
+    }
+    if principals.is_empty() {
+        bail!("no principals: give at least one of --pid, --tree, --user, --comm (VALUE:SHARES) or --config");
+    }
+    let report = match &args.report {
+        Some(path) => {
+            let f = File::create(path).with_context(|| format!("--report {}", path.display()))?;
+            let mut w = BufWriter::new(f);
+            // Flushed with the first cycle: a file that cannot be written fails the run
+            // there, and everything stopped is continued on the way out.
+            writeln!(w, "cycle,principal,share,consumed_ms,entitlement_ms,rel_error")
+                .with_context(|| format!("--report {}", path.display()))?;
+            Some((path.clone(), w))
+        }
+        None => None,
+    };
+    let shutdown = allot_proc::shutdown::install()?;
+    let config = CpuConfig {
+        quantum,
+        algorithm,
+        io_rule,
+        principals,
+        duration,
+        state_file: args
+            .state
+            .clone()
+            .unwrap_or_else(|| stopped::default_state_file("cpu")),
+        refresh: Duration::from_secs(1),
+    };
+    let mut out = Output {
+        report,
+        json: args.json,
+    };
+    let summary = run_cpu(config, shutdown, &mut out)?;
+    print_summary(&summary, args.json);
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("20ms"), Ok(Duration::from_millis(20)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("fast").is_err());
+        assert!(parse_duration("3 parsecs").is_err());
+    }
+
+    #[test]
+    fn config_file_errors_name_the_key() {
+        let ok = parse_config("quantum = \"10ms\"\n[[principal]]\npid = 5\nshares = 2\n").unwrap();
+        assert_eq!(ok.principal.len(), 1);
+        let e = parse_config("[[principal]]\npid = 5\nuser = \"x\"\nshares = 1\n").unwrap_err();
+        assert!(e.to_string().contains("principal[0]"), "{e}");
+        let e = parse_config("[[principal]]\npid = 5\nshares = 0\n").unwrap_err();
+        assert!(e.to_string().contains("shares"), "{e}");
+        let e = parse_config("quantun = 3\n").unwrap_err();
+        assert!(format!("{e:#}").contains("line 1"), "{e:#}");
+    }
 }

@@ -11,12 +11,22 @@
 //! - [`queue`]: one class's queue between registration and service, and its policies.
 //! - [`dispatch`]: which class's queue is served next (priority, then ratio).
 //! - [`bucket`]: token buckets for accept rates and bandwidth groups.
+//! - [`ewma`], [`slowdown`], [`aimd`]: the feedback-control pieces (FVM paper).
+//! - [`alps`]: basic and optimised ALPS decisions with the I/O rule.
+//! - [`fvm`]: the FVM fluid model (section 3, eqs. 3–7).
+//! - [`accuracy`]: relative error, RMS, fairness indices.
 #![deny(missing_docs)]
 
+pub mod accuracy;
+pub mod aimd;
+pub mod alps;
 pub mod bucket;
 pub mod classify;
 pub mod dispatch;
+pub mod ewma;
+pub mod fvm;
 pub mod queue;
+pub mod slowdown;
 pub mod time;
 
 pub use time::Nanos;

@@ -1,0 +1,632 @@
+//! The ALPS proportional-share algorithm (ALPS paper, Newhouse & Pasquale): a user-level
+//! scheduler that, once per quantum, measures what eligible members consumed and stops
+//! the ones that used up their allowance for the cycle.
+//!
+//! - Basic ALPS (section 3.1, algorithm 1): every eligible member is read each quantum.
+//! - Optimised ALPS (section 4, algorithm 2): a member with allowance `a` cannot use it up
+//!   in fewer than `⌈a⌉` quanta, so it is not read again before then. A member here is a
+//!   principal that may hold several runnable tasks, so the bound is `⌈a / parallelism⌉`
+//!   where the caller says how many CPUs the member can use at once.
+//! - I/O (section 4.3, algorithm 3): a member found blocked forfeits one quantum of
+//!   allowance and shortens the cycle by one quantum, so a sleeper never stalls a cycle.
+//!   A blocked member is read again at the next quantum (the paper would wait `⌈a⌉`).
+//!
+//! Allowances and the cycle's remaining time are *incremented* at the end of a cycle,
+//! never reset, so an error in one cycle is corrected in the next (section 3.1).
+//!
+//! Pure: the caller reads `/proc`, passes cumulative CPU times in, and sends the signals
+//! the returned [`QuantumOutcome`] asks for.
+
+use thiserror::Error;
+
+/// A configuration value out of range.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum AlpsError {
+    /// The quantum must be at least one microsecond.
+    #[error("quantum must be at least 1 µs, got {0} ns")]
+    Quantum(u64),
+    /// No members.
+    #[error("at least one member is needed")]
+    NoMembers,
+    /// A share of zero.
+    #[error("member {0}: shares must be at least 1")]
+    ZeroShare(usize),
+}
+
+/// Which variant of the algorithm runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Algorithm {
+    /// Read every eligible member every quantum (algorithm 1).
+    Basic,
+    /// Skip reads that cannot change a decision (algorithm 2).
+    Optimized,
+}
+
+/// Parameters of the scheduler.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AlpsConfig {
+    /// Length of one quantum.
+    pub quantum_ns: u64,
+    /// Basic or optimised.
+    pub algorithm: Algorithm,
+    /// Apply the I/O rule (algorithm 3).
+    pub io_rule: bool,
+}
+
+/// One measurement of a member, as the caller read it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    /// Cumulative CPU time of the member (monotone; the model takes differences).
+    pub cpu_ns: u64,
+    /// Whether the member is blocked (no task runnable) right now.
+    pub blocked: bool,
+}
+
+/// What to do after a quantum.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct QuantumOutcome {
+    /// A cycle ended during this quantum.
+    pub cycle_ended: bool,
+    /// Members that became ineligible: stop them.
+    pub stop: Vec<usize>,
+    /// Members that became eligible: continue them.
+    pub resume: Vec<usize>,
+}
+
+#[derive(Debug, Clone)]
+struct Member {
+    share: u64,
+    allowance: f64,
+    eligible: bool,
+    active: bool,
+    next_read: u64,
+    last_cpu_ns: Option<u64>,
+    parallelism: u32,
+}
+
+/// The scheduler's state: members indexed `0..n` in the order given.
+#[derive(Debug, Clone)]
+pub struct Alps {
+    config: AlpsConfig,
+    members: Vec<Member>,
+    /// Time left in the current cycle (`t_c`), may go negative.
+    cycle_remaining_ns: i128,
+    count: u64,
+    cycles: u64,
+    reads: u64,
+}
+
+fn gcd(a: u64, b: u64) -> u64 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+impl Alps {
+    /// A scheduler for members with these shares. Shares are divided by their gcd, so
+    /// the cycle is `S·Q` with the smallest S. Every member starts eligible (the processes
+    /// are running when the scheduler starts) with its share as allowance; its first
+    /// reading only sets the origin of its CPU time.
+    pub fn new(config: AlpsConfig, shares: &[u64]) -> Result<Alps, AlpsError> {
+        if config.quantum_ns < 1_000 {
+            return Err(AlpsError::Quantum(config.quantum_ns));
+        }
+        if shares.is_empty() {
+            return Err(AlpsError::NoMembers);
+        }
+        if let Some(i) = shares.iter().position(|&s| s == 0) {
+            return Err(AlpsError::ZeroShare(i));
+        }
+        let g = shares.iter().cloned().fold(0, gcd);
+        let members: Vec<Member> = shares
+            .iter()
+            .map(|&s| Member {
+                share: s / g,
+                allowance: (s / g) as f64,
+                eligible: true,
+                active: true,
+                next_read: 0,
+                last_cpu_ns: None,
+                parallelism: 1,
+            })
+            .collect();
+        let mut alps = Alps {
+            config,
+            members,
+            cycle_remaining_ns: 0,
+            count: 0,
+            cycles: 0,
+            reads: 0,
+        };
+        alps.cycle_remaining_ns = alps.cycle_length_ns();
+        Ok(alps)
+    }
+
+    /// `S·Q` over the active members.
+    fn cycle_length_ns(&self) -> i128 {
+        let s: u64 = self
+            .members
+            .iter()
+            .filter(|m| m.active)
+            .map(|m| m.share)
+            .sum();
+        i128::from(s) * i128::from(self.config.quantum_ns)
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> AlpsConfig {
+        self.config
+    }
+
+    /// Number of members.
+    pub fn len(&self) -> usize {
+        self.members.len()
+    }
+
+    /// Whether there are no members (never true once built).
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty()
+    }
+
+    /// A member's share after division by the gcd.
+    pub fn share(&self, id: usize) -> u64 {
+        self.members[id].share
+    }
+
+    /// A member's allowance, in quanta.
+    pub fn allowance(&self, id: usize) -> f64 {
+        self.members[id].allowance
+    }
+
+    /// Whether a member may run now.
+    pub fn is_eligible(&self, id: usize) -> bool {
+        self.members[id].eligible
+    }
+
+    /// Completed cycles.
+    pub fn cycles(&self) -> u64 {
+        self.cycles
+    }
+
+    /// Quanta run.
+    pub fn quanta(&self) -> u64 {
+        self.count
+    }
+
+    /// Member reads asked for so far (the cost the optimised algorithm reduces).
+    pub fn reads(&self) -> u64 {
+        self.reads
+    }
+
+    /// Sets a member's CPU-time origin without charging anything (the scheduler's first
+    /// reading at start, so nothing consumed after it goes uncounted).
+    pub fn prime(&mut self, id: usize, cpu_ns: u64) {
+        if let Some(m) = self.members.get_mut(id) {
+            m.last_cpu_ns = Some(cpu_ns);
+        }
+    }
+
+    /// A refinement below the quantum (not in the paper): an eligible member with less
+    /// than one quantum of allowance left, consuming `cpu_per_wall` of a CPU, will use it
+    /// up in `allowance·Q / cpu_per_wall` of wall time. If that is before the next quantum,
+    /// returns it, so the actuator can stop the member on time instead of letting it
+    /// overrun until the next tick; the model corrects any misprediction at the next read.
+    pub fn exhaustion_in_ns(&self, id: usize, cpu_per_wall: f64) -> Option<u64> {
+        let m = self.members.get(id)?;
+        if !m.active || !m.eligible || m.allowance >= 1.0 || cpu_per_wall <= 0.0 {
+            return None;
+        }
+        let q = self.config.quantum_ns as f64;
+        let t = (m.allowance.max(0.0) * q / cpu_per_wall.min(f64::from(m.parallelism))).round();
+        (t < q).then_some(t as u64)
+    }
+
+    /// Tells the model how many CPUs a member can use at once (its runnable tasks,
+    /// bounded by the CPUs it may run on); at least 1.
+    pub fn set_parallelism(&mut self, id: usize, parallelism: u32) {
+        if let Some(m) = self.members.get_mut(id) {
+            m.parallelism = parallelism.max(1);
+        }
+    }
+
+    /// Marks a member present or absent (a principal with no processes). An absent member
+    /// neither runs nor counts in the cycle length; when it returns it starts from its
+    /// share again and its next reading sets a new CPU-time origin.
+    pub fn set_active(&mut self, id: usize, active: bool) {
+        let Some(m) = self.members.get_mut(id) else {
+            return;
+        };
+        if m.active == active {
+            return;
+        }
+        m.active = active;
+        m.last_cpu_ns = None;
+        m.next_read = 0;
+        let q = self.config.quantum_ns as f64;
+        // The cycle only waits for allowance that can still be used: a leaving member
+        // takes its unused allowance out of the cycle, a returning one brings its share.
+        let delta_ns = if active {
+            m.allowance = m.share as f64;
+            m.allowance * q
+        } else {
+            -(m.allowance.max(0.0) * q)
+        };
+        self.cycle_remaining_ns += delta_ns as i128;
+    }
+
+    /// Starts a quantum: returns the members to read now (eligible, present, and due).
+    pub fn begin_quantum(&mut self) -> Vec<usize> {
+        self.count += 1;
+        let count = self.count;
+        let basic = self.config.algorithm == Algorithm::Basic;
+        let due: Vec<usize> = self
+            .members
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| m.active && m.eligible && (basic || m.next_read <= count))
+            .map(|(i, _)| i)
+            .collect();
+        self.reads += due.len() as u64;
+        due
+    }
+
+    /// Ends a quantum with the readings of (some of) the members asked for by
+    /// [`Alps::begin_quantum`]; a member that could not be read is simply left out.
+    pub fn end_quantum(&mut self, readings: &[(usize, Progress)]) -> QuantumOutcome {
+        let q = self.config.quantum_ns as f64;
+        let mut read = vec![false; self.members.len()];
+        for &(id, progress) in readings {
+            let Some(m) = self.members.get_mut(id) else {
+                continue;
+            };
+            read[id] = true;
+            // The first reading (or the first after a return) only sets the origin.
+            let consumed = match m.last_cpu_ns {
+                Some(last) => progress.cpu_ns.saturating_sub(last),
+                None => 0,
+            };
+            m.last_cpu_ns = Some(progress.cpu_ns.max(m.last_cpu_ns.unwrap_or(0)));
+            m.allowance -= consumed as f64 / q;
+            self.cycle_remaining_ns -= i128::from(consumed);
+            if self.config.io_rule && progress.blocked {
+                // Section 4.3: a blocked member gave up this quantum.
+                m.allowance -= 1.0;
+                self.cycle_remaining_ns -= i128::from(self.config.quantum_ns);
+            }
+        }
+
+        let mut cycle_ended = false;
+        if self.cycle_remaining_ns <= 0 && self.cycle_length_ns() > 0 {
+            // End of cycle: extend, never reset, so errors carry over (section 3.1).
+            cycle_ended = true;
+            self.cycles += 1;
+            self.cycle_remaining_ns += self.cycle_length_ns();
+        }
+
+        let mut outcome = QuantumOutcome {
+            cycle_ended,
+            ..QuantumOutcome::default()
+        };
+        let count = self.count;
+        let basic = self.config.algorithm == Algorithm::Basic;
+        for (id, m) in self.members.iter_mut().enumerate() {
+            if !m.active {
+                if m.eligible {
+                    m.eligible = false;
+                }
+                continue;
+            }
+            if cycle_ended {
+                m.allowance += m.share as f64;
+            }
+            let eligible = m.allowance > 0.0;
+            if eligible != m.eligible {
+                m.eligible = eligible;
+                if eligible {
+                    outcome.resume.push(id);
+                } else {
+                    outcome.stop.push(id);
+                }
+            }
+            if !basic && m.next_read <= count {
+                // Algorithm 2: the member cannot exhaust its allowance sooner.
+                let per_quantum = f64::from(m.parallelism);
+                let wait = (m.allowance / per_quantum).ceil().max(1.0);
+                let blocked_reread = read[id]
+                    && readings
+                        .iter()
+                        .any(|&(i, p)| i == id && p.blocked && self.config.io_rule);
+                m.next_read = if blocked_reread {
+                    count + 1
+                } else {
+                    count + wait as u64
+                };
+            }
+        }
+        outcome
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::accuracy::AccuracyTracker;
+    use proptest::prelude::*;
+
+    /// A simulated one-CPU kernel: in each quantum the runnable, non-stopped processes
+    /// share the CPU in slices, round robin from a rotating start, so consumption per
+    /// quantum is quantised the way a real scheduler's is.
+    struct SimCpu {
+        cpu_ns: Vec<u64>,
+        stopped: Vec<bool>,
+        slice_ns: u64,
+        next: usize,
+    }
+
+    impl SimCpu {
+        fn new(n: usize, slice_ns: u64) -> SimCpu {
+            SimCpu {
+                cpu_ns: vec![0; n],
+                stopped: vec![false; n],
+                slice_ns,
+                next: 0,
+            }
+        }
+
+        /// Runs one quantum of `q` ns; `runnable(i)` says who wants the CPU.
+        fn run(&mut self, q: u64, runnable: &dyn Fn(usize) -> bool) {
+            let n = self.cpu_ns.len();
+            let mut left = q;
+            let mut idle_rounds = 0;
+            while left > 0 && idle_rounds < n {
+                let i = self.next % n;
+                self.next += 1;
+                if self.stopped[i] || !runnable(i) {
+                    idle_rounds += 1;
+                    continue;
+                }
+                idle_rounds = 0;
+                let s = self.slice_ns.min(left);
+                self.cpu_ns[i] += s;
+                left -= s;
+            }
+        }
+    }
+
+    /// Drives ALPS against the simulated CPU for `quanta` quanta and returns the CPU each
+    /// member got per cycle.
+    fn drive(
+        alps: &mut Alps,
+        cpu: &mut SimCpu,
+        quanta: u64,
+        runnable: &dyn Fn(u64, usize) -> bool,
+    ) -> Vec<Vec<f64>> {
+        let q = alps.config().quantum_ns;
+        let mut cycles = Vec::new();
+        let mut at_cycle_start = cpu.cpu_ns.clone();
+        for k in 0..quanta {
+            cpu.run(q, &|i| runnable(k, i));
+            let due = alps.begin_quantum();
+            let readings: Vec<(usize, Progress)> = due
+                .iter()
+                .map(|&i| {
+                    (
+                        i,
+                        Progress {
+                            cpu_ns: cpu.cpu_ns[i],
+                            blocked: !runnable(k, i),
+                        },
+                    )
+                })
+                .collect();
+            let out = alps.end_quantum(&readings);
+            for &i in &out.stop {
+                cpu.stopped[i] = true;
+            }
+            for &i in &out.resume {
+                cpu.stopped[i] = false;
+            }
+            if out.cycle_ended {
+                cycles.push(
+                    cpu.cpu_ns
+                        .iter()
+                        .zip(&at_cycle_start)
+                        .map(|(a, b)| (a - b) as f64)
+                        .collect(),
+                );
+                at_cycle_start = cpu.cpu_ns.clone();
+            }
+        }
+        cycles
+    }
+
+    fn config(algorithm: Algorithm) -> AlpsConfig {
+        AlpsConfig {
+            quantum_ns: 20_000_000,
+            algorithm,
+            io_rule: true,
+        }
+    }
+
+    fn fractions(v: &[u64]) -> Vec<f64> {
+        let t: u64 = v.iter().sum();
+        v.iter().map(|&x| x as f64 / t as f64).collect()
+    }
+
+    #[test]
+    fn linear_shares_are_met_per_cycle_and_in_the_long_run() {
+        for algorithm in [Algorithm::Basic, Algorithm::Optimized] {
+            let shares = [1, 3, 5, 7, 9];
+            let mut alps = Alps::new(config(algorithm), &shares).unwrap();
+            let mut cpu = SimCpu::new(5, 3_000_000);
+            let cycles = drive(&mut alps, &mut cpu, 25 * 200, &|_, _| true);
+            assert!(
+                cycles.len() >= 190,
+                "{algorithm:?}: {} cycles",
+                cycles.len()
+            );
+            let mut acc = AccuracyTracker::new();
+            let s: Vec<f64> = shares.iter().map(|&x| x as f64).collect();
+            for c in cycles.iter().skip(4) {
+                acc.record_cycle(&s, c);
+            }
+            assert!(
+                acc.mean_rms() < 0.1,
+                "{algorithm:?}: rms {}",
+                acc.mean_rms()
+            );
+            for (f, s) in fractions(&cpu.cpu_ns).iter().zip(shares) {
+                let want = s as f64 / 25.0;
+                assert!(
+                    (f - want).abs() / want < 0.02,
+                    "{algorithm:?}: {f} vs {want}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn optimized_reads_less_than_basic() {
+        let shares = [1, 3, 5, 7, 9];
+        let mut reads = Vec::new();
+        for algorithm in [Algorithm::Basic, Algorithm::Optimized] {
+            let mut alps = Alps::new(config(algorithm), &shares).unwrap();
+            let mut cpu = SimCpu::new(5, 3_000_000);
+            drive(&mut alps, &mut cpu, 2_500, &|_, _| true);
+            reads.push(alps.reads());
+        }
+        assert!(
+            reads[1] * 2 < reads[0],
+            "basic {} optimized {}",
+            reads[0],
+            reads[1]
+        );
+    }
+
+    #[test]
+    fn predicts_exhaustion_within_the_quantum() {
+        let mut alps = Alps::new(config(Algorithm::Basic), &[1, 4]).unwrap();
+        alps.prime(0, 0);
+        alps.prime(1, 0);
+        alps.begin_quantum();
+        let p = |cpu_ns| Progress { cpu_ns, blocked: false };
+        // Member 0 used 15 of its 20 ms: 5 ms left; at half a CPU that is 10 ms of wall.
+        alps.end_quantum(&[(0, p(15_000_000)), (1, p(15_000_000))]);
+        assert_eq!(alps.exhaustion_in_ns(0, 0.5), Some(10_000_000));
+        // At a tenth of a CPU it would take 50 ms: after the next quantum, so no early stop.
+        assert_eq!(alps.exhaustion_in_ns(0, 0.1), None);
+        // Member 1 has more than a quantum left.
+        assert_eq!(alps.exhaustion_in_ns(1, 1.0), None);
+    }
+
+    #[test]
+    fn gcd_sets_the_cycle_length() {
+        let alps = Alps::new(config(Algorithm::Basic), &[10, 20, 30]).unwrap();
+        assert_eq!((alps.share(0), alps.share(1), alps.share(2)), (1, 2, 3));
+        assert_eq!(alps.cycle_remaining_ns, 6 * 20_000_000);
+    }
+
+    #[test]
+    fn a_blocked_member_loses_a_quantum_and_shortens_the_cycle() {
+        let mut alps = Alps::new(config(Algorithm::Basic), &[1, 2, 3]).unwrap();
+        // First reading sets origins.
+        alps.begin_quantum();
+        let p = |cpu_ns, blocked| Progress { cpu_ns, blocked };
+        alps.end_quantum(&[(0, p(0, false)), (1, p(0, false)), (2, p(0, false))]);
+        alps.begin_quantum();
+        let q = 20_000_000;
+        let out = alps.end_quantum(&[(0, p(q / 2, false)), (1, p(0, true)), (2, p(q / 2, false))]);
+        assert!(!out.cycle_ended);
+        assert!((alps.allowance(0) - 0.5).abs() < 1e-12);
+        assert!((alps.allowance(1) - 1.0).abs() < 1e-12);
+        assert!((alps.allowance(2) - 2.5).abs() < 1e-12);
+        // 6Q − Q/2 − Q/2 − Q (blocked) = 4Q left.
+        assert_eq!(alps.cycle_remaining_ns, 4 * i128::from(q));
+    }
+
+    #[test]
+    fn while_one_sleeps_the_others_split_by_their_shares_and_cycles_keep_ending() {
+        for algorithm in [Algorithm::Basic, Algorithm::Optimized] {
+            let mut alps = Alps::new(config(algorithm), &[1, 2, 3]).unwrap();
+            let mut cpu = SimCpu::new(3, 2_000_000);
+            // Member 1 sleeps throughout.
+            let cycles = drive(&mut alps, &mut cpu, 4_000, &|_, i| i != 1);
+            // Without the I/O rule no cycle would ever end; with it a cycle is ~4 quanta.
+            assert!(cycles.len() > 800, "{algorithm:?}: {} cycles", cycles.len());
+            let f = cpu.cpu_ns[0] as f64 / (cpu.cpu_ns[0] + cpu.cpu_ns[2]) as f64;
+            assert!((f - 0.25).abs() / 0.25 < 0.05, "{algorithm:?}: {f}");
+            assert_eq!(cpu.cpu_ns[1], 0);
+        }
+    }
+
+    #[test]
+    fn without_the_io_rule_a_sleeper_stalls_the_cycle() {
+        let mut alps = Alps::new(
+            AlpsConfig {
+                io_rule: false,
+                ..config(Algorithm::Basic)
+            },
+            &[1, 2, 3],
+        )
+        .unwrap();
+        let mut cpu = SimCpu::new(3, 2_000_000);
+        let cycles = drive(&mut alps, &mut cpu, 400, &|_, i| i != 1);
+        assert!(cycles.len() <= 1);
+    }
+
+    #[test]
+    fn an_absent_member_does_not_hold_up_the_others() {
+        let mut alps = Alps::new(config(Algorithm::Optimized), &[1, 1]).unwrap();
+        alps.set_active(1, false);
+        let mut cpu = SimCpu::new(2, 2_000_000);
+        let cycles = drive(&mut alps, &mut cpu, 100, &|_, i| i == 0);
+        assert!(cycles.len() >= 90);
+        assert!(!alps.is_eligible(1));
+    }
+
+    #[test]
+    fn rejects_bad_config() {
+        assert_eq!(
+            Alps::new(config(Algorithm::Basic), &[]).err(),
+            Some(AlpsError::NoMembers)
+        );
+        assert_eq!(
+            Alps::new(config(Algorithm::Basic), &[1, 0]).err(),
+            Some(AlpsError::ZeroShare(1))
+        );
+        assert!(Alps::new(
+            AlpsConfig {
+                quantum_ns: 10,
+                ..config(Algorithm::Basic)
+            },
+            &[1]
+        )
+        .is_err());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(32))]
+        #[test]
+        fn long_run_fractions_follow_shares(
+            shares in prop::collection::vec(1u64..12, 2..8),
+            slice_ms in 1u64..20,
+            optimized in any::<bool>(),
+        ) {
+            let algorithm = if optimized { Algorithm::Optimized } else { Algorithm::Basic };
+            let mut alps = Alps::new(config(algorithm), &shares).unwrap();
+            let total: u64 = shares.iter().sum();
+            let mut cpu = SimCpu::new(shares.len(), slice_ms * 1_000_000);
+            drive(&mut alps, &mut cpu, total * 150, &|_, _| true);
+            let f = fractions(&cpu.cpu_ns);
+            for (i, s) in shares.iter().enumerate() {
+                let want = *s as f64 / total as f64;
+                prop_assert!((f[i] - want).abs() <= 0.02 * want + 0.01, "member {} got {} want {}", i, f[i], want);
+                // Allowances stay bounded: errors are carried, never accumulated.
+                prop_assert!(alps.allowance(i) <= 2.0 * *s as f64 + 2.0);
+                prop_assert!(alps.allowance(i) > -(*s as f64) - 2.0);
+            }
+        }
+    }
+}

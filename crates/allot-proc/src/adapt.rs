@@ -1,0 +1,377 @@
+//! The adapt loop behind `allot adapt` (FVM paper sections 2 and 4): sensor (a probe's
+//! run time) → controller (slowdown signal, then AIMD on the multiprogramming level, or
+//! on a duty cycle once the level is down to one) → actuator (keep at most L members
+//! running, rotating which ones every period so all progress).
+//!
+//! Before starting, the whole group is stopped for a moment and the probe timed: that
+//! unloaded reference caps the baseline for the whole run. With a purely windowed
+//! minimum and CPU contention (a price linear in demand) the baseline would follow the
+//! load upwards and the group would never see itself as the cause of congestion.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use allot_model::aimd::{Mode, MplOrRate};
+use allot_model::slowdown::{SlowdownConfig, SlowdownSignal};
+use allot_model::Nanos;
+
+use crate::error::ProcError;
+use crate::group::Principal;
+use crate::handle::ProcHandle;
+use crate::probe::{Probe, ProbeRunner};
+use crate::procfs;
+use crate::selector::{protected_pids, Selector};
+use crate::stopped::StoppedSet;
+use crate::timer::{monotonic_ns, sleep_until, Wait};
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct AdaptConfig {
+    /// The group: every process any selector picks.
+    pub selectors: Vec<Selector>,
+    /// Control period (T_c, paper default 5 s).
+    pub period: Duration,
+    /// Window of the baseline minimum (paper default 60 s).
+    pub window: Duration,
+    /// EWMA weight γ (paper 0.3).
+    pub gamma: f64,
+    /// Threshold H (paper 2.5).
+    pub threshold: f64,
+    /// Additive step of the multiprogramming level (paper 1).
+    pub mpl_increase: f64,
+    /// Additive step of the duty cycle (paper 0.1 Hz; here a fraction of the period).
+    pub rate_increase: f64,
+    /// Multiplicative decrease factor (paper 1.5).
+    pub decrease: f64,
+    /// Initial limit L (paper 10).
+    pub initial: f64,
+    /// Lowest duty cycle.
+    pub min_duty: f64,
+    /// Probe runs per period (their EWMA is the signal).
+    pub samples_per_period: u32,
+    /// The probe.
+    pub probe: Probe,
+    /// Time the unloaded reference before starting.
+    pub reference: bool,
+    /// Stop after this long (`None`: until a signal).
+    pub duration: Option<Duration>,
+    /// Where the stopped set is recorded.
+    pub state_file: PathBuf,
+}
+
+/// What happened in one period.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PeriodReport {
+    /// Period number, from 1.
+    pub period: u64,
+    /// Seconds since start.
+    pub elapsed_s: f64,
+    /// Members in the group.
+    pub members: usize,
+    /// Limit in force during the period (`running · duty`).
+    pub limit: f64,
+    /// Members allowed to run.
+    pub running: usize,
+    /// Duty cycle.
+    pub duty: f64,
+    /// `mpl` or `rate`.
+    pub mode: &'static str,
+    /// Mean probe time in the period, ms.
+    pub probe_ms: f64,
+    /// Slowdown R at the end of the period.
+    pub slowdown: f64,
+    /// R > H.
+    pub congested: bool,
+}
+
+/// End-of-run summary.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdaptSummary {
+    /// Periods completed.
+    pub periods: u64,
+    /// Unloaded reference probe time, ms (0 if not measured).
+    pub reference_probe_ms: f64,
+    /// Mean limit over the second half of the run.
+    pub mean_limit: f64,
+    /// Mean slowdown over the second half of the run.
+    pub mean_slowdown: f64,
+    /// Mean probe time over the second half, ms.
+    pub mean_probe_ms: f64,
+    /// allot's CPU time over wall time.
+    pub overhead_cpu_fraction: f64,
+    /// Wall time, s.
+    pub wall_s: f64,
+    /// The signal that ended the run, if one did.
+    pub signal: Option<String>,
+}
+
+/// Receives each period's report; an error ends the run.
+pub trait AdaptObserver {
+    /// A period ended.
+    fn on_period(&mut self, report: &PeriodReport) -> Result<(), String>;
+}
+
+fn members_of(principals: &[Principal]) -> BTreeMap<i32, &ProcHandle> {
+    let mut m = BTreeMap::new();
+    for p in principals {
+        for h in p.handles() {
+            m.entry(h.pid()).or_insert(h);
+        }
+    }
+    m
+}
+
+struct Group {
+    principals: Vec<Principal>,
+    stopped: StoppedSet,
+}
+
+impl Group {
+    fn refresh(&mut self, strict: bool) -> Result<(), ProcError> {
+        let procs = procfs::snapshot()?;
+        let mut protected = protected_pids(&procs);
+        // The probe command's processes are ours, never the group's.
+        let me = std::process::id() as i32;
+        protected.extend(procs.iter().filter(|p| p.ppid == me).map(|p| p.pid));
+        for p in &mut self.principals {
+            let stopped_now = p.pids().next().is_some_and(|pid| self.stopped.contains(pid));
+            let changes = p.refresh(&procs, &protected, &mut self.stopped, stopped_now)?;
+            if strict {
+                if let Some((pid, comm)) = changes.refused.first() {
+                    return Err(ProcError::NotPermitted {
+                        pid: *pid,
+                        comm: comm.clone(),
+                        uid: procfs::uid_of(*pid).unwrap_or(u32::MAX),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Members by PID, each once even if several selectors pick it.
+    fn members(&self) -> BTreeMap<i32, &ProcHandle> {
+        members_of(&self.principals)
+    }
+
+    fn apply(&mut self, running: &[i32]) -> Result<(), ProcError> {
+        let members = members_of(&self.principals);
+        let to_stop: Vec<&ProcHandle> = members
+            .iter()
+            .filter(|(pid, _)| !running.contains(pid))
+            .map(|(_, h)| *h)
+            .collect();
+        let to_run: Vec<&ProcHandle> = running.iter().filter_map(|p| members.get(p).copied()).collect();
+        // Continue first, then stop: the group never drops below its limit in between.
+        let stopped = &mut self.stopped;
+        stopped.cont_all(to_run);
+        stopped.stop_all(to_stop)?;
+        Ok(())
+    }
+}
+
+/// Runs the adapt loop until the duration passes, `shutdown` is set, or an error; every
+/// stopped member is continued before it returns.
+pub fn run_adapt(
+    config: AdaptConfig,
+    shutdown: &AtomicBool,
+    observer: &mut dyn AdaptObserver,
+) -> Result<AdaptSummary, ProcError> {
+    if config.selectors.is_empty() {
+        return Err(ProcError::Config(
+            "no group: give at least one of --pid, --tree, --user, --comm".into(),
+        ));
+    }
+    let mut group = Group {
+        principals: config
+            .selectors
+            .iter()
+            .map(|s| Principal::new(s.clone(), 1))
+            .collect(),
+        stopped: StoppedSet::new(config.state_file.clone()),
+    };
+    let result = adapt_loop(&config, &mut group, shutdown, observer);
+    let all: Vec<&ProcHandle> = group.principals.iter().flat_map(|p| p.handles()).collect();
+    group.stopped.cont_all(all);
+    group.stopped.release();
+    result
+}
+
+fn adapt_loop(
+    config: &AdaptConfig,
+    group: &mut Group,
+    shutdown: &AtomicBool,
+    observer: &mut dyn AdaptObserver,
+) -> Result<AdaptSummary, ProcError> {
+    let period_ns = config.period.as_nanos().max(1) as u64;
+    let window_periods = (config.window.as_nanos() / u128::from(period_ns)).max(1) as usize;
+    let mut signal = SlowdownSignal::new(SlowdownConfig {
+        gamma: config.gamma,
+        window_periods,
+        threshold: config.threshold,
+    })
+    .map_err(|e| ProcError::Config(e.to_string()))?;
+    group.refresh(true)?;
+    if group.members().is_empty() {
+        return Err(ProcError::Selector("no process matches the group's selectors".into()));
+    }
+    let mut ctrl = MplOrRate::new(
+        group.members().len(),
+        config.initial,
+        config.mpl_increase,
+        config.rate_increase,
+        config.decrease,
+        config.min_duty,
+    )
+    .map_err(|e| ProcError::Config(e.to_string()))?;
+    let mut probe = ProbeRunner::new(config.probe.clone());
+    let start_ns = monotonic_ns();
+    let own_start = procfs::self_cpu_ns();
+
+    // Unloaded reference: the group stopped, the probe timed a few times, the minimum.
+    let mut reference_ms = 0.0;
+    if config.reference {
+        group.apply(&[])?;
+        let mut best = f64::INFINITY;
+        for k in 0..5u64 {
+            if let Wait::Interrupted = sleep_until(monotonic_ns() + 20_000_000 + k * 1_000_000) {
+                if shutdown.load(Ordering::SeqCst) {
+                    break;
+                }
+            }
+            best = best.min(probe.run()?.as_secs_f64() * 1e3);
+        }
+        if best.is_finite() {
+            reference_ms = best;
+            signal.set_reference(Some(best));
+        }
+    }
+
+    let mut offset = 0usize;
+    let mut period = 0u64;
+    let mut history: Vec<PeriodReport> = Vec::new();
+    let deadline = config
+        .duration
+        .map(|d| start_ns + d.as_nanos().min(u128::from(u64::MAX / 2)) as u64);
+    let samples = config.samples_per_period.max(1) as u64;
+    let mut t0 = monotonic_ns();
+    'periods: loop {
+        if shutdown.load(Ordering::SeqCst) || deadline.is_some_and(|d| monotonic_ns() >= d) {
+            break;
+        }
+        group.refresh(false)?;
+        let members: Vec<i32> = group.members().keys().copied().collect();
+        ctrl.set_max_running(members.len());
+        let decision = ctrl.decision();
+        // Rotate which members run, so every one progresses.
+        let running: Vec<i32> = if members.is_empty() {
+            Vec::new()
+        } else {
+            offset %= members.len();
+            let r: Vec<i32> = (0..decision.running.min(members.len()))
+                .map(|i| members[(offset + i) % members.len()])
+                .collect();
+            offset += decision.running;
+            r
+        };
+        group.apply(&running)?;
+
+        // Events within the period: probe samples, and the end of the duty cycle.
+        let mut events: Vec<(u64, bool)> = (0..samples)
+            .map(|k| (t0 + (2 * k + 1) * period_ns / (2 * samples), false))
+            .collect();
+        if decision.duty < 1.0 {
+            events.push((t0 + (decision.duty * period_ns as f64) as u64, true));
+        }
+        events.sort();
+        let mut probe_sum_ms = 0.0;
+        let mut probes = 0u32;
+        for (at, is_duty_end) in events {
+            loop {
+                if shutdown.load(Ordering::SeqCst) {
+                    break 'periods;
+                }
+                if let Wait::Tick { .. } = sleep_until(at) {
+                    break;
+                }
+            }
+            if is_duty_end {
+                group.apply(&[])?;
+            } else {
+                let ms = probe.run()?.as_secs_f64() * 1e3;
+                signal.record(ms);
+                probe_sum_ms += ms;
+                probes += 1;
+            }
+        }
+        let end = t0 + period_ns;
+        loop {
+            if shutdown.load(Ordering::SeqCst) {
+                break 'periods;
+            }
+            if let Wait::Tick { .. } = sleep_until(end) {
+                break;
+            }
+        }
+        let now = monotonic_ns();
+        let reading = signal.end_period(Nanos(now - start_ns));
+        period += 1;
+        let report = PeriodReport {
+            period,
+            elapsed_s: (now - start_ns) as f64 / 1e9,
+            members: members.len(),
+            limit: decision.effective,
+            running: decision.running,
+            duty: decision.duty,
+            mode: match decision.mode {
+                Mode::Mpl => "mpl",
+                Mode::Rate => "rate",
+            },
+            probe_ms: if probes > 0 {
+                probe_sum_ms / f64::from(probes)
+            } else {
+                0.0
+            },
+            slowdown: reading.slowdown,
+            congested: reading.congested,
+        };
+        ctrl.update(reading.congested);
+        observer.on_period(&report).map_err(ProcError::Observer)?;
+        history.push(report);
+        // Next period starts on the absolute grid (late wake-ups do not accumulate).
+        t0 = end.max(now.saturating_sub(period_ns / 2));
+        if deadline.is_some_and(|d| t0 >= d) {
+            break;
+        }
+    }
+
+    let wall = (monotonic_ns() - start_ns) as f64;
+    let half = &history[history.len() / 2..];
+    let mean = |f: &dyn Fn(&PeriodReport) -> f64| {
+        if half.is_empty() {
+            0.0
+        } else {
+            half.iter().map(f).sum::<f64>() / half.len() as f64
+        }
+    };
+    Ok(AdaptSummary {
+        periods: period,
+        reference_probe_ms: reference_ms,
+        mean_limit: mean(&|r| r.limit),
+        mean_slowdown: mean(&|r| r.slowdown),
+        mean_probe_ms: mean(&|r| r.probe_ms),
+        overhead_cpu_fraction: if wall > 0.0 {
+            procfs::self_cpu_ns().saturating_sub(own_start) as f64 / wall
+        } else {
+            0.0
+        },
+        wall_s: wall / 1e9,
+        signal: if shutdown.load(Ordering::SeqCst) {
+            crate::shutdown::received().map(|s| s.to_string())
+        } else {
+            None
+        },
+    })
+}

@@ -1,0 +1,207 @@
+//! Reading `/proc`: a process's stat line, its tasks' CPU time in nanoseconds
+//! (`/proc/PID/task/TID/schedstat`, falling back to `stat`'s clock ticks), its owner,
+//! and a snapshot of every process for the selectors.
+
+use std::fs;
+use std::os::unix::fs::MetadataExt;
+
+use crate::error::ProcError;
+
+/// The fields of `/proc/PID/stat` that allot uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatFields {
+    /// Process (or task) ID.
+    pub pid: i32,
+    /// Command name (`comm`), without the parentheses.
+    pub comm: String,
+    /// State letter: R running, S sleeping, D disk wait, T stopped, Z zombie, …
+    pub state: char,
+    /// Parent PID.
+    pub ppid: i32,
+    /// User-mode CPU time in clock ticks.
+    pub utime_ticks: u64,
+    /// Kernel-mode CPU time in clock ticks.
+    pub stime_ticks: u64,
+    /// Start time after boot in clock ticks: with the PID, it names one process for good.
+    pub start_time_ticks: u64,
+}
+
+/// Parses a `stat` line. The command name may hold spaces and parentheses, so the
+/// fields are counted from the last `)`.
+pub fn parse_stat(text: &str) -> Option<StatFields> {
+    let open = text.find('(')?;
+    let close = text.rfind(')')?;
+    let pid = text[..open].trim().parse().ok()?;
+    let comm = text.get(open + 1..close)?.to_string();
+    let rest: Vec<&str> = text.get(close + 1..)?.split_whitespace().collect();
+    // rest[0] is field 3 (state); field k is rest[k - 3].
+    let field = |k: usize| rest.get(k - 3).copied();
+    Some(StatFields {
+        pid,
+        comm,
+        state: field(3)?.chars().next()?,
+        ppid: field(4)?.parse().ok()?,
+        utime_ticks: field(14)?.parse().ok()?,
+        stime_ticks: field(15)?.parse().ok()?,
+        start_time_ticks: field(22)?.parse().ok()?,
+    })
+}
+
+/// Parses a `schedstat` line: the first field is time on the CPU in nanoseconds.
+pub fn parse_schedstat(text: &str) -> Option<u64> {
+    text.split_whitespace().next()?.parse().ok()
+}
+
+/// Kernel clock ticks per second (`sysconf(_SC_CLK_TCK)`, 100 if unknown).
+pub fn clock_ticks_per_sec() -> u64 {
+    // SAFETY: sysconf has no preconditions and only reads a constant.
+    let t = unsafe { nix::libc::sysconf(nix::libc::_SC_CLK_TCK) };
+    if t > 0 {
+        t as u64
+    } else {
+        100
+    }
+}
+
+/// Converts clock ticks to nanoseconds.
+pub fn ticks_to_ns(ticks: u64) -> u64 {
+    ticks.saturating_mul(1_000_000_000 / clock_ticks_per_sec())
+}
+
+/// Reads and parses `/proc/PID/stat`.
+pub fn read_stat(pid: i32) -> Result<StatFields, ProcError> {
+    let path = format!("/proc/{pid}/stat");
+    let text = fs::read_to_string(&path).map_err(|e| gone_or_io(pid, &path, e))?;
+    parse_stat(&text).ok_or(ProcError::Gone { pid })
+}
+
+pub(crate) fn gone_or_io(pid: i32, path: &str, e: std::io::Error) -> ProcError {
+    match e.raw_os_error() {
+        Some(nix::libc::ENOENT) | Some(nix::libc::ESRCH) => ProcError::Gone { pid },
+        _ => ProcError::io(path, e),
+    }
+}
+
+/// The owner of a process.
+pub fn uid_of(pid: i32) -> Result<u32, ProcError> {
+    let path = format!("/proc/{pid}");
+    fs::metadata(&path)
+        .map(|m| m.uid())
+        .map_err(|e| gone_or_io(pid, &path, e))
+}
+
+/// The thread IDs of a process.
+pub fn task_ids(pid: i32) -> Result<Vec<i32>, ProcError> {
+    let path = format!("/proc/{pid}/task");
+    let dir = fs::read_dir(&path).map_err(|e| gone_or_io(pid, &path, e))?;
+    Ok(dir
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect())
+}
+
+/// Total CPU time of a process's live threads, in nanoseconds (one-shot; the scheduler
+/// uses [`crate::handle::ProcHandle`], which keeps the files open).
+pub fn cpu_ns(pid: i32) -> Result<u64, ProcError> {
+    let mut total = 0u64;
+    let mut any = false;
+    for tid in task_ids(pid)? {
+        if let Ok(text) = fs::read_to_string(format!("/proc/{pid}/task/{tid}/schedstat")) {
+            if let Some(ns) = parse_schedstat(&text) {
+                total += ns;
+                any = true;
+                continue;
+            }
+        }
+        if let Ok(text) = fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")) {
+            if let Some(s) = parse_stat(&text) {
+                total += ticks_to_ns(s.utime_ticks + s.stime_ticks);
+                any = true;
+            }
+        }
+    }
+    if any {
+        Ok(total)
+    } else {
+        Err(ProcError::Gone { pid })
+    }
+}
+
+/// One process as the selectors see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessInfo {
+    /// PID.
+    pub pid: i32,
+    /// Parent PID.
+    pub ppid: i32,
+    /// Owner.
+    pub uid: u32,
+    /// Command name.
+    pub comm: String,
+    /// State letter.
+    pub state: char,
+    /// Start time in clock ticks after boot.
+    pub start_time_ticks: u64,
+}
+
+/// Every process visible in `/proc` right now (processes that vanish while being read
+/// are skipped).
+pub fn snapshot() -> Result<Vec<ProcessInfo>, ProcError> {
+    let dir = fs::read_dir("/proc").map_err(|e| ProcError::io("/proc", e))?;
+    let mut out = Vec::new();
+    for entry in dir.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let (Ok(stat), Ok(uid)) = (read_stat(pid), uid_of(pid)) else {
+            continue;
+        };
+        out.push(ProcessInfo {
+            pid,
+            ppid: stat.ppid,
+            uid,
+            comm: stat.comm,
+            state: stat.state,
+            start_time_ticks: stat.start_time_ticks,
+        });
+    }
+    Ok(out)
+}
+
+/// This process's own CPU time in nanoseconds (all its threads).
+pub fn self_cpu_ns() -> u64 {
+    cpu_ns(std::process::id() as i32).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_stat_with_awkward_comm() {
+        let line = "1234 (a (b) c) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 30 0 0 20 0 1 0 98765 1000 10 18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 1 0 0 0 0 0";
+        let s = parse_stat(line).unwrap();
+        assert_eq!(s.pid, 1234);
+        assert_eq!(s.comm, "a (b) c");
+        assert_eq!(s.state, 'S');
+        assert_eq!(s.ppid, 1);
+        assert_eq!(s.utime_ticks, 250);
+        assert_eq!(s.stime_ticks, 30);
+        assert_eq!(s.start_time_ticks, 98765);
+    }
+
+    #[test]
+    fn parses_schedstat() {
+        assert_eq!(parse_schedstat("123456789 2000 7\n"), Some(123456789));
+        assert_eq!(parse_schedstat(""), None);
+    }
+
+    #[test]
+    fn reads_itself() {
+        let me = std::process::id() as i32;
+        let s = read_stat(me).unwrap();
+        assert_eq!(s.pid, me);
+        assert!(cpu_ns(me).unwrap() > 0);
+        assert!(snapshot().unwrap().iter().any(|p| p.pid == me));
+        assert!(matches!(read_stat(i32::MAX), Err(ProcError::Gone { .. })));
+    }
+}

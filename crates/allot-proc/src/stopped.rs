@@ -1,0 +1,273 @@
+//! The stopped set: every process allot has stopped and not yet continued, mirrored in a
+//! state file so `allot cpu resume` can continue them after allot was killed. A process
+//! is recorded (and the file written) *before* it is sent SIGSTOP, and forgotten only
+//! after SIGCONT, so the file never misses a stopped process.
+//!
+//! [`StoppedSet`] is also the guard: when dropped (normal exit, error, or a panic
+//! unwinding) it continues everything still stopped and removes the file.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use nix::sys::signal::Signal;
+
+use crate::error::ProcError;
+use crate::handle::{signal_if_same, ProcHandle};
+
+const HEADER: &str = "# allot stopped set v1: pid start_time_ticks";
+
+/// The directory for state files: `$XDG_RUNTIME_DIR/allot`, else `/tmp/allot-<uid>`.
+pub fn state_dir() -> PathBuf {
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(d) if !d.is_empty() => PathBuf::from(d).join("allot"),
+        _ => PathBuf::from(format!("/tmp/allot-{}", nix::unistd::getuid().as_raw())),
+    }
+}
+
+/// The default state file of this allot process for job `job` (`cpu`, `adapt`).
+pub fn default_state_file(job: &str) -> PathBuf {
+    state_dir().join(format!("{job}-{}.state", std::process::id()))
+}
+
+/// Processes stopped by allot, with the file that records them.
+#[derive(Debug)]
+pub struct StoppedSet {
+    path: PathBuf,
+    stopped: BTreeMap<i32, u64>,
+    written: bool,
+}
+
+impl StoppedSet {
+    /// An empty set recorded in `path` (the file is created on the first stop).
+    pub fn new(path: PathBuf) -> StoppedSet {
+        StoppedSet {
+            path,
+            stopped: BTreeMap::new(),
+            written: false,
+        }
+    }
+
+    /// The state file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Whether `pid` is in the set.
+    pub fn contains(&self, pid: i32) -> bool {
+        self.stopped.contains_key(&pid)
+    }
+
+    /// Number of stopped processes.
+    pub fn len(&self) -> usize {
+        self.stopped.len()
+    }
+
+    /// Whether nothing is stopped.
+    pub fn is_empty(&self) -> bool {
+        self.stopped.is_empty()
+    }
+
+    fn write(&mut self) -> Result<(), ProcError> {
+        if let Some(dir) = self.path.parent() {
+            fs::create_dir_all(dir).map_err(|e| ProcError::io(dir.display().to_string(), e))?;
+        }
+        let tmp = self.path.with_extension("tmp");
+        let mut text = String::from(HEADER);
+        text.push('\n');
+        for (pid, start) in &self.stopped {
+            text.push_str(&format!("{pid} {start}\n"));
+        }
+        let write = || -> std::io::Result<()> {
+            let mut f = fs::File::create(&tmp)?;
+            f.write_all(text.as_bytes())?;
+            fs::rename(&tmp, &self.path)
+        };
+        write().map_err(|e| ProcError::io(self.path.display().to_string(), e))?;
+        self.written = true;
+        Ok(())
+    }
+
+    /// Stops these processes: records them all, writes the file once, then signals.
+    /// Returns the PIDs that turned out to be gone.
+    pub fn stop_all<'a>(
+        &mut self,
+        handles: impl IntoIterator<Item = &'a ProcHandle>,
+    ) -> Result<Vec<i32>, ProcError> {
+        let handles: Vec<&ProcHandle> = handles
+            .into_iter()
+            .filter(|h| !self.stopped.contains_key(&h.pid()))
+            .collect();
+        if handles.is_empty() {
+            return Ok(Vec::new());
+        }
+        for h in &handles {
+            self.stopped.insert(h.pid(), h.start_time_ticks());
+        }
+        self.write()?;
+        let mut gone = Vec::new();
+        for h in handles {
+            match h.signal(Some(Signal::SIGSTOP)) {
+                Ok(()) => {}
+                Err(ProcError::Gone { pid }) => {
+                    self.stopped.remove(&pid);
+                    gone.push(pid);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(gone)
+    }
+
+    /// Continues these processes and forgets them. The file is rewritten lazily (a stale
+    /// entry only means one extra, harmless, checked SIGCONT on recovery).
+    pub fn cont_all<'a>(&mut self, handles: impl IntoIterator<Item = &'a ProcHandle>) -> Vec<i32> {
+        let mut gone = Vec::new();
+        for h in handles {
+            if self.stopped.remove(&h.pid()).is_none() {
+                continue;
+            }
+            if let Err(ProcError::Gone { pid }) = h.signal(Some(Signal::SIGCONT)) {
+                gone.push(pid);
+            }
+        }
+        gone
+    }
+
+    /// Forgets a process that exited.
+    pub fn forget(&mut self, pid: i32) {
+        self.stopped.remove(&pid);
+    }
+
+    /// Continues everything still stopped (checking identities) and removes the file.
+    /// Returns how many were continued.
+    pub fn release(&mut self) -> usize {
+        let mut n = 0;
+        for (pid, start) in std::mem::take(&mut self.stopped) {
+            if signal_if_same(pid, start, Signal::SIGCONT).is_ok() {
+                n += 1;
+            }
+        }
+        if self.written {
+            let _ = fs::remove_file(&self.path);
+            self.written = false;
+        }
+        n
+    }
+}
+
+impl Drop for StoppedSet {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+/// Parses a state file's entries.
+pub fn parse_state(text: &str) -> Vec<(i32, u64)> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
+        })
+        .collect()
+}
+
+/// Continues every process recorded in `path` that still is the process recorded (a
+/// reused PID is left alone), then removes the file. Returns how many were continued.
+pub fn resume_file(path: &Path) -> Result<usize, ProcError> {
+    let text = fs::read_to_string(path).map_err(|e| ProcError::io(path.display().to_string(), e))?;
+    let mut n = 0;
+    for (pid, start) in parse_state(&text) {
+        if signal_if_same(pid, start, Signal::SIGCONT).is_ok() {
+            n += 1;
+        }
+    }
+    fs::remove_file(path).map_err(|e| ProcError::io(path.display().to_string(), e))?;
+    Ok(n)
+}
+
+/// The state files in `dir` whose allot process is no longer running.
+pub fn orphaned_state_files(dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for e in entries.flatten() {
+        let path = e.path();
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        let Some(owner) = name
+            .strip_suffix(".state")
+            .and_then(|s| s.rsplit_once('-'))
+            .and_then(|(_, pid)| pid.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let owner_alive = crate::procfs::read_stat(owner)
+            .map(|s| s.comm == "allot" && !matches!(s.state, 'Z' | 'X'))
+            .unwrap_or(false);
+        if !owner_alive {
+            out.push(path);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::Command;
+
+    fn state_of(pid: u32) -> char {
+        crate::procfs::read_stat(pid as i32).unwrap().state
+    }
+
+    fn wait_state(pid: u32, want: char) -> bool {
+        for _ in 0..200 {
+            if state_of(pid) == want {
+                return true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        false
+    }
+
+    #[test]
+    fn guard_records_then_continues_on_drop_and_resume_reads_the_file() {
+        let dir = std::env::temp_dir().join(format!("allot-stopped-test-{}", std::process::id()));
+        let path = dir.join("cpu-1.state");
+        let mut child = Command::new("sleep").arg("30").spawn().unwrap();
+        let h = ProcHandle::open_now(child.id() as i32).unwrap();
+        {
+            let mut set = StoppedSet::new(path.clone());
+            set.stop_all([&h]).unwrap();
+            assert!(wait_state(child.id(), 'T'));
+            let text = fs::read_to_string(&path).unwrap();
+            assert_eq!(parse_state(&text), vec![(h.pid(), h.start_time_ticks())]);
+        }
+        assert!(wait_state(child.id(), 'S'));
+        assert!(!path.exists());
+
+        // Recovery: a file left behind by a killed allot.
+        let mut set = StoppedSet::new(path.clone());
+        set.stop_all([&h]).unwrap();
+        assert!(wait_state(child.id(), 'T'));
+        std::mem::forget(set);
+        assert_eq!(resume_file(&path).unwrap(), 1);
+        assert!(wait_state(child.id(), 'S'));
+
+        // A stale identity is not signalled.
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(&path, format!("{HEADER}\n{} {}\n", h.pid(), h.start_time_ticks() + 7)).unwrap();
+        h.signal(Some(Signal::SIGSTOP)).unwrap();
+        assert_eq!(resume_file(&path).unwrap(), 0);
+        assert!(wait_state(child.id(), 'T'));
+        h.signal(Some(Signal::SIGCONT)).unwrap();
+        let _ = child.kill();
+        let _ = child.wait();
+        let _ = fs::remove_dir_all(&dir);
+    }
+}

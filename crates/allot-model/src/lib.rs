@@ -7,8 +7,12 @@
 //!
 //! Layout, one job per module:
 //! - [`time`]: the instant type every decision takes.
+//! - [`agreements`]: principals, agreements, and the access levels (MI/OI/MC/OC) they imply.
+//! - [`planner`]: the per-window linear program (community and provider objectives).
 #![deny(missing_docs)]
 
+pub mod agreements;
+pub mod planner;
 pub mod time;
 
 pub use time::Nanos;

@@ -28,6 +28,8 @@
 //! that can never bind are left out, and the second stage is skipped when the first
 //! already serves all demand (θ = 1) or cannot be improved.
 
+use std::collections::HashMap;
+
 use good_lp::{
     microlp, variable, Expression, ProblemVariables, ResolutionError, Solution, SolverModel,
     Variable,
@@ -132,8 +134,6 @@ pub struct Planner {
     limit: Vec<f64>,
     /// Pairs grouped by user, in user order.
     pairs: Vec<Pair>,
-    /// Per owner: whether `Σ_i ceiling ≤ limit`, making its capacity row redundant.
-    owner_row_redundant: Vec<bool>,
     /// Provider pool `Σ_k limit[k]` and the scale on its floors.
     pool: f64,
     pool_floor_scale: f64,
@@ -195,15 +195,10 @@ impl Planner {
                 });
             }
         }
-        let mut ceiling_by_owner = vec![0.0; n];
         let mut floor_total = vec![0.0; n];
         for p in &pairs {
-            ceiling_by_owner[p.owner] += p.ceiling;
             floor_total[p.user] += p.floor;
         }
-        let owner_row_redundant = (0..n)
-            .map(|k| ceiling_by_owner[k] <= limit[k])
-            .collect();
         let mandatory: Vec<f64> = (0..n)
             .map(|i| access.mandatory_units_per_s(i) * scale)
             .collect();
@@ -225,7 +220,6 @@ impl Planner {
             price: principals.iter().map(|p| p.price).collect(),
             limit,
             pairs,
-            owner_row_redundant,
             pool,
             pool_floor_scale,
         }
@@ -292,92 +286,100 @@ impl Planner {
                 ..*p
             })
             .collect();
-        let x = if active.is_empty() {
+        let reduced = Reduced::new(self.n, &self.limit, &active);
+        let z = if reduced.columns.is_empty() {
             Vec::new()
         } else {
-            let (x, theta) = self.community_stage(demand, &active, None)?;
+            let (z, theta) = self.community_stage(demand, &reduced, None)?;
             if theta >= THETA_FULL {
-                x
+                z
             } else {
                 let fixed = (theta * (1.0 - FIX_SLACK) - FIX_SLACK).max(0.0);
                 // Round-off could in principle make the fixed θ infeasible; the first
                 // stage's answer is then still a valid plan, only maybe not work conserving.
-                match self.community_stage(demand, &active, Some(fixed)) {
-                    Ok((x2, _)) => x2,
-                    Err(_) => x,
+                match self.community_stage(demand, &reduced, Some(fixed)) {
+                    Ok((z2, _)) => z2,
+                    Err(_) => z,
                 }
             }
         };
+        let x = reduced.expand(&active, &z);
         Ok(self.community_allocation(demand, &active, &x))
     }
 
     /// Stage 1 (`fixed_theta = None`): maximise θ. Stage 2: θ fixed, maximise `Σ x`.
+    /// Works on the reduced problem: `z` above the floors, interchangeable owners merged.
     fn community_stage(
         &self,
         demand: &[f64],
-        active: &[Pair],
+        reduced: &Reduced,
         fixed_theta: Option<f64>,
     ) -> Result<(Vec<f64>, f64), PlanError> {
         let mut vars = ProblemVariables::new();
-        let theta = fixed_theta.is_none().then(|| vars.add(variable().min(0.0).max(1.0)));
-        let xs: Vec<Variable> = active
+        let theta = fixed_theta
+            .is_none()
+            .then(|| vars.add(variable().min(0.0).max(1.0)));
+        let zs: Vec<Variable> = reduced
+            .columns
             .iter()
-            .map(|p| vars.add(variable().min(p.floor).max(p.ceiling)))
+            .map(|c| vars.add(variable().min(0.0).max(c.room)))
             .collect();
         let objective: Expression = match theta {
             Some(t) => t.into(),
-            None => xs.iter().copied().sum(),
+            None => zs.iter().copied().sum(),
         };
         let mut model = vars.maximise(objective).using(microlp);
-        let mut by_owner: Vec<Expression> = vec![Expression::default(); self.n];
-        let mut start = 0;
-        while start < active.len() {
-            let user = active[start].user;
-            let end = start + active[start..].partition_point(|p| p.user == user);
-            let served: Expression = xs[start..end].iter().copied().sum();
-            let ceiling_sum: f64 = active[start..end].iter().map(|p| p.ceiling).sum();
-            for (p, x) in active[start..end].iter().zip(&xs[start..end]) {
-                if !self.owner_row_redundant[p.owner] {
-                    by_owner[p.owner] += *x;
-                }
-            }
+        let mut by_group: Vec<Expression> = vec![Expression::default(); reduced.groups.len()];
+        let mut by_user: Vec<Expression> = vec![Expression::default(); self.n];
+        let mut room_by_user = vec![0.0; self.n];
+        let mut room_by_group = vec![0.0; reduced.groups.len()];
+        for (c, z) in reduced.columns.iter().zip(&zs) {
+            by_group[c.group] += *z;
+            by_user[c.user] += *z;
+            room_by_user[c.user] += c.room;
+            room_by_group[c.group] += c.room;
+        }
+        for (user, served) in by_user.into_iter().enumerate() {
             let n = demand[user];
+            if n <= 0.0 {
+                continue;
+            }
+            let floors = reduced.floor_by_user[user];
             if n < self.mandatory[user] {
                 // Demand under the guarantee is served in full (up to its locality-scaled share).
-                let must = n * self.floor_total[user] / self.mandatory[user];
-                model.add_constraint(served.clone().geq(must));
+                let must = n * self.floor_total[user] / self.mandatory[user] - floors;
+                if must > 0.0 {
+                    model.add_constraint(served.clone().geq(must));
+                }
             }
-            if ceiling_sum > n {
-                model.add_constraint(served.clone().leq(n));
+            if room_by_user[user] > n - floors {
+                model.add_constraint(served.clone().leq((n - floors).max(0.0)));
             }
             match (theta, fixed_theta) {
                 (Some(t), _) => {
-                    model.add_constraint((served - t * n).geq(0.0));
+                    model.add_constraint((served - t * n).geq(-floors));
                 }
                 (None, Some(fixed)) => {
-                    model.add_constraint(served.geq(fixed * n));
+                    if fixed * n > floors {
+                        model.add_constraint(served.geq(fixed * n - floors));
+                    }
                 }
                 (None, None) => {}
             }
-            start = end;
         }
-        // A principal with demand but nowhere to be served pins θ at 0.
-        if let Some(t) = theta {
-            let unserved = (0..self.n)
-                .any(|i| demand[i] > 0.0 && active.iter().all(|p| p.user != i));
-            if unserved {
-                model.add_constraint(Expression::from(t).leq(0.0));
-            }
-        }
-        for (owner, load) in by_owner.into_iter().enumerate() {
-            if !self.owner_row_redundant[owner] {
-                model.add_constraint(load.leq(self.limit[owner]));
+        for ((load, room), capacity) in by_group
+            .into_iter()
+            .zip(room_by_group)
+            .zip(&reduced.group_residual)
+        {
+            if room > *capacity {
+                model.add_constraint(load.leq(*capacity));
             }
         }
         let solution = model.solve()?;
-        let x = xs.iter().map(|v| solution.value(*v)).collect();
+        let z = zs.iter().map(|v| solution.value(*v)).collect();
         let theta_value = theta.map_or(fixed_theta.unwrap_or(0.0), |t| solution.value(t));
-        Ok((x, theta_value))
+        Ok((z, theta_value))
     }
 
     fn community_allocation(&self, demand: &[f64], active: &[Pair], x: &[f64]) -> Allocation {
@@ -484,12 +486,153 @@ impl Planner {
         }
         let solution = model.solve()?;
         let x: Vec<f64> = xs.iter().map(|v| solution.value(*v)).collect();
-        let value = active
-            .iter()
-            .zip(&x)
-            .map(|(&i, v)| self.price[i] * v)
-            .sum();
+        let value = active.iter().zip(&x).map(|(&i, v)| self.price[i] * v).sum();
         Ok((x, value))
+    }
+}
+
+/// One variable of the reduced community LP: units of `user` above its floors, served on
+/// the owners of `group`.
+#[derive(Debug, Clone, Copy)]
+struct Column {
+    user: usize,
+    group: usize,
+    /// Most it may take: the pair's ceiling minus floor (for a merged group, the group's
+    /// residual capacity, which the owner row caps anyway).
+    room: f64,
+}
+
+/// The community LP with floors moved out of the variables and interchangeable owners
+/// merged. An owner is interchangeable when every pair on it has more room than the
+/// owner's residual capacity (so only the owner row can bind); owners with the same set
+/// of such users then form one transportation sink: any split of a user's units among
+/// them that respects their residual capacities is feasible, so merging them is exact.
+/// A shared pool (every principal may use every capacity) becomes n variables, not n².
+#[derive(Debug)]
+struct Reduced {
+    columns: Vec<Column>,
+    /// Owners in each group, in index order.
+    groups: Vec<Vec<usize>>,
+    /// Capacity left in each group once the floors are served.
+    group_residual: Vec<f64>,
+    /// Per owner: capacity left once the floors on it are served.
+    owner_residual: Vec<f64>,
+    /// Per user: units its floors already serve.
+    floor_by_user: Vec<f64>,
+    /// Per active pair: its column.
+    pair_column: Vec<usize>,
+}
+
+impl Reduced {
+    fn new(n: usize, limit: &[f64], active: &[Pair]) -> Self {
+        let mut owner_residual = limit.to_vec();
+        let mut floor_by_user = vec![0.0; n];
+        let mut users_of: Vec<Vec<usize>> = vec![Vec::new(); n];
+        for p in active {
+            owner_residual[p.owner] -= p.floor;
+            floor_by_user[p.user] += p.floor;
+            users_of[p.owner].push(p.user);
+        }
+        for r in &mut owner_residual {
+            *r = r.max(0.0);
+        }
+        let mut free = vec![true; n];
+        for p in active {
+            if p.ceiling - p.floor < owner_residual[p.owner] {
+                free[p.owner] = false;
+            }
+        }
+        let mut groups: Vec<Vec<usize>> = Vec::new();
+        let mut group_of_owner: Vec<Option<usize>> = vec![None; n];
+        let mut by_users: HashMap<&[usize], usize> = HashMap::new();
+        for owner in 0..n {
+            if !free[owner] || users_of[owner].is_empty() {
+                continue;
+            }
+            let group = *by_users
+                .entry(users_of[owner].as_slice())
+                .or_insert_with(|| {
+                    groups.push(Vec::new());
+                    groups.len() - 1
+                });
+            groups[group].push(owner);
+            group_of_owner[owner] = Some(group);
+        }
+        // An owner with a binding pair is a group of its own, with one column per pair.
+        for owner in 0..n {
+            if !free[owner] && !users_of[owner].is_empty() {
+                groups.push(vec![owner]);
+                group_of_owner[owner] = Some(groups.len() - 1);
+            }
+        }
+        let group_residual: Vec<f64> = groups
+            .iter()
+            .map(|owners| owners.iter().map(|&k| owner_residual[k]).sum())
+            .collect();
+        let mut columns = Vec::new();
+        let mut pair_column = vec![0; active.len()];
+        let mut column_of: HashMap<(usize, usize), usize> = HashMap::new();
+        for (index, p) in active.iter().enumerate() {
+            let Some(group) = group_of_owner[p.owner] else {
+                continue;
+            };
+            let room = if free[p.owner] {
+                group_residual[group]
+            } else {
+                (p.ceiling - p.floor).max(0.0)
+            };
+            pair_column[index] = *column_of.entry((p.user, group)).or_insert_with(|| {
+                columns.push(Column {
+                    user: p.user,
+                    group,
+                    room,
+                });
+                columns.len() - 1
+            });
+        }
+        Reduced {
+            columns,
+            groups,
+            group_residual,
+            owner_residual,
+            floor_by_user,
+            pair_column,
+        }
+    }
+
+    /// Turns a solution `z` of the reduced LP back into `x` per active pair: floors plus,
+    /// in a merged group, each user's units poured into its owners' residual capacity in
+    /// index order.
+    fn expand(&self, active: &[Pair], z: &[f64]) -> Vec<f64> {
+        let mut x: Vec<f64> = active.iter().map(|p| p.floor).collect();
+        if z.is_empty() {
+            return x;
+        }
+        let mut left = self.owner_residual.clone();
+        // Pairs of one column, in owner order (active pairs are sorted by user, then owner).
+        let mut pairs_of: Vec<Vec<usize>> = vec![Vec::new(); self.columns.len()];
+        for (index, &column) in self.pair_column.iter().enumerate() {
+            if column < pairs_of.len() {
+                pairs_of[column].push(index);
+            }
+        }
+        for (column, pairs) in pairs_of.iter().enumerate() {
+            let mut units = z[column].max(0.0);
+            let last = pairs.len().saturating_sub(1);
+            for (i, &index) in pairs.iter().enumerate() {
+                let owner = active[index].owner;
+                // The last owner takes any round-off the others could not.
+                let take = if i == last {
+                    units
+                } else {
+                    units.min(left[owner])
+                };
+                x[index] += take;
+                left[owner] -= take;
+                units -= take;
+            }
+        }
+        x
     }
 }
 

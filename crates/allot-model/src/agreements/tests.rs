@@ -18,7 +18,10 @@ pub(crate) fn agreement(from: &str, to: &str, lower: f64, upper: f64) -> Agreeme
     }
 }
 
-pub(crate) fn spec(principals: Vec<PrincipalSpec>, agreements: Vec<AgreementSpec>) -> AgreementsSpec {
+pub(crate) fn spec(
+    principals: Vec<PrincipalSpec>,
+    agreements: Vec<AgreementSpec>,
+) -> AgreementsSpec {
     AgreementsSpec {
         objective: Objective::Community,
         window_ms: 100,
@@ -29,7 +32,11 @@ pub(crate) fn spec(principals: Vec<PrincipalSpec>, agreements: Vec<AgreementSpec
 
 fn figure3() -> AgreementSet {
     let s = spec(
-        vec![principal("A", 1000.0), principal("B", 1500.0), principal("C", 0.0)],
+        vec![
+            principal("A", 1000.0),
+            principal("B", 1500.0),
+            principal("C", 0.0),
+        ],
         vec![agreement("A", "B", 0.4, 0.6), agreement("B", "C", 0.6, 1.0)],
     );
     AgreementSet::from_spec(&s).expect("figure 3 is valid")
@@ -61,7 +68,10 @@ fn figure3_pairwise_flows_split_by_owner() {
     assert!(close(a.pair_optional_units_per_s(1, 2), 600.0));
     assert!(close(a.pair_optional_units_per_s(0, 2), 360.0));
     // B may use at most 60% of A: 160 mandatory + 440 optional.
-    assert!(close(a.pair_mandatory_units_per_s(0, 1) + a.pair_optional_units_per_s(0, 1), 600.0));
+    assert!(close(
+        a.pair_mandatory_units_per_s(0, 1) + a.pair_optional_units_per_s(0, 1),
+        600.0
+    ));
 }
 
 #[test]
@@ -88,9 +98,15 @@ fn unknown_principal_is_refused_with_names() {
         vec![principal("A", 10.0)],
         vec![agreement("A", "Z", 0.1, 0.2)],
     ));
-    assert!(matches!(e, AgreementError::UnknownPrincipal { field: "to", .. }));
+    assert!(matches!(
+        e,
+        AgreementError::UnknownPrincipal { field: "to", .. }
+    ));
     let text = e.to_string();
-    assert!(text.contains("`Z`") && text.contains("declared: A"), "{text}");
+    assert!(
+        text.contains("`Z`") && text.contains("declared: A"),
+        "{text}"
+    );
     assert_eq!(e.key().to_string(), "agreement[0].to");
 }
 
@@ -111,14 +127,21 @@ fn bound_outside_unit_interval_is_refused() {
             vec![principal("A", 10.0), principal("B", 0.0)],
             vec![agreement("A", "B", lo, hi)],
         ));
-        assert!(matches!(e, AgreementError::BoundOutOfRange { .. }), "{lo} {hi}");
+        assert!(
+            matches!(e, AgreementError::BoundOutOfRange { .. }),
+            "{lo} {hi}"
+        );
     }
 }
 
 #[test]
 fn lower_bounds_over_one_are_refused() {
     let e = refused(&spec(
-        vec![principal("A", 10.0), principal("B", 0.0), principal("C", 0.0)],
+        vec![
+            principal("A", 10.0),
+            principal("B", 0.0),
+            principal("C", 0.0),
+        ],
         vec![agreement("A", "B", 0.6, 1.0), agreement("A", "C", 0.5, 1.0)],
     ));
     match &e {
@@ -130,7 +153,12 @@ fn lower_bounds_over_one_are_refused() {
     }
     // Decimal fractions that sum to 1 in exact arithmetic are accepted.
     let ok = spec(
-        vec![principal("A", 10.0), principal("B", 0.0), principal("C", 0.0), principal("D", 0.0)],
+        vec![
+            principal("A", 10.0),
+            principal("B", 0.0),
+            principal("C", 0.0),
+            principal("D", 0.0),
+        ],
         vec![
             agreement("A", "B", 0.1, 1.0),
             agreement("A", "C", 0.2, 1.0),
@@ -150,15 +178,27 @@ fn negative_capacity_is_refused() {
 
 #[test]
 fn duplicates_and_self_agreements_are_refused() {
-    let e = refused(&spec(vec![principal("A", 1.0), principal("A", 2.0)], vec![]));
-    assert!(matches!(e, AgreementError::DuplicatePrincipal { index: 1, .. }));
-    let e = refused(&spec(vec![principal("A", 1.0)], vec![agreement("A", "A", 0.1, 0.2)]));
+    let e = refused(&spec(
+        vec![principal("A", 1.0), principal("A", 2.0)],
+        vec![],
+    ));
+    assert!(matches!(
+        e,
+        AgreementError::DuplicatePrincipal { index: 1, .. }
+    ));
+    let e = refused(&spec(
+        vec![principal("A", 1.0)],
+        vec![agreement("A", "A", 0.1, 0.2)],
+    ));
     assert!(matches!(e, AgreementError::SelfAgreement { .. }));
     let e = refused(&spec(
         vec![principal("A", 1.0), principal("B", 1.0)],
         vec![agreement("A", "B", 0.1, 0.2), agreement("A", "B", 0.1, 0.3)],
     ));
-    assert!(matches!(e, AgreementError::DuplicateAgreement { index: 1, .. }));
+    assert!(matches!(
+        e,
+        AgreementError::DuplicateAgreement { index: 1, .. }
+    ));
 }
 
 #[test]
@@ -198,7 +238,11 @@ fn spec_parses_from_toml() {
 fn a_ring_with_full_bounds_terminates_and_drops_nothing_twice() {
     // A → B → C → A, each [1, 1]: everything is passed on around the ring.
     let s = spec(
-        vec![principal("A", 300.0), principal("B", 0.0), principal("C", 0.0)],
+        vec![
+            principal("A", 300.0),
+            principal("B", 0.0),
+            principal("C", 0.0),
+        ],
         vec![
             agreement("A", "B", 1.0, 1.0),
             agreement("B", "C", 1.0, 1.0),
@@ -245,12 +289,20 @@ pub(crate) fn random_spec(caps: &[f64], edges: &[(usize, usize, f64, f64)]) -> A
     let agreements = kept
         .iter()
         .map(|&(from, to, lo, hi)| {
-            let scale = if lower_sum[from] > 1.0 { 1.0 / lower_sum[from] } else { 1.0 };
+            let scale = if lower_sum[from] > 1.0 {
+                1.0 / lower_sum[from]
+            } else {
+                1.0
+            };
             agreement(&names[from], &names[to], (lo * scale).min(1.0), hi)
         })
         .collect();
     spec(
-        names.iter().zip(caps).map(|(n, c)| principal(n, *c)).collect(),
+        names
+            .iter()
+            .zip(caps)
+            .map(|(n, c)| principal(n, *c))
+            .collect(),
         agreements,
     )
 }

@@ -14,7 +14,11 @@ fn near(actual: f64, expected: f64) -> bool {
 /// One server of 320/s, A [0.2, 1], B [0.8, 1] (paper §5.1.1).
 fn one_server() -> AgreementsSpec {
     spec(
-        vec![principal("S", 320.0), principal("A", 0.0), principal("B", 0.0)],
+        vec![
+            principal("S", 320.0),
+            principal("A", 0.0),
+            principal("B", 0.0),
+        ],
         vec![agreement("S", "A", 0.2, 1.0), agreement("S", "B", 0.8, 1.0)],
     )
 }
@@ -48,14 +52,18 @@ fn two_servers() -> AgreementsSpec {
 
 #[test]
 fn two_servers_both_flooding() {
-    let a = planner(&two_servers()).solve(&[5_000.0, 5_000.0]).expect("solves");
+    let a = planner(&two_servers())
+        .solve(&[5_000.0, 5_000.0])
+        .expect("solves");
     assert!(near(a.units[0], 480.0), "A {}", a.units[0]);
     assert!(near(a.units[1], 160.0), "B {}", a.units[1]);
 }
 
 #[test]
 fn two_servers_a_sending_400() {
-    let a = planner(&two_servers()).solve(&[400.0, 5_000.0]).expect("solves");
+    let a = planner(&two_servers())
+        .solve(&[400.0, 5_000.0])
+        .expect("solves");
     assert!(near(a.units[0], 400.0), "A {}", a.units[0]);
     assert!(near(a.units[1], 240.0), "B {}", a.units[1]);
     let on_b: f64 = a
@@ -71,7 +79,11 @@ fn two_servers_a_sending_400() {
 fn community_serves_busier_principals_more() {
     // Paper §5.1.2: server 250, A and B both [0.2, 1]; A sends twice B's rate.
     let s = spec(
-        vec![principal("S", 250.0), principal("A", 0.0), principal("B", 0.0)],
+        vec![
+            principal("S", 250.0),
+            principal("A", 0.0),
+            principal("B", 0.0),
+        ],
         vec![agreement("S", "A", 0.2, 1.0), agreement("S", "B", 0.2, 1.0)],
     );
     let a = planner(&s).solve(&[0.0, 270.0, 135.0]).expect("solves");
@@ -82,7 +94,11 @@ fn community_serves_busier_principals_more() {
 
 fn provider_pool(price_a: f64, price_b: f64) -> AgreementsSpec {
     let mut s = spec(
-        vec![principal("P", 640.0), principal("A", 0.0), principal("B", 0.0)],
+        vec![
+            principal("P", 640.0),
+            principal("A", 0.0),
+            principal("B", 0.0),
+        ],
         vec![agreement("P", "A", 0.8, 1.0), agreement("P", "B", 0.2, 1.0)],
     );
     s.objective = Objective::Provider;
@@ -93,7 +109,9 @@ fn provider_pool(price_a: f64, price_b: f64) -> AgreementsSpec {
 
 #[test]
 fn provider_both_flooding() {
-    let a = planner(&provider_pool(2.0, 1.0)).solve(&[0.0, 5_000.0, 5_000.0]).expect("solves");
+    let a = planner(&provider_pool(2.0, 1.0))
+        .solve(&[0.0, 5_000.0, 5_000.0])
+        .expect("solves");
     assert_eq!(a.theta, None);
     assert!(near(a.units[1], 512.0), "A {}", a.units[1]);
     assert!(near(a.units[2], 128.0), "B {}", a.units[2]);
@@ -104,7 +122,11 @@ fn provider_gives_spare_capacity_to_the_higher_price() {
     // A under its guarantee leaves 640 − 300 − 128 spare: it goes to B only if it pays.
     let p = planner(&provider_pool(2.0, 1.0));
     let a = p.solve(&[0.0, 300.0, 5_000.0]).expect("solves");
-    assert!(near(a.units[1], 300.0) && near(a.units[2], 340.0), "{:?}", a.units);
+    assert!(
+        near(a.units[1], 300.0) && near(a.units[2], 340.0),
+        "{:?}",
+        a.units
+    );
     // B alone gets the whole pool, limited by its demand.
     let a = p.solve(&[0.0, 0.0, 400.0]).expect("solves");
     assert!(near(a.units[2], 400.0), "{:?}", a.units);
@@ -116,12 +138,18 @@ fn provider_gives_spare_capacity_to_the_higher_price() {
         s
     };
     let a = planner(&s).solve(&[0.0, 5_000.0, 5_000.0]).expect("solves");
-    assert!(near(a.units[1], 320.0) && near(a.units[2], 320.0), "{:?}", a.units);
+    assert!(
+        near(a.units[1], 320.0) && near(a.units[2], 320.0),
+        "{:?}",
+        a.units
+    );
 }
 
 #[test]
 fn provider_zero_prices_still_serve_as_much_as_possible() {
-    let a = planner(&provider_pool(0.0, 0.0)).solve(&[0.0, 5_000.0, 5_000.0]).expect("solves");
+    let a = planner(&provider_pool(0.0, 0.0))
+        .solve(&[0.0, 5_000.0, 5_000.0])
+        .expect("solves");
     assert!(near(a.units[1] + a.units[2], 640.0), "{:?}", a.units);
 }
 
@@ -144,7 +172,13 @@ fn zero_demand_and_zero_capacity_need_no_solver() {
 #[test]
 fn bad_demand_is_refused() {
     let p = planner(&one_server());
-    assert!(matches!(p.solve(&[1.0]), Err(PlanError::DemandLength { expected: 3, got: 1 })));
+    assert!(matches!(
+        p.solve(&[1.0]),
+        Err(PlanError::DemandLength {
+            expected: 3,
+            got: 1
+        })
+    ));
     assert!(matches!(
         p.solve(&[0.0, -1.0, 0.0]),
         Err(PlanError::BadDemand { principal: 1, .. })
@@ -160,7 +194,12 @@ fn locality_limit_caps_what_a_server_carries() {
     let mut s = two_servers();
     s.principals[1].locality_limit_units_per_s = Some(200.0);
     let a = planner(&s).solve(&[5_000.0, 5_000.0]).expect("solves");
-    let on_b: f64 = a.placement.iter().filter(|pl| pl.owner == 1).map(|pl| pl.units).sum();
+    let on_b: f64 = a
+        .placement
+        .iter()
+        .filter(|pl| pl.owner == 1)
+        .map(|pl| pl.units)
+        .sum();
     assert!(on_b <= 200.0 + 1e-6, "B's server carries {on_b}");
     // The guarantees on B's server (160 for A, 160 for B) are scaled to fit 200.
     assert!(near(a.units[1], 100.0), "{:?}", a.units);
@@ -173,7 +212,11 @@ fn per_window_planner_works_in_credits() {
     let p = Planner::per_window(&set);
     // 100 ms windows: 32 units of capacity per window; B sends 13 per window.
     let a = p.solve(&[0.0, 1_000.0, 13.0]).expect("solves");
-    assert!(near(a.units[2], 13.0) && near(a.units[1], 19.0), "{:?}", a.units);
+    assert!(
+        near(a.units[2], 13.0) && near(a.units[1], 19.0),
+        "{:?}",
+        a.units
+    );
     assert!(near(p.mandatory()[2], 25.6));
 }
 
@@ -205,20 +248,42 @@ fn arb_case(objective: Objective) -> impl Strategy<Value = (AgreementsSpec, Vec<
 
 const TOL: f64 = 1e-6;
 
-fn check_common(s: &AgreementsSpec, demand: &[f64]) -> Result<(AgreementSet, Allocation), TestCaseError> {
+fn check_common(
+    s: &AgreementsSpec,
+    demand: &[f64],
+) -> Result<(AgreementSet, Allocation), TestCaseError> {
     let set = AgreementSet::from_spec(s).expect("generated sets are valid");
     let a = Planner::new(&set).solve(demand).expect("always solvable");
     let access = set.access();
-    let total_capacity: f64 = set.principals().iter().map(|p| p.capacity_units_per_s).sum();
+    let total_capacity: f64 = set
+        .principals()
+        .iter()
+        .map(|p| p.capacity_units_per_s)
+        .sum();
     let total: f64 = a.units.iter().sum();
     prop_assert!(total <= total_capacity * (1.0 + TOL) + TOL);
     for (i, &x) in a.units.iter().enumerate() {
-        let (mc, oc) = (access.mandatory_units_per_s(i), access.optional_units_per_s(i));
+        let (mc, oc) = (
+            access.mandatory_units_per_s(i),
+            access.optional_units_per_s(i),
+        );
         prop_assert!(x >= 0.0);
-        prop_assert!(x <= demand[i] + TOL, "principal {i}: {x} > demand {}", demand[i]);
-        prop_assert!(x <= (mc + oc) * (1.0 + TOL) + TOL, "principal {i}: {x} > MC+OC {}", mc + oc);
+        prop_assert!(
+            x <= demand[i] + TOL,
+            "principal {i}: {x} > demand {}",
+            demand[i]
+        );
+        prop_assert!(
+            x <= (mc + oc) * (1.0 + TOL) + TOL,
+            "principal {i}: {x} > MC+OC {}",
+            mc + oc
+        );
         if demand[i] <= mc {
-            prop_assert!(x >= demand[i] * (1.0 - TOL) - TOL, "principal {i}: {x} < demand {} ≤ MC {mc}", demand[i]);
+            prop_assert!(
+                x >= demand[i] * (1.0 - TOL) - TOL,
+                "principal {i}: {x} < demand {} ≤ MC {mc}",
+                demand[i]
+            );
         }
     }
     Ok((set, a))

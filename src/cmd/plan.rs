@@ -12,7 +12,8 @@ use serde::{Deserialize, Serialize};
 
 /// Flags of this subcommand.
 #[derive(Debug, clap::Args)]
-#[command(after_help = "The file (see docs/agreements.md and examples/agreements/):
+#[command(
+    after_help = "The file (see docs/agreements.md and examples/agreements/):
   objective = \"community\"   # or \"provider\"
   window_ms = 100
   [[principal]]
@@ -23,7 +24,8 @@ use serde::{Deserialize, Serialize};
   [[agreement]]
   from = \"A\"                # owner of the capacity
   to = \"B\"                  # who may use it
-  share = [0.4, 0.6]        # [lower, upper]")]
+  share = [0.4, 0.6]        # [lower, upper]"
+)]
 pub struct Args {
     /// Agreement set to load (TOML).
     #[arg(long, value_name = "FILE")]

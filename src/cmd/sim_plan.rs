@@ -131,8 +131,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         for (start_ms, demand, a) in &rows {
             let theta = a.theta.map_or_else(|| "-".to_string(), cell);
             let mut line = format!("{start_ms:>10}  {theta:>8}");
-            for i in 0..n {
-                line += &format!("  {:>21}", format!("{}/{}", cell(a.units[i]), cell(demand[i])));
+            for (units, wanted) in a.units.iter().zip(demand) {
+                line += &format!("  {:>21}", format!("{}/{}", cell(*units), cell(*wanted)));
             }
             println!("{line}");
         }
@@ -206,7 +206,10 @@ fn parse_trace(text: &str, set: &AgreementSet) -> Result<Vec<Step>, String> {
         });
     }
     if !header_seen {
-        return Err(format!("1: empty trace; expected the header `{}`", HEADER.join(",")));
+        return Err(format!(
+            "1: empty trace; expected the header `{}`",
+            HEADER.join(",")
+        ));
     }
     Ok(steps)
 }
@@ -225,8 +228,11 @@ mod tests {
 
     #[test]
     fn trace_rows_resolve() {
-        let steps = parse_trace("time_ms,principal,units_per_s\n# comment\n0,A,5\n\n100, S ,2.5\n", &set())
-            .expect("valid trace");
+        let steps = parse_trace(
+            "time_ms,principal,units_per_s\n# comment\n0,A,5\n\n100, S ,2.5\n",
+            &set(),
+        )
+        .expect("valid trace");
         assert_eq!(steps.len(), 2);
         assert_eq!(steps[1].principal, 0);
         assert_eq!(steps[1].units_per_s, 2.5);
@@ -236,11 +242,23 @@ mod tests {
     fn trace_errors_name_the_line_and_column() {
         let cases = [
             ("time,who,rate\n", "1: expected the header"),
-            ("time_ms,principal,units_per_s\n0,A\n", "2: expected 3 fields"),
+            (
+                "time_ms,principal,units_per_s\n0,A\n",
+                "2: expected 3 fields",
+            ),
             ("time_ms,principal,units_per_s\nx,A,1\n", "2: `time_ms`"),
-            ("time_ms,principal,units_per_s\n5,A,1\n4,A,1\n", "3: `time_ms`"),
-            ("time_ms,principal,units_per_s\n0,Z,1\n", "2: `principal`: unknown principal `Z`"),
-            ("time_ms,principal,units_per_s\n0,A,-1\n", "2: `units_per_s`"),
+            (
+                "time_ms,principal,units_per_s\n5,A,1\n4,A,1\n",
+                "3: `time_ms`",
+            ),
+            (
+                "time_ms,principal,units_per_s\n0,Z,1\n",
+                "2: `principal`: unknown principal `Z`",
+            ),
+            (
+                "time_ms,principal,units_per_s\n0,A,-1\n",
+                "2: `units_per_s`",
+            ),
         ];
         for (text, expected) in cases {
             let err = parse_trace(text, &set()).expect_err(text);

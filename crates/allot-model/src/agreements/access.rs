@@ -94,12 +94,9 @@ pub(crate) fn flows(
             stack.push((end, 0, mw2, ow2));
         }
     }
-    for owner in 0..n {
-        for user in 0..n {
-            let at = owner * n + user;
-            let room = (capacity[owner] - mandatory[at]).max(0.0);
-            optional[at] = optional[at].min(room);
-        }
+    for (at, value) in optional.iter_mut().enumerate() {
+        let room = (capacity[at / n] - mandatory[at]).max(0.0);
+        *value = value.min(room);
     }
     Ok(Flows {
         mandatory,

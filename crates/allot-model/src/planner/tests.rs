@@ -293,6 +293,7 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(200))]
 
     #[test]
+    #[allow(clippy::needless_range_loop)] // user × owner pairs read clearer by index
     fn community_bounds_hold_and_work_is_conserved((s, demand) in arb_case(Objective::Community)) {
         let (set, a) = check_common(&s, &demand)?;
         let n = demand.len();

@@ -137,6 +137,8 @@ pub struct Planner {
     /// Provider pool `Σ_k limit[k]` and the scale on its floors.
     pool: f64,
     pool_floor_scale: f64,
+    /// Merge interchangeable owners (always, except in tests comparing with the full LP).
+    merge_owners: bool,
 }
 
 impl Planner {
@@ -222,6 +224,7 @@ impl Planner {
             pairs,
             pool,
             pool_floor_scale,
+            merge_owners: true,
         }
     }
 
@@ -286,7 +289,7 @@ impl Planner {
                 ..*p
             })
             .collect();
-        let reduced = Reduced::new(self.n, &self.limit, &active);
+        let reduced = Reduced::new(self.n, &self.limit, &active, self.merge_owners);
         let z = if reduced.columns.is_empty() {
             Vec::new()
         } else {
@@ -524,7 +527,7 @@ struct Reduced {
 }
 
 impl Reduced {
-    fn new(n: usize, limit: &[f64], active: &[Pair]) -> Self {
+    fn new(n: usize, limit: &[f64], active: &[Pair], merge: bool) -> Self {
         let mut owner_residual = limit.to_vec();
         let mut floor_by_user = vec![0.0; n];
         let mut users_of: Vec<Vec<usize>> = vec![Vec::new(); n];
@@ -536,7 +539,7 @@ impl Reduced {
         for r in &mut owner_residual {
             *r = r.max(0.0);
         }
-        let mut free = vec![true; n];
+        let mut free = vec![merge; n];
         for p in active {
             if p.ceiling - p.floor < owner_residual[p.owner] {
                 free[p.owner] = false;

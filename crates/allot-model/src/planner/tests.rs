@@ -350,3 +350,57 @@ proptest! {
         prop_assert!(after >= before - 1e-6, "θ fell from {before} to {after}");
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    #[test]
+    fn merging_owners_is_exact((s, demand) in arb_case(Objective::Community)) {
+        let merged = planner(&s);
+        let mut full = merged.clone();
+        full.merge_owners = false;
+        let a = merged.solve(&demand).expect("solves");
+        let b = full.solve(&demand).expect("solves");
+        let (ta, tb) = (a.theta.unwrap_or(0.0), b.theta.unwrap_or(0.0));
+        prop_assert!((ta - tb).abs() <= 1e-6, "θ {ta} merged vs {tb} full");
+        let (sa, sb): (f64, f64) = (a.units.iter().sum(), b.units.iter().sum());
+        prop_assert!((sa - sb).abs() <= 1e-6 * (1.0 + sb), "total {sa} merged vs {sb} full");
+    }
+
+    #[test]
+    fn merging_owners_is_exact_on_shared_pools(
+        caps in prop::collection::vec(prop_oneof![Just(0.0), 1.0..500.0f64], 2..8),
+        pledge in prop::collection::vec((0.0..0.6f64, 0.0..0.4f64), 8),
+        demand in prop::collection::vec(prop_oneof![Just(0.0), 0.0..800.0f64], 9),
+    ) {
+        // Owners pledge to a pool that shares with everyone: the case merging is for,
+        // with upper bounds below 1 so that some pairs bind and some owners cannot merge.
+        let n = caps.len();
+        let mut principals: Vec<_> = caps.iter().enumerate()
+            .map(|(i, c)| principal(&format!("P{i}"), *c)).collect();
+        principals.push(principal("pool", 0.0));
+        let mut agreements = Vec::new();
+        for i in 0..n {
+            let (lo, extra) = pledge[i];
+            agreements.push(agreement(&format!("P{i}"), "pool", lo, (lo + extra).min(1.0)));
+            agreements.push(agreement("pool", &format!("P{i}"), 1.0 / n as f64, 1.0));
+        }
+        let s = spec(principals, agreements);
+        let merged = planner(&s);
+        let mut full = merged.clone();
+        full.merge_owners = false;
+        let d = &demand[..=n];
+        let a = merged.solve(d).expect("solves");
+        let b = full.solve(d).expect("solves");
+        let (ta, tb) = (a.theta.unwrap_or(0.0), b.theta.unwrap_or(0.0));
+        prop_assert!((ta - tb).abs() <= 1e-6, "θ {ta} merged vs {tb} full");
+        let (sa, sb): (f64, f64) = (a.units.iter().sum(), b.units.iter().sum());
+        prop_assert!((sa - sb).abs() <= 1e-6 * (1.0 + sb), "total {sa} merged vs {sb} full");
+        for pl in &a.placement {
+            let access = AgreementSet::from_spec(&s).expect("valid");
+            let bound = access.access().pair_mandatory_units_per_s(pl.owner, pl.user)
+                + access.access().pair_optional_units_per_s(pl.owner, pl.user);
+            prop_assert!(pl.units <= bound + 1e-6, "placement over its pair bound");
+        }
+    }
+}

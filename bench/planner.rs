@@ -57,6 +57,46 @@ fn dense(n: usize, objective: Objective) -> AgreementSet {
     }
 }
 
+/// The case merging cannot help: n/2 owners each lend every one of n/2 users a slice
+/// with an upper bound small enough to bind, so the LP keeps one variable per pair.
+fn direct(n: usize) -> AgreementSet {
+    let half = n / 2;
+    let mut principals = Vec::new();
+    for i in 0..n {
+        principals.push(PrincipalSpec {
+            name: format!("P{i}"),
+            capacity_units_per_s: if i < half {
+                100.0 + (i % 20) as f64 * 10.0
+            } else {
+                0.0
+            },
+            price: 1.0,
+            locality_limit_units_per_s: None,
+        });
+    }
+    let mut agreements = Vec::new();
+    let lower = 0.8 / half as f64;
+    for owner in 0..half {
+        for user in half..n {
+            agreements.push(AgreementSpec {
+                from: format!("P{owner}"),
+                to: format!("P{user}"),
+                share: [lower, (3.0 * lower).min(1.0)],
+            });
+        }
+    }
+    let spec = AgreementsSpec {
+        objective: Objective::Community,
+        window_ms: 100,
+        principals,
+        agreements,
+    };
+    match AgreementSet::from_spec(&spec) {
+        Ok(set) => set,
+        Err(e) => panic!("the benchmark's agreement set is valid: {e}"),
+    }
+}
+
 /// Demand from 0.2× to 3× each principal's capacity: some under their guarantee, some
 /// flooding, more than the total capacity, so both LP stages run.
 fn demand(set: &AgreementSet) -> Vec<f64> {
@@ -86,6 +126,31 @@ fn bench(c: &mut Criterion) {
         }
         group.finish();
     }
+    let mut group = c.benchmark_group("planner_community_pairs_bind");
+    for n in [10, 30, 100] {
+        let set = direct(n);
+        let planner = Planner::per_window(&set);
+        let half = n / 2;
+        // Users ask for 0.5× to 2× an equal share of the owners' total, in units per window.
+        let total: f64 = set
+            .principals()
+            .iter()
+            .map(|p| p.capacity_units_per_s)
+            .sum();
+        let d: Vec<f64> = (0..n)
+            .map(|i| {
+                if i < half {
+                    0.0
+                } else {
+                    total / half as f64 * (0.5 + 0.25 * (i % 7) as f64) / 10.0
+                }
+            })
+            .collect();
+        group.bench_with_input(BenchmarkId::from_parameter(n), &d, |b, d| {
+            b.iter(|| planner.solve(black_box(d)))
+        });
+    }
+    group.finish();
 }
 
 criterion_group!(benches, bench);

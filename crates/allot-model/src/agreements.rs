@@ -17,7 +17,7 @@ use std::fmt;
 pub use spec::{AgreementSpec, AgreementsSpec, Objective, PrincipalSpec};
 
 /// Most path steps the access-level walk may take before the set is refused.
-pub const MAX_PATH_STEPS: usize = 4_000_000;
+pub const MAX_PATH_STEPS: usize = 40_000_000;
 
 /// Slack allowed on `Σ lower ≤ 1` and `[0, 1]` bounds, for decimal fractions.
 const BOUND_SLACK: f64 = 1e-9;

@@ -139,6 +139,8 @@ pub struct Planner {
     pool_floor_scale: f64,
     /// Merge interchangeable owners (always, except in tests comparing with the full LP).
     merge_owners: bool,
+    /// Solve stage 2 by augmenting paths (always, except in tests comparing with the LP).
+    flow_stage2: bool,
 }
 
 impl Planner {
@@ -225,6 +227,7 @@ impl Planner {
             pool,
             pool_floor_scale,
             merge_owners: true,
+            flow_stage2: true,
         }
     }
 
@@ -293,8 +296,8 @@ impl Planner {
         let z = if reduced.columns.is_empty() {
             Vec::new()
         } else {
-            let (z, theta) = self.community_stage(demand, &reduced, None)?;
-            if theta >= THETA_FULL {
+            let (mut z, theta) = self.community_stage(demand, &reduced, None)?;
+            if theta >= THETA_FULL || (self.flow_stage2 && reduced.augment(demand, &mut z)) {
                 z
             } else {
                 let fixed = (theta * (1.0 - FIX_SLACK) - FIX_SLACK).max(0.0);
@@ -601,6 +604,105 @@ impl Reduced {
             floor_by_user,
             pair_column,
         }
+    }
+
+    /// Stage 2 without a second LP: with θ fixed, "maximise `Σ x`" is a maximum flow
+    /// (source → user, at most its demand; user → owner group, within the pair's room;
+    /// group → sink, within its residual capacity), and stage 1's answer is a feasible
+    /// flow that already meets every user's lower bound (θ·n, the floors, "in full").
+    /// Augmenting along shortest residual paths (Edmonds–Karp) until none is left gives
+    /// the maximum; a path only raises the total of the user it starts from, so no lower
+    /// bound is ever broken. Returns false if it gave up (round-off), and the caller then
+    /// solves stage 2 as an LP.
+    fn augment(&self, demand: &[f64], z: &mut [f64]) -> bool {
+        let users = demand.len();
+        let groups = self.groups.len();
+        let scale = self.group_residual.iter().fold(1.0f64, |m, r| m.max(*r));
+        let eps = 1e-9 * scale;
+        let mut upper = vec![0.0; users];
+        let mut served = vec![0.0; users];
+        let mut load = vec![0.0; groups];
+        let mut cols_of_user: Vec<Vec<usize>> = vec![Vec::new(); users];
+        let mut cols_of_group: Vec<Vec<usize>> = vec![Vec::new(); groups];
+        for (user, u) in upper.iter_mut().enumerate() {
+            *u = (demand[user] - self.floor_by_user[user]).max(0.0);
+        }
+        for (c, col) in self.columns.iter().enumerate() {
+            served[col.user] += z[c];
+            load[col.group] += z[c];
+            cols_of_user[col.user].push(c);
+            cols_of_group[col.group].push(c);
+        }
+        let max_rounds = 4 * self.columns.len() + 16;
+        for _ in 0..max_rounds {
+            // Breadth-first search from every user that could take more.
+            let mut from_group: Vec<Option<usize>> = vec![None; groups];
+            let mut from_user: Vec<Option<usize>> = vec![None; users];
+            let mut seen_user = vec![false; users];
+            let mut queue = std::collections::VecDeque::new();
+            for user in 0..users {
+                if upper[user] - served[user] > eps && !cols_of_user[user].is_empty() {
+                    seen_user[user] = true;
+                    queue.push_back(user);
+                }
+            }
+            let mut end = None;
+            'search: while let Some(user) = queue.pop_front() {
+                for &c in &cols_of_user[user] {
+                    let g = self.columns[c].group;
+                    if from_group[g].is_some() || self.columns[c].room - z[c] <= eps {
+                        continue;
+                    }
+                    from_group[g] = Some(c);
+                    if self.group_residual[g] - load[g] > eps {
+                        end = Some(g);
+                        break 'search;
+                    }
+                    // The group is full: move one of its users elsewhere to make room.
+                    for &c2 in &cols_of_group[g] {
+                        let other = self.columns[c2].user;
+                        if !seen_user[other] && z[c2] > eps {
+                            seen_user[other] = true;
+                            from_user[other] = Some(c2);
+                            queue.push_back(other);
+                        }
+                    }
+                }
+            }
+            let Some(end) = end else {
+                return true;
+            };
+            // Walk the path back to its source user, finding the bottleneck.
+            let mut delta = self.group_residual[end] - load[end];
+            let mut path = Vec::new();
+            let mut g = end;
+            let source = loop {
+                let Some(c) = from_group[g] else {
+                    return false;
+                };
+                delta = delta.min(self.columns[c].room - z[c]);
+                path.push((c, 1.0));
+                let user = self.columns[c].user;
+                match from_user[user] {
+                    Some(back) => {
+                        delta = delta.min(z[back]);
+                        path.push((back, -1.0));
+                        g = self.columns[back].group;
+                    }
+                    None => break user,
+                }
+            };
+            delta = delta.min(upper[source] - served[source]);
+            if delta <= eps {
+                return false;
+            }
+            for (c, sign) in path {
+                z[c] += sign * delta;
+            }
+            served[source] += delta;
+            load[end] += delta;
+        }
+        false
     }
 
     /// Turns a solution `z` of the reduced LP back into `x` per active pair: floors plus,

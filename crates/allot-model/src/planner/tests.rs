@@ -380,8 +380,7 @@ proptest! {
             .map(|(i, c)| principal(&format!("P{i}"), *c)).collect();
         principals.push(principal("pool", 0.0));
         let mut agreements = Vec::new();
-        for i in 0..n {
-            let (lo, extra) = pledge[i];
+        for (i, &(lo, extra)) in pledge.iter().enumerate().take(n) {
             agreements.push(agreement(&format!("P{i}"), "pool", lo, (lo + extra).min(1.0)));
             agreements.push(agreement("pool", &format!("P{i}"), 1.0 / n as f64, 1.0));
         }
@@ -402,5 +401,22 @@ proptest! {
                 + access.access().pair_optional_units_per_s(pl.owner, pl.user);
             prop_assert!(pl.units <= bound + 1e-6, "placement over its pair bound");
         }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    #[test]
+    fn flow_stage_two_matches_the_lp((s, demand) in arb_case(Objective::Community)) {
+        let flow = planner(&s);
+        let mut lp = flow.clone();
+        lp.flow_stage2 = false;
+        let a = flow.solve(&demand).expect("solves");
+        let b = lp.solve(&demand).expect("solves");
+        let (ta, tb) = (a.theta.unwrap_or(0.0), b.theta.unwrap_or(0.0));
+        prop_assert!((ta - tb).abs() <= 1e-6, "θ {ta} flow vs {tb} LP");
+        let (sa, sb): (f64, f64) = (a.units.iter().sum(), b.units.iter().sum());
+        prop_assert!((sa - sb).abs() <= 1e-6 * (1.0 + sb), "total {sa} flow vs {sb} LP");
     }
 }

@@ -12,10 +12,12 @@
 //! - `upstream`: back-end pools, balancing, passive health; `body`: streamed bodies,
 //!   shaping; `conn`: head and idle timeouts on client sockets;
 //! - [`server`]: accept loops with graceful shutdown; `admin`, `metrics`: the admin API;
-//! - [`stats`]: sensors and their snapshots.
+//! - [`stats`]: sensors and their snapshots;
+//! - [`agreements`]: sharing agreements, planned every window and enforced as credits.
 #![deny(missing_docs)]
 
 mod admin;
+pub mod agreements;
 mod body;
 mod clock;
 pub mod config;

@@ -3,10 +3,10 @@
 //! Self-contained so a gateway configuration can embed it as is: `objective`, `window_ms`,
 //! `[[principal]]` and `[[agreement]]` at the level where it is flattened or nested.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Which quantity the window planner optimises.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Objective {
     /// Cooperative owners: maximise the smallest served fraction of demand (θ), then the
@@ -38,7 +38,7 @@ fn default_price() -> f64 {
 
 /// An agreement set as written, names unresolved. Validate it with
 /// [`AgreementSet::from_spec`](super::AgreementSet::from_spec).
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AgreementsSpec {
     /// The planner's objective; `community` unless set.
@@ -56,7 +56,7 @@ pub struct AgreementsSpec {
 }
 
 /// One `[[principal]]` table.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PrincipalSpec {
     /// Unique name, used by agreements and demand.
@@ -75,7 +75,7 @@ pub struct PrincipalSpec {
 
 /// One `[[agreement]]` table: `to` may use between `share[0]` and `share[1]` of `from`'s
 /// resources.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AgreementSpec {
     /// Owner of the capacity.

@@ -119,8 +119,9 @@ impl Enforcer {
                             name: p.name.clone(),
                             state: Mutex::new(PrincipalState {
                                 arrived: 0.0,
-                                demand: Ewma::new(config.demand_smoothing)
-                                    .unwrap_or_else(|_| Ewma::new(0.5).expect("0.5 is a valid weight")),
+                                demand: Ewma::new(config.demand_smoothing).unwrap_or_else(|_| {
+                                    Ewma::new(0.5).expect("0.5 is a valid weight")
+                                }),
                                 credit: TokenBucket::new(0.0, 1.0, now),
                                 waiting: VecDeque::new(),
                                 allocation: 0.0,
@@ -208,7 +209,11 @@ impl Enforcer {
     /// A waiting request got its credit (counted) or gave up (counted as refused).
     pub fn settle(&self, principal: usize, granted: bool) {
         if let Some(p) = self.principals.get(principal) {
-            let c = if granted { &p.counters.admitted } else { &p.counters.refused };
+            let c = if granted {
+                &p.counters.admitted
+            } else {
+                &p.counters.refused
+            };
             c.fetch_add(1, Relaxed);
         }
     }
@@ -241,7 +246,12 @@ impl Enforcer {
             .iter()
             .map(|p| {
                 let mut s = lock(&p.state);
-                let backlog: f64 = s.waiting.iter().filter(|w| !w.tx.is_closed()).map(|w| w.cost).sum();
+                let backlog: f64 = s
+                    .waiting
+                    .iter()
+                    .filter(|w| !w.tx.is_closed())
+                    .map(|w| w.cost)
+                    .sum();
                 let sample = s.arrived.max(backlog);
                 s.arrived = 0.0;
                 s.demand.observe(sample).unwrap_or(0.0)
@@ -270,9 +280,9 @@ impl Enforcer {
                 .filter(|pl| pl.user == i && pl.units > 0.0)
                 .map(|pl| (pl.owner, pl.units))
                 .collect();
-            // Spread over the window: a rate, with a burst of a tenth of the window's
-            // credit (at least one request's cost), so credit is not released at once.
-            let burst = (alloc / PUMPS_PER_WINDOW as f64).max(max_cost);
+            // Spread over the window: a rate, with room for what accrues between two pumps
+            // plus one request, so credit is neither released at once nor lost between pumps.
+            let burst = alloc / PUMPS_PER_WINDOW as f64 + max_cost;
             s.credit.set_rate(alloc / window_s, burst, now);
         }
     }

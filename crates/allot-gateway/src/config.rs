@@ -697,7 +697,10 @@ impl Config {
                 if p.capacity_units_per_s > 0.0 && !a.server.iter().any(|s| s.principal == p.name) {
                     return Err((
                         "agreements.server".into(),
-                        format!("redirect mode needs a server location for {:?}, which owns capacity", p.name),
+                        format!(
+                            "redirect mode needs a server location for {:?}, which owns capacity",
+                            p.name
+                        ),
                     ));
                 }
             }

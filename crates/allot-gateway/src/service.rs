@@ -104,21 +104,33 @@ async fn serve(gw: &Gateway, peer: SocketAddr, req: Request<Incoming>) -> Respon
             let credit = enforcer.arrive(principal, req.uri().path(), now);
             if enforcer.redirect() {
                 return match credit {
-                    Credit::Now => {
-                        match enforcer.location(principal, rand::random::<f64>()) {
-                            Some(base) => redirect(format!("{base}{}", path_and_query(&req)), None),
-                            None => reply(StatusCode::INTERNAL_SERVER_ERROR, "allot: no server location\n", None),
-                        }
-                    }
+                    Credit::Now => match enforcer.location(principal, rand::random::<f64>()) {
+                        Some(base) => redirect(format!("{base}{}", path_and_query(&req)), None),
+                        None => reply(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            "allot: no server location\n",
+                            None,
+                        ),
+                    },
                     // Back to the gateway itself, later (the paper's layer-7 redirector).
                     Credit::Wait(_) => {
-                        let host = req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("localhost");
-                        redirect(format!("http://{host}{}", path_and_query(&req)), Some(retry_after))
+                        let host = req
+                            .headers()
+                            .get(header::HOST)
+                            .and_then(|h| h.to_str().ok())
+                            .unwrap_or("localhost");
+                        redirect(
+                            format!("http://{host}{}", path_and_query(&req)),
+                            Some(retry_after),
+                        )
                     }
                 };
             }
             if let Credit::Wait(rx) = credit {
-                let granted = matches!(tokio::time::timeout(enforcer.max_wait(), rx).await, Ok(Ok(())));
+                let granted = matches!(
+                    tokio::time::timeout(enforcer.max_wait(), rx).await,
+                    Ok(Ok(()))
+                );
                 enforcer.settle(principal, granted);
                 if !granted {
                     return refused(&class, RefuseReason::Quota, retry_after);
@@ -259,7 +271,11 @@ fn redirect(location: String, retry_after_s: Option<u64>) -> Response<GatewayBod
             resp.headers_mut().insert(header::LOCATION, v);
             resp
         }
-        Err(_) => reply(StatusCode::BAD_REQUEST, "allot: request target not usable in a redirect\n", None),
+        Err(_) => reply(
+            StatusCode::BAD_REQUEST,
+            "allot: request target not usable in a redirect\n",
+            None,
+        ),
     }
 }
 

@@ -244,8 +244,13 @@ impl Gateway {
         let enforcer = match &config.agreements {
             Some(a) => {
                 let old = read(&inner.enforcer).clone();
-                let e = Enforcer::new(a.get_ref(), &class_index, old.as_deref(), crate::clock::now())
-                    .map_err(|e| invalid("agreements", e))?;
+                let e = Enforcer::new(
+                    a.get_ref(),
+                    &class_index,
+                    old.as_deref(),
+                    crate::clock::now(),
+                )
+                .map_err(|e| invalid("agreements", e))?;
                 Some(Arc::new(e))
             }
             None => None,

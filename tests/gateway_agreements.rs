@@ -154,30 +154,15 @@ async fn scenario(mode: &str) {
     let (_g, gw, admin, _) = gateway(&config(backend, mode), &[], &[]);
     let redirect = mode == "redirect";
     let (a, b): (Served, Served) = Default::default();
-    let start = Instant::now();
+    let target = Target {
+        gw,
+        backend,
+        redirect,
+        start: Instant::now(),
+    };
     let s = |x: u64| Duration::from_secs(x);
-    let la = offer(
-        gw,
-        backend,
-        "/a/x",
-        400.0,
-        start,
-        s(0),
-        s(14),
-        redirect,
-        Arc::clone(&a),
-    );
-    let lb = offer(
-        gw,
-        backend,
-        "/b/x",
-        130.0,
-        start,
-        s(0),
-        s(8),
-        redirect,
-        Arc::clone(&b),
-    );
+    let la = offer(target, "/a/x", 400.0, s(0), s(14), Arc::clone(&a));
+    let lb = offer(target, "/b/x", 130.0, s(0), s(8), Arc::clone(&b));
     lb.await.unwrap();
     la.await.unwrap();
 

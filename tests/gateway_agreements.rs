@@ -189,6 +189,18 @@ async fn scenario(mode: &str) {
         "A was held back"
     );
     assert_eq!(a_status["mandatory"].as_f64().unwrap().round(), 64.0);
+    let metrics = get_once(admin, "/metrics", &[]).await.text();
+    for name in [
+        "allocation_units_per_second",
+        "demand_units_per_second",
+        "deferred_total",
+        "refused_total",
+    ] {
+        assert!(
+            metrics.contains(&format!("allot_principal_{name}{{principal=\"A\"}}")),
+            "{name} missing from /metrics"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

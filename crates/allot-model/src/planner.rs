@@ -24,9 +24,12 @@
 //! share. Without locality limits the formulation is exactly DESIGN.md's. In the provider
 //! objective the pool is `Σ_k min(V[k], c[k])` and floors scale the same way.
 //!
-//! Cost: variables only exist for pairs a principal may use and demand is non-zero, rows
-//! that can never bind are left out, and the second stage is skipped when the first
-//! already serves all demand (θ = 1) or cannot be improved.
+//! Cost (see `docs/benchmarks.md`): variables only exist for pairs a principal may use
+//! and demand is non-zero; floors are moved out of the variables; owners that only their
+//! capacity row can bind are merged into one (exact: a shared pool becomes n variables
+//! instead of n²); rows that can never bind are left out. The community second stage is
+//! a maximum flow started from the first stage's plan, finished by augmenting paths
+//! instead of a second LP (the LP remains as a fallback), and is skipped when θ = 1.
 
 use std::collections::HashMap;
 

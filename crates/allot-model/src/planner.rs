@@ -40,6 +40,10 @@ use good_lp::{
 
 use crate::agreements::{AgreementSet, Objective};
 
+/// Largest reduced LP solved by microlp in stage 1 (well under 1 ms); larger ones use
+/// the parametric maximum flow, exact for the same LP (microlp needs about one pivot per
+/// column, each costing more as the LP grows: 2 ms at 225 columns, 240 ms at 2 500).
+const LP_COLUMN_LIMIT: usize = 64;
 /// θ this close to 1 means every demand is met: no second stage.
 const THETA_FULL: f64 = 1.0 - 1e-9;
 /// Relative slack when a first-stage optimum becomes a second-stage constraint, so that
@@ -144,6 +148,9 @@ pub struct Planner {
     merge_owners: bool,
     /// Solve stage 2 by augmenting paths (always, except in tests comparing with the LP).
     flow_stage2: bool,
+    /// Above this many LP columns, stage 1 runs as parametric maximum flow (the LP stays
+    /// the fallback); tests lower or raise it to compare both.
+    lp_column_limit: usize,
 }
 
 impl Planner {
@@ -231,6 +238,7 @@ impl Planner {
             pool_floor_scale,
             merge_owners: true,
             flow_stage2: true,
+            lp_column_limit: LP_COLUMN_LIMIT,
         }
     }
 
@@ -299,7 +307,16 @@ impl Planner {
         let z = if reduced.columns.is_empty() {
             Vec::new()
         } else {
-            let (mut z, theta) = self.community_stage(demand, &reduced, None)?;
+            let by_flow = if reduced.columns.len() > self.lp_column_limit {
+                let low = self.low_above_floors(demand, &reduced);
+                reduced.max_theta_by_flow(demand, &low)
+            } else {
+                None
+            };
+            let (mut z, theta) = match by_flow {
+                Some(found) => found,
+                None => self.community_stage(demand, &reduced, None)?,
+            };
             if theta >= THETA_FULL || (self.flow_stage2 && reduced.augment(demand, &mut z)) {
                 z
             } else {
@@ -314,6 +331,23 @@ impl Planner {
         };
         let x = reduced.expand(&active, &z);
         Ok(self.community_allocation(demand, &active, &x))
+    }
+
+    /// Per user: units above its floors it must get whatever θ is (demand under the
+    /// guarantee is served in full, up to its locality-scaled share).
+    fn low_above_floors(&self, demand: &[f64], reduced: &Reduced) -> Vec<f64> {
+        (0..self.n)
+            .map(|user| {
+                let n = demand[user];
+                if n > 0.0 && n < self.mandatory[user] {
+                    (n * self.floor_total[user] / self.mandatory[user]
+                        - reduced.floor_by_user[user])
+                        .max(0.0)
+                } else {
+                    0.0
+                }
+            })
+            .collect()
     }
 
     /// Stage 1 (`fixed_theta = None`): maximise θ. Stage 2: θ fixed, maximise `Σ x`.
@@ -618,27 +652,40 @@ impl Reduced {
     /// bound is ever broken. Returns false if it gave up (round-off), and the caller then
     /// solves stage 2 as an LP.
     fn augment(&self, demand: &[f64], z: &mut [f64]) -> bool {
-        let users = demand.len();
+        let upper: Vec<f64> = demand
+            .iter()
+            .zip(&self.floor_by_user)
+            .map(|(n, f)| (n - f).max(0.0))
+            .collect();
+        self.max_flow(&upper, z).is_some()
+    }
+
+    /// Tolerance for flows, relative to the largest group.
+    fn eps(&self) -> f64 {
+        1e-9 * self.group_residual.iter().fold(1.0f64, |m, r| m.max(*r))
+    }
+
+    /// Raises the flow `z` to a maximum where user `i` sends at most `upper[i]` (Edmonds–
+    /// Karp from the users). Returns the users and groups still reachable from the source
+    /// in the residual network (the source side of a minimum cut), or `None` if round-off
+    /// stopped it.
+    fn max_flow(&self, upper: &[f64], z: &mut [f64]) -> Option<(Vec<bool>, Vec<bool>)> {
+        let users = upper.len();
         let groups = self.groups.len();
-        let scale = self.group_residual.iter().fold(1.0f64, |m, r| m.max(*r));
-        let eps = 1e-9 * scale;
-        let mut upper = vec![0.0; users];
+        let eps = self.eps();
         let mut served = vec![0.0; users];
         let mut load = vec![0.0; groups];
         let mut cols_of_user: Vec<Vec<usize>> = vec![Vec::new(); users];
         let mut cols_of_group: Vec<Vec<usize>> = vec![Vec::new(); groups];
-        for (user, u) in upper.iter_mut().enumerate() {
-            *u = (demand[user] - self.floor_by_user[user]).max(0.0);
-        }
         for (c, col) in self.columns.iter().enumerate() {
             served[col.user] += z[c];
             load[col.group] += z[c];
             cols_of_user[col.user].push(c);
             cols_of_group[col.group].push(c);
         }
-        let max_rounds = 4 * self.columns.len() + 16;
+        let max_rounds = 4 * self.columns.len() * (users + 1) + 16;
         for _ in 0..max_rounds {
-            // Breadth-first search from every user that could take more.
+            // Breadth-first search from every user that could send more.
             let mut from_group: Vec<Option<usize>> = vec![None; groups];
             let mut from_user: Vec<Option<usize>> = vec![None; users];
             let mut seen_user = vec![false; users];
@@ -673,16 +720,15 @@ impl Reduced {
                 }
             }
             let Some(end) = end else {
-                return true;
+                let group_seen = from_group.iter().map(Option::is_some).collect();
+                return Some((seen_user, group_seen));
             };
             // Walk the path back to its source user, finding the bottleneck.
             let mut delta = self.group_residual[end] - load[end];
             let mut path = Vec::new();
             let mut g = end;
             let source = loop {
-                let Some(c) = from_group[g] else {
-                    return false;
-                };
+                let c = from_group[g]?;
                 delta = delta.min(self.columns[c].room - z[c]);
                 path.push((c, 1.0));
                 let user = self.columns[c].user;
@@ -697,7 +743,7 @@ impl Reduced {
             };
             delta = delta.min(upper[source] - served[source]);
             if delta <= eps {
-                return false;
+                return None;
             }
             for (c, sign) in path {
                 z[c] += sign * delta;
@@ -705,7 +751,79 @@ impl Reduced {
             served[source] += delta;
             load[end] += delta;
         }
-        false
+        None
+    }
+
+    /// Stage 1 as parametric maximum flow, for problems too large for the LP to be quick:
+    /// θ is feasible when a flow gives every user `need(θ) = max(low, θ·n − floors)`
+    /// above its floors. Starting at θ = 1, each infeasible θ yields a minimum cut whose
+    /// users cannot all get their need; the largest θ that cut allows is the next guess
+    /// (Newton's method on a piecewise-linear function, finite and decreasing). Returns
+    /// the flow and θ, or `None` (round-off, or too many steps) to fall back to the LP.
+    fn max_theta_by_flow(&self, demand: &[f64], low: &[f64]) -> Option<(Vec<f64>, f64)> {
+        let users = demand.len();
+        let floors = &self.floor_by_user;
+        let need = |user: usize, theta: f64| {
+            if demand[user] > 0.0 {
+                low[user].max(theta * demand[user] - floors[user]).max(0.0)
+            } else {
+                0.0
+            }
+        };
+        let eps = self.eps();
+        let mut has_column = vec![false; users];
+        for col in &self.columns {
+            has_column[col.user] = true;
+        }
+        // Someone with demand and nowhere to be served pins θ at 0.
+        let stranded = (0..users).any(|u| demand[u] > 0.0 && !has_column[u]);
+        let mut theta = if stranded { 0.0 } else { 1.0f64 };
+        for _ in 0..64 {
+            let upper: Vec<f64> = (0..users).map(|u| need(u, theta)).collect();
+            let mut z = vec![0.0; self.columns.len()];
+            let (user_seen, group_seen) = self.max_flow(&upper, &mut z)?;
+            let mut served = vec![0.0; users];
+            for (c, col) in self.columns.iter().enumerate() {
+                served[col.user] += z[c];
+            }
+            let short: f64 = (0..users).map(|u| (upper[u] - served[u]).max(0.0)).sum();
+            if short <= eps * (users as f64 + 1.0) {
+                return Some((z, theta));
+            }
+            // Capacity across the cut: full columns from reached users to unreached
+            // groups, and the residual of every reached group.
+            let mut cut = 0.0;
+            for col in &self.columns {
+                if user_seen[col.user] && !group_seen[col.group] {
+                    cut += col.room;
+                }
+            }
+            for (g, seen) in group_seen.iter().enumerate() {
+                if *seen {
+                    cut += self.group_residual[g];
+                }
+            }
+            let reached: Vec<usize> = (0..users).filter(|&u| user_seen[u]).collect();
+            let wanted = |t: f64| reached.iter().map(|&u| need(u, t)).sum::<f64>();
+            if reached.is_empty() || wanted(0.0) > cut + eps * (users as f64 + 1.0) {
+                return None;
+            }
+            // Largest t ≤ θ with wanted(t) ≤ cut (wanted is non-decreasing).
+            let (mut lo, mut hi) = (0.0f64, theta);
+            for _ in 0..100 {
+                let mid = 0.5 * (lo + hi);
+                if wanted(mid) <= cut {
+                    lo = mid;
+                } else {
+                    hi = mid;
+                }
+            }
+            if lo >= theta {
+                return None;
+            }
+            theta = lo;
+        }
+        None
     }
 
     /// Turns a solution `z` of the reduced LP back into `x` per active pair: floors plus,

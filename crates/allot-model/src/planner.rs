@@ -29,7 +29,11 @@
 //! capacity row can bind are merged into one (exact: a shared pool becomes n variables
 //! instead of n²); rows that can never bind are left out. The community second stage is
 //! a maximum flow started from the first stage's plan, finished by augmenting paths
-//! instead of a second LP (the LP remains as a fallback), and is skipped when θ = 1.
+//! instead of a second LP, and is skipped when θ = 1. Above 64 LP columns (pairs that
+//! bind, many principals) the first stage also runs as a flow: parametric maximum flow,
+//! Newton steps on minimum cuts. Both give the LP's optimum (property tests compare
+//! them with microlp on random sets), and the LP remains the fallback if round-off stops
+//! them.
 
 use std::collections::HashMap;
 

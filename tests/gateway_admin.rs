@@ -166,6 +166,15 @@ async fn rules_and_actuators_change_at_run_time_and_writes_need_the_token() {
     assert_eq!(ctl(admin, Some(TOKEN), &["gateway", "max_running=32"]).0, 0);
     let s = status(admin).await;
     assert_eq!(s["max_running"], 32);
+
+    // `allot stat` prints the sensors as a table.
+    let a = admin.to_string();
+    let (code, table, err) = run_allot(&["stat", "--admin", &a], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(table.contains("running 0/32"), "{table}");
+    for line in ["one ", "two ", "app "] {
+        assert!(table.lines().any(|l| l.starts_with(line)), "{line:?} row missing:\n{table}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -18,7 +18,6 @@ use crate::conn::ConnState;
 use crate::sched::{Admission, Permit};
 use crate::state::{ClassRt, Gateway};
 use crate::stats::{BackendFailure, RefuseReason};
-use crate::upstream::ForwardError;
 
 /// hyper's entry point for one request on one client connection.
 pub(crate) async fn handle(
@@ -211,7 +210,7 @@ async fn serve(gw: &Gateway, peer: SocketAddr, req: Request<Incoming>) -> Respon
                 BackendFailure::Timeout => StatusCode::GATEWAY_TIMEOUT,
                 _ => StatusCode::BAD_GATEWAY,
             };
-            reply(status, format!("allot: {}\n", describe(&err)), None)
+            reply(status, format!("allot: {err}\n"), None)
         }
     }
 }
@@ -277,10 +276,6 @@ fn redirect(location: String, retry_after_s: Option<u64>) -> Response<GatewayBod
             None,
         ),
     }
-}
-
-fn describe(err: &ForwardError) -> String {
-    err.to_string()
 }
 
 fn content_length(headers: &HeaderMap) -> Option<u64> {

@@ -24,11 +24,16 @@
 //! share. Without locality limits the formulation is exactly DESIGN.md's. In the provider
 //! objective the pool is `Σ_k min(V[k], c[k])` and floors scale the same way.
 //!
-//! Cost: variables only exist for pairs a principal may use and demand is non-zero, rows
-//! that can never bind are left out, and the second stage is skipped when the first
-//! already serves all demand (θ = 1) or cannot be improved.
-
-use std::collections::HashMap;
+//! Cost (see `docs/benchmarks.md`): variables only exist for pairs a principal may use
+//! and demand is non-zero; floors are moved out of the variables; owners that only their
+//! capacity row can bind are merged into one (exact: a shared pool becomes n variables
+//! instead of n²); rows that can never bind are left out. The community second stage is
+//! a maximum flow started from the first stage's plan, finished by augmenting paths
+//! instead of a second LP, and is skipped when θ = 1. Above 64 LP columns (pairs that
+//! bind, many principals) the first stage also runs as a flow: parametric maximum flow,
+//! Newton steps on minimum cuts. Both give the LP's optimum (property tests compare
+//! them with microlp on random sets), and the LP remains the fallback if round-off stops
+//! them.
 
 use good_lp::{
     microlp, variable, Expression, ProblemVariables, ResolutionError, Solution, SolverModel,
@@ -37,6 +42,10 @@ use good_lp::{
 
 use crate::agreements::{AgreementSet, Objective};
 
+/// Largest reduced LP solved by microlp in stage 1 (well under 1 ms); larger ones use
+/// the parametric maximum flow, exact for the same LP (microlp needs about one pivot per
+/// column, each costing more as the LP grows: 2 ms at 225 columns, 240 ms at 2 500).
+const LP_COLUMN_LIMIT: usize = 64;
 /// θ this close to 1 means every demand is met: no second stage.
 const THETA_FULL: f64 = 1.0 - 1e-9;
 /// Relative slack when a first-stage optimum becomes a second-stage constraint, so that
@@ -141,6 +150,9 @@ pub struct Planner {
     merge_owners: bool,
     /// Solve stage 2 by augmenting paths (always, except in tests comparing with the LP).
     flow_stage2: bool,
+    /// Above this many LP columns, stage 1 runs as parametric maximum flow (the LP stays
+    /// the fallback); tests lower or raise it to compare both.
+    lp_column_limit: usize,
 }
 
 impl Planner {
@@ -228,6 +240,7 @@ impl Planner {
             pool_floor_scale,
             merge_owners: true,
             flow_stage2: true,
+            lp_column_limit: LP_COLUMN_LIMIT,
         }
     }
 
@@ -296,7 +309,16 @@ impl Planner {
         let z = if reduced.columns.is_empty() {
             Vec::new()
         } else {
-            let (mut z, theta) = self.community_stage(demand, &reduced, None)?;
+            let by_flow = if reduced.columns.len() > self.lp_column_limit {
+                let low = self.low_above_floors(demand, &reduced);
+                reduced.max_theta_by_flow(demand, &low)
+            } else {
+                None
+            };
+            let (mut z, theta) = match by_flow {
+                Some(found) => found,
+                None => self.community_stage(demand, &reduced, None)?,
+            };
             if theta >= THETA_FULL || (self.flow_stage2 && reduced.augment(demand, &mut z)) {
                 z
             } else {
@@ -311,6 +333,23 @@ impl Planner {
         };
         let x = reduced.expand(&active, &z);
         Ok(self.community_allocation(demand, &active, &x))
+    }
+
+    /// Per user: units above its floors it must get whatever θ is (demand under the
+    /// guarantee is served in full, up to its locality-scaled share).
+    fn low_above_floors(&self, demand: &[f64], reduced: &Reduced) -> Vec<f64> {
+        (0..self.n)
+            .map(|user| {
+                let n = demand[user];
+                if n > 0.0 && n < self.mandatory[user] {
+                    (n * self.floor_total[user] / self.mandatory[user]
+                        - reduced.floor_by_user[user])
+                        .max(0.0)
+                } else {
+                    0.0
+                }
+            })
+            .collect()
     }
 
     /// Stage 1 (`fixed_theta = None`): maximise θ. Stage 2: θ fixed, maximise `Σ x`.
@@ -497,249 +536,9 @@ impl Planner {
     }
 }
 
-/// One variable of the reduced community LP: units of `user` above its floors, served on
-/// the owners of `group`.
-#[derive(Debug, Clone, Copy)]
-struct Column {
-    user: usize,
-    group: usize,
-    /// Most it may take: the pair's ceiling minus floor (for a merged group, the group's
-    /// residual capacity, which the owner row caps anyway).
-    room: f64,
-}
+mod reduced;
 
-/// The community LP with floors moved out of the variables and interchangeable owners
-/// merged. An owner is interchangeable when every pair on it has more room than the
-/// owner's residual capacity (so only the owner row can bind); owners with the same set
-/// of such users then form one transportation sink: any split of a user's units among
-/// them that respects their residual capacities is feasible, so merging them is exact.
-/// A shared pool (every principal may use every capacity) becomes n variables, not n².
-#[derive(Debug)]
-struct Reduced {
-    columns: Vec<Column>,
-    /// Owners in each group, in index order.
-    groups: Vec<Vec<usize>>,
-    /// Capacity left in each group once the floors are served.
-    group_residual: Vec<f64>,
-    /// Per owner: capacity left once the floors on it are served.
-    owner_residual: Vec<f64>,
-    /// Per user: units its floors already serve.
-    floor_by_user: Vec<f64>,
-    /// Per active pair: its column.
-    pair_column: Vec<usize>,
-}
-
-impl Reduced {
-    fn new(n: usize, limit: &[f64], active: &[Pair], merge: bool) -> Self {
-        let mut owner_residual = limit.to_vec();
-        let mut floor_by_user = vec![0.0; n];
-        let mut users_of: Vec<Vec<usize>> = vec![Vec::new(); n];
-        for p in active {
-            owner_residual[p.owner] -= p.floor;
-            floor_by_user[p.user] += p.floor;
-            users_of[p.owner].push(p.user);
-        }
-        for r in &mut owner_residual {
-            *r = r.max(0.0);
-        }
-        let mut free = vec![merge; n];
-        for p in active {
-            if p.ceiling - p.floor < owner_residual[p.owner] {
-                free[p.owner] = false;
-            }
-        }
-        let mut groups: Vec<Vec<usize>> = Vec::new();
-        let mut group_of_owner: Vec<Option<usize>> = vec![None; n];
-        let mut by_users: HashMap<&[usize], usize> = HashMap::new();
-        for owner in 0..n {
-            if !free[owner] || users_of[owner].is_empty() {
-                continue;
-            }
-            let group = *by_users
-                .entry(users_of[owner].as_slice())
-                .or_insert_with(|| {
-                    groups.push(Vec::new());
-                    groups.len() - 1
-                });
-            groups[group].push(owner);
-            group_of_owner[owner] = Some(group);
-        }
-        // An owner with a binding pair is a group of its own, with one column per pair.
-        for owner in 0..n {
-            if !free[owner] && !users_of[owner].is_empty() {
-                groups.push(vec![owner]);
-                group_of_owner[owner] = Some(groups.len() - 1);
-            }
-        }
-        let group_residual: Vec<f64> = groups
-            .iter()
-            .map(|owners| owners.iter().map(|&k| owner_residual[k]).sum())
-            .collect();
-        let mut columns = Vec::new();
-        let mut pair_column = vec![0; active.len()];
-        let mut column_of: HashMap<(usize, usize), usize> = HashMap::new();
-        for (index, p) in active.iter().enumerate() {
-            let Some(group) = group_of_owner[p.owner] else {
-                continue;
-            };
-            let room = if free[p.owner] {
-                group_residual[group]
-            } else {
-                (p.ceiling - p.floor).max(0.0)
-            };
-            pair_column[index] = *column_of.entry((p.user, group)).or_insert_with(|| {
-                columns.push(Column {
-                    user: p.user,
-                    group,
-                    room,
-                });
-                columns.len() - 1
-            });
-        }
-        Reduced {
-            columns,
-            groups,
-            group_residual,
-            owner_residual,
-            floor_by_user,
-            pair_column,
-        }
-    }
-
-    /// Stage 2 without a second LP: with θ fixed, "maximise `Σ x`" is a maximum flow
-    /// (source → user, at most its demand; user → owner group, within the pair's room;
-    /// group → sink, within its residual capacity), and stage 1's answer is a feasible
-    /// flow that already meets every user's lower bound (θ·n, the floors, "in full").
-    /// Augmenting along shortest residual paths (Edmonds–Karp) until none is left gives
-    /// the maximum; a path only raises the total of the user it starts from, so no lower
-    /// bound is ever broken. Returns false if it gave up (round-off), and the caller then
-    /// solves stage 2 as an LP.
-    fn augment(&self, demand: &[f64], z: &mut [f64]) -> bool {
-        let users = demand.len();
-        let groups = self.groups.len();
-        let scale = self.group_residual.iter().fold(1.0f64, |m, r| m.max(*r));
-        let eps = 1e-9 * scale;
-        let mut upper = vec![0.0; users];
-        let mut served = vec![0.0; users];
-        let mut load = vec![0.0; groups];
-        let mut cols_of_user: Vec<Vec<usize>> = vec![Vec::new(); users];
-        let mut cols_of_group: Vec<Vec<usize>> = vec![Vec::new(); groups];
-        for (user, u) in upper.iter_mut().enumerate() {
-            *u = (demand[user] - self.floor_by_user[user]).max(0.0);
-        }
-        for (c, col) in self.columns.iter().enumerate() {
-            served[col.user] += z[c];
-            load[col.group] += z[c];
-            cols_of_user[col.user].push(c);
-            cols_of_group[col.group].push(c);
-        }
-        let max_rounds = 4 * self.columns.len() + 16;
-        for _ in 0..max_rounds {
-            // Breadth-first search from every user that could take more.
-            let mut from_group: Vec<Option<usize>> = vec![None; groups];
-            let mut from_user: Vec<Option<usize>> = vec![None; users];
-            let mut seen_user = vec![false; users];
-            let mut queue = std::collections::VecDeque::new();
-            for user in 0..users {
-                if upper[user] - served[user] > eps && !cols_of_user[user].is_empty() {
-                    seen_user[user] = true;
-                    queue.push_back(user);
-                }
-            }
-            let mut end = None;
-            'search: while let Some(user) = queue.pop_front() {
-                for &c in &cols_of_user[user] {
-                    let g = self.columns[c].group;
-                    if from_group[g].is_some() || self.columns[c].room - z[c] <= eps {
-                        continue;
-                    }
-                    from_group[g] = Some(c);
-                    if self.group_residual[g] - load[g] > eps {
-                        end = Some(g);
-                        break 'search;
-                    }
-                    // The group is full: move one of its users elsewhere to make room.
-                    for &c2 in &cols_of_group[g] {
-                        let other = self.columns[c2].user;
-                        if !seen_user[other] && z[c2] > eps {
-                            seen_user[other] = true;
-                            from_user[other] = Some(c2);
-                            queue.push_back(other);
-                        }
-                    }
-                }
-            }
-            let Some(end) = end else {
-                return true;
-            };
-            // Walk the path back to its source user, finding the bottleneck.
-            let mut delta = self.group_residual[end] - load[end];
-            let mut path = Vec::new();
-            let mut g = end;
-            let source = loop {
-                let Some(c) = from_group[g] else {
-                    return false;
-                };
-                delta = delta.min(self.columns[c].room - z[c]);
-                path.push((c, 1.0));
-                let user = self.columns[c].user;
-                match from_user[user] {
-                    Some(back) => {
-                        delta = delta.min(z[back]);
-                        path.push((back, -1.0));
-                        g = self.columns[back].group;
-                    }
-                    None => break user,
-                }
-            };
-            delta = delta.min(upper[source] - served[source]);
-            if delta <= eps {
-                return false;
-            }
-            for (c, sign) in path {
-                z[c] += sign * delta;
-            }
-            served[source] += delta;
-            load[end] += delta;
-        }
-        false
-    }
-
-    /// Turns a solution `z` of the reduced LP back into `x` per active pair: floors plus,
-    /// in a merged group, each user's units poured into its owners' residual capacity in
-    /// index order.
-    fn expand(&self, active: &[Pair], z: &[f64]) -> Vec<f64> {
-        let mut x: Vec<f64> = active.iter().map(|p| p.floor).collect();
-        if z.is_empty() {
-            return x;
-        }
-        let mut left = self.owner_residual.clone();
-        // Pairs of one column, in owner order (active pairs are sorted by user, then owner).
-        let mut pairs_of: Vec<Vec<usize>> = vec![Vec::new(); self.columns.len()];
-        for (index, &column) in self.pair_column.iter().enumerate() {
-            if column < pairs_of.len() {
-                pairs_of[column].push(index);
-            }
-        }
-        for (column, pairs) in pairs_of.iter().enumerate() {
-            let mut units = z[column].max(0.0);
-            let last = pairs.len().saturating_sub(1);
-            for (i, &index) in pairs.iter().enumerate() {
-                let owner = active[index].owner;
-                // The last owner takes any round-off the others could not.
-                let take = if i == last {
-                    units
-                } else {
-                    units.min(left[owner])
-                };
-                x[index] += take;
-                left[owner] -= take;
-                units -= take;
-            }
-        }
-        x
-    }
-}
+use reduced::Reduced;
 
 #[cfg(test)]
 mod tests;

@@ -235,7 +235,7 @@ fn spec_parses_from_toml() {
 }
 
 #[test]
-fn a_ring_with_full_bounds_terminates_and_drops_nothing_twice() {
+fn a_ring_with_full_bounds_terminates_within_capacity() {
     // A → B → C → A, each [1, 1]: everything is passed on around the ring.
     let s = spec(
         vec![

@@ -420,3 +420,68 @@ proptest! {
         prop_assert!((sa - sb).abs() <= 1e-6 * (1.0 + sb), "total {sa} flow vs {sb} LP");
     }
 }
+
+/// Compares stage 1 by parametric maximum flow with stage 1 by the LP.
+fn flow_matches_lp(s: &AgreementsSpec, demand: &[f64]) -> Result<(), TestCaseError> {
+    let mut flow = planner(s);
+    flow.lp_column_limit = 0;
+    let mut lp = flow.clone();
+    lp.lp_column_limit = usize::MAX;
+    let a = flow.solve(demand).expect("solves");
+    let b = lp.solve(demand).expect("solves");
+    let (ta, tb) = (a.theta.unwrap_or(0.0), b.theta.unwrap_or(0.0));
+    prop_assert!((ta - tb).abs() <= 1e-6, "θ {ta} by flow vs {tb} by LP");
+    let (sa, sb): (f64, f64) = (a.units.iter().sum(), b.units.iter().sum());
+    prop_assert!(
+        (sa - sb).abs() <= 1e-6 * (1.0 + sb),
+        "total {sa} by flow vs {sb} by LP"
+    );
+    for (i, (&x, &n)) in a.units.iter().zip(demand).enumerate() {
+        prop_assert!(x <= n + 1e-6, "principal {i} over demand");
+        let mc = planner(s).mandatory()[i];
+        if n <= mc {
+            prop_assert!(
+                x >= n - 1e-6,
+                "principal {i} under its guarantee not served in full"
+            );
+        }
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(400))]
+
+    #[test]
+    fn flow_stage_one_matches_the_lp((s, demand) in arb_case(Objective::Community)) {
+        flow_matches_lp(&s, &demand)?;
+    }
+
+    #[test]
+    fn flow_stage_one_matches_the_lp_when_pairs_bind(
+        owners in 1usize..6,
+        users in 1usize..6,
+        caps in prop::collection::vec(1.0..500.0f64, 6),
+        shares in prop::collection::vec((0.0..0.2f64, 0.0..0.5f64), 36),
+        demand in prop::collection::vec(prop_oneof![Just(0.0), 0.0..600.0f64], 6),
+    ) {
+        let mut principals = Vec::new();
+        for (o, cap) in caps.iter().enumerate().take(owners) {
+            principals.push(principal(&format!("O{o}"), *cap));
+        }
+        for u in 0..users {
+            principals.push(principal(&format!("U{u}"), 0.0));
+        }
+        let mut agreements = Vec::new();
+        for o in 0..owners {
+            for u in 0..users {
+                let (lo, extra) = shares[o * 6 + u];
+                agreements.push(agreement(&format!("O{o}"), &format!("U{u}"), lo, lo + extra));
+            }
+        }
+        let s = spec(principals, agreements);
+        let mut d = vec![0.0; owners];
+        d.extend_from_slice(&demand[..users]);
+        flow_matches_lp(&s, &d)?;
+    }
+}

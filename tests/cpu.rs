@@ -143,24 +143,34 @@ fn three_instances_each_keep_their_groups_internal_shares() {
     }
 }
 
-/// Acceptance c: shares 1, 2, 3; the 2-share member is busy for 240 ms, then sleeps for
-/// 240 ms. While it sleeps the others split 1:3, and the cycle does not wait for it.
+/// Acceptance c: shares 1, 2, 3; the 2-share member is busy for 1 s, then sleeps for
+/// 1 s, and says so on its standard output. While it sleeps the others split 1:3, and the
+/// cycle does not wait for it (the two are never both stopped).
 #[test]
 fn a_sleeping_member_neither_skews_the_others_nor_stalls_the_cycle() {
+    use std::io::{BufRead, BufReader};
+    use std::sync::{Arc, Mutex};
     let _x = exclusive();
     let cpu = experiment_cpu();
-    let mut w = Workers::busy(1, cpu);
-    let sleeper = w.spawn(
-        &[
-            "perl",
-            "-e",
-            "use Time::HiRes qw(time sleep); while (1) { my $e = time + 0.24; 1 while time < $e; sleep 0.24; }",
-        ],
-        cpu,
-    );
-    w.spawn_sh("while :; do :; done", cpu);
+    let mut w = Workers::busy(2, cpu);
     let pids = w.pids();
-    let (a_pid, c_pid) = (pids[0], pids[2]);
+    let (a_pid, c_pid) = (pids[0], pids[1]);
+    let sleeper_child = std::process::Command::new("taskset")
+        .args(["-c", &cpu.to_string(), "perl", "-e"])
+        .arg("use Time::HiRes qw(time sleep); $|=1; while (1) { my $e = time + 1.0; 1 while time < $e; print \"s\\n\"; sleep 1.0; print \"w\\n\"; }")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("taskset and perl are needed");
+    w.children.push(sleeper_child);
+    let sleeper = w.children[2].id();
+    let stdout = w.children[2].stdout.take().expect("piped");
+    let phases: Arc<Mutex<Vec<(Instant, bool)>>> = Arc::default();
+    let p2 = phases.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            p2.lock().unwrap_or_else(|e| e.into_inner()).push((Instant::now(), line.trim() == "s"));
+        }
+    });
     let allot = Allot::start(&args(&[
         "cpu",
         "--quantum",
@@ -173,31 +183,42 @@ fn a_sleeping_member_neither_skews_the_others_nor_stalls_the_cycle() {
         &format!("{c_pid}:3"),
     ]));
     std::thread::sleep(Duration::from_secs(2));
-    let (mut da, mut dc) = (0u64, 0u64);
-    let (mut samples, mut stalled) = (0u32, 0u32);
-    let mut prev = (state(sleeper), cpu_ns(sleeper), cpu_ns(a_pid), cpu_ns(c_pid));
+    // (time, cpu of A, cpu of C, both stopped)
+    let mut samples: Vec<(Instant, u64, u64, bool)> = Vec::new();
     let t0 = Instant::now();
     while t0.elapsed() < Duration::from_secs(18) {
+        samples.push((Instant::now(), cpu_ns(a_pid), cpu_ns(c_pid), state(a_pid) == 'T' && state(c_pid) == 'T'));
         std::thread::sleep(Duration::from_millis(10));
-        let cur = (state(sleeper), cpu_ns(sleeper), cpu_ns(a_pid), cpu_ns(c_pid));
-        let sleeping = prev.0 == 'S' && cur.0 == 'S' && cur.1 == prev.1;
-        if sleeping {
-            da += cur.2 - prev.2;
-            dc += cur.3 - prev.3;
-            samples += 1;
-            if state(a_pid) == 'T' && state(c_pid) == 'T' {
-                stalled += 1;
-            }
-        }
-        prev = cur;
     }
     allot.signal("INT");
     let (code, _, err) = allot.finish(Duration::from_secs(10));
     assert_eq!(code, Some(0), "{err}");
-    let split = da as f64 / (da + dc) as f64;
-    let stall = f64::from(stalled) / f64::from(samples.max(1));
-    eprintln!("c: while asleep ({samples} samples) 1-share got {:.4} of the others' CPU; both stopped in {:.2}% of samples", split, stall * 100.0);
-    assert!(samples > 200, "the sleeper was seen asleep only {samples} times");
+    // Sleep windows, from 100 ms after the sleeper says it sleeps until it says it woke.
+    let ph = phases.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let windows: Vec<(Instant, Instant)> = ph
+        .windows(2)
+        .filter(|p| p[0].1 && !p[1].1)
+        .map(|p| (p[0].0 + Duration::from_millis(100), p[1].0))
+        .collect();
+    let (mut da, mut dc, mut inside, mut stalled) = (0u64, 0u64, 0u32, 0u32);
+    for pair in samples.windows(2) {
+        let (t1, a1, c1, _) = pair[0];
+        let (t2, a2, c2, both) = pair[1];
+        if windows.iter().any(|(s, e)| t1 >= *s && t2 <= *e) {
+            da += a2 - a1;
+            dc += c2 - c1;
+            inside += 1;
+            stalled += u32::from(both);
+        }
+    }
+    let split = da as f64 / (da + dc).max(1) as f64;
+    let stall = f64::from(stalled) / f64::from(inside.max(1));
+    eprintln!(
+        "c: {} sleep windows, {inside} samples: the 1-share got {split:.4} of the others' CPU; both stopped in {:.2}% of samples",
+        windows.len(),
+        stall * 100.0
+    );
+    assert!(windows.len() >= 5, "the sleeper slept only {} times", windows.len());
     assert!((split - 0.25).abs() / 0.25 <= 0.05, "split {split:.4}, want 0.25 ± 5%");
     assert!(stall < 0.05, "both runnable members stopped in {:.1}% of samples", stall * 100.0);
 }

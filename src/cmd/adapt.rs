@@ -57,14 +57,15 @@ pub struct Args {
     /// Lowest duty cycle in rate control, in (0, 1].
     #[arg(long, default_value_t = 0.05)]
     pub min_duty: f64,
-    /// Probe runs per period.
+    /// Probe runs per period (each costs about 5 ms of CPU times the slowdown).
     #[arg(long, default_value_t = 4)]
     pub samples: u32,
     /// Time this command as the probe instead of the built-in work unit.
     #[arg(long)]
     pub probe_cmd: Option<String>,
-    /// Passes of the built-in probe over its 256 KiB buffer.
-    #[arg(long, default_value_t = 12)]
+    /// Passes of the built-in probe over its 256 KiB buffer (60: about 5 ms on an idle
+    /// core, longer than the kernel's wake-up slice, so contention shows).
+    #[arg(long, default_value_t = 60)]
     pub probe_passes: u32,
     /// Do not time an unloaded reference at start (use only the windowed minimum).
     #[arg(long)]

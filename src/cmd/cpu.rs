@@ -191,13 +191,14 @@ impl CpuObserver for Output {
 
     fn on_status(&mut self, s: &LiveStatus) {
         let line = format!(
-            "t={:.0}s cycles={} cycle={:.1}ms rms_rel_error(last 10)={:.2}% own_cpu={:.2}% stopped={}",
+            "t={:.0}s cycles={} cycle={:.1}ms rms_rel_error(last 10)={:.2}% own_cpu={:.2}% stopped={} timer_late={:.2}ms",
             s.elapsed_s,
             s.cycles,
             s.cycle_ms,
             s.recent_rms * 100.0,
             s.own_cpu_fraction * 100.0,
-            s.stopped
+            s.stopped,
+            s.late_ms
         );
         if self.json {
             eprintln!("{line}");

@@ -27,7 +27,7 @@ impl Default for Probe {
     fn default() -> Self {
         Probe::BuiltIn {
             bytes: 256 * 1024,
-            passes: 12,
+            passes: 60,
         }
     }
 }

@@ -72,6 +72,8 @@ pub struct LiveStatus {
     pub own_cpu_fraction: f64,
     /// Processes stopped right now.
     pub stopped: usize,
+    /// Mean lateness of the quantum timer's wake-ups in the last second, ms.
+    pub late_ms: f64,
 }
 
 /// One principal in the summary.
@@ -242,6 +244,7 @@ fn run_loop(
     // The earliest moment a member is predicted to use up its allowance before the next
     // tick (see `Alps::exhaustion_in_ns`): the loop runs an extra step then.
     let mut early: Option<u64> = None;
+    let (mut late_sum_ns, mut late_count) = (0u64, 0u64);
     let mut timer = PeriodicTimer::new(r.config.quantum);
     let refresh_ns = r.config.refresh.as_nanos() as u64;
     let mut next_refresh = start_ns + refresh_ns;
@@ -261,8 +264,12 @@ fn run_loop(
             Some(at) if at < timer.next_deadline_ns() => sleep_until(at),
             _ => timer.wait(),
         };
-        if let Wait::Interrupted = wait {
-            continue;
+        match wait {
+            Wait::Interrupted => continue,
+            Wait::Tick { late_ns } => {
+                late_sum_ns += late_ns;
+                late_count += 1;
+            }
         }
         let now = monotonic_ns();
         if deadline.is_some_and(|d| now >= d) {
@@ -375,7 +382,9 @@ fn run_loop(
                 },
                 own_cpu_fraction: if wall > 0.0 { own / wall } else { 0.0 },
                 stopped: r.stopped.len(),
+                late_ms: late_sum_ns as f64 / late_count.max(1) as f64 / 1e6,
             };
+            (late_sum_ns, late_count) = (0, 0);
             cycle_lengths_ms.clear();
             observer.on_status(&status);
         }

@@ -4,10 +4,15 @@
 use std::process::Command;
 
 fn field(json: &str, key: &str) -> f64 {
-    let at = json.find(&format!("\"{key}\":")).unwrap_or_else(|| panic!("no {key} in {json}"));
+    let at = json
+        .find(&format!("\"{key}\":"))
+        .unwrap_or_else(|| panic!("no {key} in {json}"));
     let rest = &json[at + key.len() + 3..];
     let end = rest.find([',', '}']).unwrap_or(rest.len());
-    rest[..end].trim().parse().unwrap_or_else(|_| panic!("{key} is not a number in {json}"))
+    rest[..end]
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("{key} is not a number in {json}"))
 }
 
 #[test]
@@ -16,7 +21,11 @@ fn fluid_model_converges_to_fair_demands_at_the_analytic_steady_state() {
         .args(["sim", "fvm", "--duration", "150", "--json"])
         .output()
         .expect("allot runs");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let json = String::from_utf8_lossy(&out.stdout);
     assert!(field(&json, "max_rel_deviation_from_mean") < 0.01, "{json}");
     assert!(field(&json, "steady_state_rel_error") < 0.01, "{json}");

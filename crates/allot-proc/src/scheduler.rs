@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use allot_model::accuracy::{entitlements, relative_errors, AccuracyTracker};
 use allot_model::alps::{Algorithm, Alps, AlpsConfig, Progress};
+use allot_model::Nanos;
 
 use crate::error::ProcError;
 use crate::group::Principal;
@@ -280,7 +281,8 @@ fn run_loop(
             r.refresh(false, observer)?;
         }
         // Sensor: the members the model asks for.
-        let due = r.alps.begin_quantum();
+        let model_now = Nanos(now - start_ns);
+        let due = r.alps.begin_quantum(model_now);
         let mut readings = Vec::with_capacity(due.len());
         let mut rates: Vec<(usize, f64)> = Vec::with_capacity(due.len());
         for id in due {
@@ -305,7 +307,7 @@ fn run_loop(
             }
         }
         // Controller.
-        let outcome = r.alps.end_quantum(&readings);
+        let outcome = r.alps.end_quantum(model_now, &readings);
         // Actuator: record-then-stop, continue.
         for &id in &outcome.stop {
             let handles: Vec<&crate::handle::ProcHandle> = r.principals[id].handles().collect();

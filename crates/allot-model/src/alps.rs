@@ -84,6 +84,8 @@ struct Member {
     /// When the member could first have used up its allowance (optimised algorithm).
     next_read_ns: u64,
     last_cpu_ns: Option<u64>,
+    /// When it was last read (its unread consumption started then).
+    last_read_ns: u64,
     parallelism: u32,
 }
 
@@ -97,6 +99,8 @@ pub struct Alps {
     count: u64,
     cycles: u64,
     reads: u64,
+    /// CPUs the members can use together (bounds what unread members consumed).
+    cpus: u32,
 }
 
 fn gcd(a: u64, b: u64) -> u64 {
@@ -132,6 +136,7 @@ impl Alps {
                 active: true,
                 next_read_ns: 0,
                 last_cpu_ns: None,
+                last_read_ns: 0,
                 parallelism: 1,
             })
             .collect();
@@ -142,6 +147,7 @@ impl Alps {
             count: 0,
             cycles: 0,
             reads: 0,
+            cpus: 1,
         };
         alps.cycle_remaining_ns = alps.cycle_length_ns();
         Ok(alps)
@@ -226,6 +232,11 @@ impl Alps {
         (t < q).then_some(t as u64)
     }
 
+    /// Tells the model how many CPUs all members together can use (at least 1).
+    pub fn set_cpus(&mut self, cpus: u32) {
+        self.cpus = cpus.max(1);
+    }
+
     /// Tells the model how many CPUs a member can use at once (its runnable tasks,
     /// bounded by the CPUs it may run on); at least 1.
     pub fn set_parallelism(&mut self, id: usize, parallelism: u32) {
@@ -266,11 +277,23 @@ impl Alps {
         self.count += 1;
         let horizon = now.0.saturating_add(self.config.quantum_ns);
         let basic = self.config.algorithm == Algorithm::Basic;
+        // The optimised algorithm subtracts consumption from the cycle only when it reads
+        // it, so the end of a cycle would be seen late. If what the unread members may
+        // have used by the next tick could finish the cycle, read them all now.
+        let (mut per_member, mut oldest) = (0u128, horizon);
+        for m in self.members.iter().filter(|m| m.active && m.eligible) {
+            let since = horizon.saturating_sub(m.last_read_ns);
+            per_member += u128::from(since) * u128::from(m.parallelism);
+            oldest = oldest.min(m.last_read_ns);
+        }
+        let by_cpus = u128::from(horizon - oldest) * u128::from(self.cpus);
+        let unread_bound = per_member.min(by_cpus) as i128;
+        let read_all = basic || self.cycle_remaining_ns <= unread_bound;
         let due: Vec<usize> = self
             .members
             .iter()
             .enumerate()
-            .filter(|(_, m)| m.active && m.eligible && (basic || m.next_read_ns < horizon))
+            .filter(|(_, m)| m.active && m.eligible && (read_all || m.next_read_ns < horizon))
             .map(|(i, _)| i)
             .collect();
         self.reads += due.len() as u64;
@@ -287,6 +310,7 @@ impl Alps {
                 continue;
             };
             read[id] = true;
+            m.last_read_ns = now.0;
             // The first reading (or the first after a return) only sets the origin.
             let consumed = match m.last_cpu_ns {
                 Some(last) => progress.cpu_ns.saturating_sub(last),
@@ -329,6 +353,7 @@ impl Alps {
             if eligible != m.eligible {
                 m.eligible = eligible;
                 if eligible {
+                    m.last_read_ns = now.0;
                     outcome.resume.push(id);
                 } else {
                     outcome.stop.push(id);

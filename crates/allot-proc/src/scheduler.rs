@@ -136,6 +136,7 @@ impl Runner {
         let procs = procfs::snapshot()?;
         self.protected = protected_pids(&procs);
         let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get());
+        self.alps.set_cpus(ncpu as u32);
         for (id, p) in self.principals.iter_mut().enumerate() {
             let stopped_now = !self.alps.is_eligible(id) && !p.is_empty();
             let changes = p.refresh(&procs, &self.protected, &mut self.stopped, stopped_now)?;
@@ -224,6 +225,10 @@ fn run_loop(
         return Err(ProcError::Selector(
             "no process matches any selector".into(),
         ));
+    }
+    let moved = crate::affinity::avoid_members(r.principals.iter().flat_map(|p| p.pids()));
+    if !moved.is_empty() {
+        tracing::info!(cpus = ?moved, "running on CPUs the members are not pinned to");
     }
     let n = r.principals.len();
     let share_f: Vec<f64> = r.principals.iter().map(|p| p.shares as f64).collect();

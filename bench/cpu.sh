@@ -5,15 +5,16 @@
 #   bench/cpu.sh            # compare allot cpu, cpulimit, cgroup cpu.shares / cpu.weight
 #   bench/cpu.sh scale      # largest equal-share group under 10% RMS at 10, 20, 40 ms
 #
-# Error: every second the script reads each worker's CPU time from /proc and computes
-# the RMS relative error of what each got against its share of what all got (then the
-# mean over seconds), plus the worst long-run relative error. Overhead: CPU time of the
+# Error: every WINDOW seconds (default 5) the script reads each worker's CPU time from
+# /proc and computes the RMS relative error of what each got against its share of what
+# all got (then the mean over windows), plus the worst long-run relative error. Overhead: CPU time of the
 # controlling processes (allot, the cpulimit instances) over wall time; the kernel's
 # own scheduling cost for cgroups is not visible from user space and is reported as 0.
 # Needs: taskset (util-linux), python3; installs cpulimit if missing (apt-get).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 SECS=${SECS:-20}
+export WINDOW=${WINDOW:-5}
 CPU=${CPU:-$(( $(nproc) - 1 ))}
 SHARES=(1 3 5 7 9)
 ALLOT=${ALLOT:-target/release/allot}
@@ -44,6 +45,7 @@ measure() {
   python3 - "$@" <<'PY'
 import os, sys, time, math
 secs = float(sys.argv[1])
+window = float(os.environ.get("WINDOW", "5"))
 shares = [float(s) for s in sys.argv[2].split()]
 pids = sys.argv[3].split()
 ctl = sys.argv[4].split()
@@ -59,8 +61,8 @@ def cpu(pid):
 time.sleep(2)  # warm-up
 start = [cpu(p) for p in pids]; c0 = sum(cpu(p) for p in ctl); t0 = time.time()
 prev = start; rms = []
-while time.time() - t0 < secs - 2:
-    time.sleep(1)
+while time.time() - t0 + window <= secs - 2 + 0.01:
+    time.sleep(window)
     cur = [cpu(p) for p in pids]
     d = [a - b for a, b in zip(cur, prev)]; prev = cur
     tot = sum(d)
@@ -72,7 +74,7 @@ used = [a - b for a, b in zip(prev, start)]; tot = sum(used)
 frac = [u / tot for u in used]
 worst = max(abs(f - s / sum(shares)) / (s / sum(shares)) for f, s in zip(frac, shares))
 over = (sum(cpu(p) for p in ctl) - c0) / 1e9 / wall
-print(f"per-second RMS error {100*sum(rms)/max(len(rms),1):6.2f}%  worst long-run error {100*worst:6.2f}%  "
+print(f"per-{window:g}s RMS error {100*sum(rms)/max(len(rms),1):6.2f}%  worst long-run error {100*worst:6.2f}%  "
       f"overhead {100*over:6.3f}%  fractions " + " ".join(f"{100*f:.1f}" for f in frac))
 PY
 }
@@ -83,7 +85,7 @@ compare() {
   # 1. allot cpu
   start_workers ${#SHARES[@]}
   args=(); for i in "${!SHARES[@]}"; do args+=(--pid "${WORKERS[$i]}:${SHARES[$i]}"); done
-  "$ALLOT" cpu --quantum 20ms "${args[@]}" --duration "$((SECS + 2))s" >/dev/null &
+  "$ALLOT" cpu --quantum 20ms "${args[@]}" --duration "$((SECS + 2))s" >/dev/null 2>&1 &
   CONTROLLERS+=($!)
   printf '%-22s ' "allot cpu (20 ms)"; measure "$SECS" "${SHARES[*]}" "${WORKERS[*]}" "${CONTROLLERS[*]}"
   cleanup
@@ -137,9 +139,9 @@ compare() {
 
 scale() {
   echo "largest equal-share group with mean per-cycle RMS error < 10% (allot's report), CPU $CPU"
-  for q in 10 20 40; do
+  for q in ${QUANTA:-10 20 40}; do
     best=0
-    for n in 25 50 100 150 200 300; do
+    for n in ${SIZES:-5 10 25 50 100 150 200 300}; do
       start_workers "$n"
       args=(); for p in "${WORKERS[@]}"; do args+=(--pid "$p:1"); done
       # At least ~10 cycles of n quanta each, however long that takes.

@@ -228,7 +228,7 @@ fn run_loop(
     }
     let moved = crate::affinity::avoid_members(r.principals.iter().flat_map(|p| p.pids()));
     if !moved.is_empty() {
-        tracing::info!(cpus = ?moved, "running on CPUs the members are not pinned to");
+        tracing::debug!(cpus = ?moved, "running on CPUs the members are not pinned to");
     }
     let n = r.principals.len();
     let share_f: Vec<f64> = r.principals.iter().map(|p| p.shares as f64).collect();

@@ -489,3 +489,61 @@ fn refuses_what_it_may_not_signal_and_bad_flags() {
     );
     assert_ne!(state(pid), 'T');
 }
+
+/// PIDs whose parent is `ppid`, read from /proc by the test.
+fn children_of(ppid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let Some(close) = stat.rfind(')') else { continue };
+        let parent = stat[close + 1..].split_whitespace().nth(1).and_then(|s| s.parse::<u32>().ok());
+        if parent == Some(ppid) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// A `--tree` principal counts all its processes together: a tree of two busy children
+/// against one busy process at 1:1 gets half the CPU, not two thirds.
+#[test]
+fn a_tree_principal_counts_its_processes_together() {
+    let _x = exclusive();
+    let cpu = experiment_cpu();
+    let mut w = Workers::busy(1, cpu);
+    let root = w.spawn_sh(
+        "sh -c 'while :; do :; done' & sh -c 'while :; do :; done' & wait",
+        cpu,
+    );
+    assert!(wait_for(Duration::from_secs(2), || children_of(root).len() == 2));
+    let kids = children_of(root);
+    let single = w.pids()[0];
+    let allot = Allot::start(&args(&[
+        "cpu",
+        "--tree",
+        &format!("{root}:1"),
+        "--pid",
+        &format!("{single}:1"),
+    ]));
+    std::thread::sleep(Duration::from_secs(2));
+    let tree = |k: &[u32]| k.iter().map(|p| cpu_ns(*p)).sum::<u64>();
+    let (t0, s0) = (tree(&kids), cpu_ns(single));
+    std::thread::sleep(Duration::from_secs(8));
+    let (t1, s1) = (tree(&kids), cpu_ns(single));
+    allot.signal("TERM");
+    let (code, _, err) = allot.finish(Duration::from_secs(10));
+    // The children are not the test's: kill them (continued first) before asserting.
+    for k in &kids {
+        let _ = std::process::Command::new("kill").args(["-CONT", &k.to_string()]).status();
+        let _ = std::process::Command::new("kill").args(["-KILL", &k.to_string()]).status();
+    }
+    assert_eq!(code, Some(0), "{err}");
+    let f = (t1 - t0) as f64 / ((t1 - t0) + (s1 - s0)) as f64;
+    eprintln!("tree of two got {f:.3} against one process at 1:1");
+    assert!((f - 0.5).abs() < 0.05, "tree fraction {f:.3}, want 0.5");
+}

@@ -284,6 +284,16 @@ fn run_loop(
         if now >= next_refresh {
             next_refresh = now + refresh_ns;
             r.refresh(false, observer)?;
+            // Processes and trees cannot come back once gone: nothing left to schedule.
+            let fixed = r
+                .config
+                .principals
+                .iter()
+                .all(|(sel, _)| matches!(sel, Selector::Pid(_) | Selector::Tree(_)));
+            if fixed && r.principals.iter().all(|p| p.is_empty()) {
+                tracing::info!("every member has exited");
+                break;
+            }
         }
         // Sensor: the members the model asks for.
         let model_now = Nanos(now - start_ns);

@@ -500,8 +500,13 @@ fn children_of(ppid: u32) -> Vec<u32> {
         let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
             continue;
         };
-        let Some(close) = stat.rfind(')') else { continue };
-        let parent = stat[close + 1..].split_whitespace().nth(1).and_then(|s| s.parse::<u32>().ok());
+        let Some(close) = stat.rfind(')') else {
+            continue;
+        };
+        let parent = stat[close + 1..]
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse::<u32>().ok());
         if parent == Some(ppid) {
             out.push(pid);
         }
@@ -539,8 +544,12 @@ fn a_tree_principal_counts_its_processes_together() {
     let (code, _, err) = allot.finish(Duration::from_secs(10));
     // The children are not the test's: kill them (continued first) before asserting.
     for k in &kids {
-        let _ = std::process::Command::new("kill").args(["-CONT", &k.to_string()]).status();
-        let _ = std::process::Command::new("kill").args(["-KILL", &k.to_string()]).status();
+        let _ = std::process::Command::new("kill")
+            .args(["-CONT", &k.to_string()])
+            .status();
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", &k.to_string()])
+            .status();
     }
     assert_eq!(code, Some(0), "{err}");
     let f = (t1 - t0) as f64 / ((t1 - t0) + (s1 - s0)) as f64;

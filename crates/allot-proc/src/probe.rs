@@ -33,7 +33,7 @@ impl Default for Probe {
     fn default() -> Self {
         Probe::BuiltIn {
             bytes: 256 * 1024,
-            passes: 60,
+            passes: 120,
         }
     }
 }

@@ -116,6 +116,24 @@ pub trait AdaptObserver {
     fn on_period(&mut self, report: &PeriodReport) -> Result<(), String>;
 }
 
+/// A small xorshift generator for sample jitter (no need for a crate).
+struct XorShift(u64);
+
+impl XorShift {
+    fn seeded() -> XorShift {
+        XorShift((monotonic_ns() ^ (u64::from(std::process::id()) << 32)) | 1)
+    }
+
+    fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+}
+
 fn members_of(principals: &[Principal]) -> BTreeMap<i32, &ProcHandle> {
     let mut m = BTreeMap::new();
     for p in principals {
@@ -263,6 +281,7 @@ fn adapt_loop(
         }
     }
 
+    let mut rng = XorShift::seeded();
     let mut offset = 0usize;
     let mut period = 0u64;
     let mut history: Vec<PeriodReport> = Vec::new();
@@ -293,8 +312,15 @@ fn adapt_loop(
         group.apply(&running)?;
 
         // Events within the period: probe samples, and the end of the duty cycle.
+        // Each sample at a random point of its slot: two groups started together would
+        // otherwise probe at the same instants every period, and the one whose probe
+        // starts first is the one the other's wake-up preempts — a steady bias in R.
+        let slot = period_ns / samples;
         let mut events: Vec<(u64, bool)> = (0..samples)
-            .map(|k| (t0 + (2 * k + 1) * period_ns / (2 * samples), false))
+            .map(|k| {
+                let jitter = slot / 10 + rng.next() % (slot * 8 / 10).max(1);
+                (t0 + k * slot + jitter, false)
+            })
             .collect();
         if decision.duty < 1.0 {
             events.push((t0 + (decision.duty * period_ns as f64) as u64, true));

@@ -188,7 +188,12 @@ impl CpuObserver for Output {
                 writeln!(
                     w,
                     "{},{},{},{:.3},{:.3},{:.5}",
-                    r.cycle, r.principal, r.share, r.consumed_ms, r.entitlement_ms, r.rel_error
+                    r.cycle,
+                    csv_field(&r.principal),
+                    r.share,
+                    r.consumed_ms,
+                    r.entitlement_ms,
+                    r.rel_error
                 )?;
             }
             w.flush()
@@ -198,13 +203,14 @@ impl CpuObserver for Output {
 
     fn on_status(&mut self, s: &LiveStatus) {
         let line = format!(
-            "t={:.0}s cycles={} cycle={:.1}ms rms_rel_error(last 10)={:.2}% own_cpu={:.2}% stopped={}",
+            "t={:.0}s cycles={} cycle={:.1}ms rms_rel_error(last 10)={:.2}% own_cpu={:.2}% stopped={} timer_late={:.2}ms",
             s.elapsed_s,
             s.cycles,
             s.cycle_ms,
             s.recent_rms * 100.0,
             s.own_cpu_fraction * 100.0,
-            s.stopped
+            s.stopped,
+            s.late_ms
         );
         if self.json {
             eprintln!("{line}");
@@ -215,6 +221,15 @@ impl CpuObserver for Output {
 
     fn on_membership(&mut self, principal: &str, added: &[i32], removed: &[i32]) {
         tracing::debug!(principal, ?added, ?removed, "membership changed");
+    }
+}
+
+/// Quotes a CSV field that holds a comma, quote or newline (a `--comm` regex may).
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
     }
 }
 
@@ -383,6 +398,13 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn csv_fields_are_quoted_when_needed() {
+        assert_eq!(csv_field("pid:12"), "pid:12");
+        assert_eq!(csv_field("comm:a{1,2}"), "\"comm:a{1,2}\"");
+        assert_eq!(csv_field("x\"y"), "\"x\"\"y\"");
+    }
 
     #[test]
     fn durations() {

@@ -252,7 +252,7 @@ fn check_validates_and_names_file_line_and_key() {
     assert_eq!(code, 2);
     assert!(
         err.contains(&format!(
-            "{p}:4: `class.a.max_running`: expected an integer ≥ 1, got 0"
+            "{p}:7: `class.a.max_running`: expected an integer ≥ 1, got 0"
         )),
         "{err}"
     );

@@ -488,7 +488,7 @@ impl Config {
                 line: if text.is_empty() {
                     0
                 } else {
-                    line_of(text, span.start)
+                    line_of(text, key_offset(text, span, &key))
                 },
                 key,
                 message,
@@ -744,6 +744,30 @@ fn line_of(text: &str, at: usize) -> usize {
         .unwrap_or(1)
 }
 
+/// Where `key` is set in the table starting at `span` (the line that writes the key's last
+/// part), else the table's start.
+fn key_offset(text: &str, span: std::ops::Range<usize>, key: &str) -> usize {
+    let leaf = key.rsplit('.').next().unwrap_or(key);
+    let Some(rest) = text.get(span.start..) else {
+        return span.start;
+    };
+    // The table runs from its header to the next header.
+    let mut offset = span.start;
+    for (i, line) in rest.split_inclusive('\n').enumerate() {
+        let code = line.split('#').next().unwrap_or("");
+        if i > 0 && code.trim_start().starts_with('[') {
+            break;
+        }
+        if let Some(at) = code.find(leaf) {
+            if code[at + leaf.len()..].trim_start().starts_with('=') {
+                return offset;
+            }
+        }
+        offset += line.len();
+    }
+    span.start
+}
+
 /// The span of the first line that sets `key`, for keys outside arrays of tables.
 fn find_key(text: &str, key: &str) -> std::ops::Range<usize> {
     let mut offset = 0;
@@ -801,7 +825,7 @@ target = { class = "premium" }
         let bad = GOOD.replace("max_running = 4", "max_running = 0");
         let err = Config::parse(&bad, "t.toml").unwrap_err().to_string();
         assert!(
-            err.starts_with("t.toml:15: `class.basic.max_running`"),
+            err.starts_with("t.toml:17: `class.basic.max_running`"),
             "{err}"
         );
 
@@ -812,7 +836,7 @@ target = { class = "premium" }
 
         let bad = GOOD.replace("priority = 10", "priority = \"high\"");
         let err = Config::parse(&bad, "t.toml").unwrap_err().to_string();
-        assert!(err.starts_with("t.toml:13:"), "{err}");
+        assert!(err.starts_with("t.toml:12:"), "{err}");
 
         let bad = GOOD.replace("priority = 10", "priorty = 10");
         let err = Config::parse(&bad, "t.toml").unwrap_err().to_string();

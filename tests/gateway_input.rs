@@ -117,3 +117,37 @@ backend = "app"
     // And still alive afterwards.
     assert_eq!(get_once(gw, "/after", &[]).await.status, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
+    let (_b, backend) = backend(4, 0, &[]);
+    let cfg = format!(
+        "[listener]\naddress = \"127.0.0.1:0\"\nidle_timeout_ms = 300\n[admin]\naddress = \"127.0.0.1:0\"\n[[backend]]\nname = \"app\"\naddresses = [\"{backend}\"]\n[[class]]\nname = \"all\"\nbackend = \"app\"\n"
+    );
+    let (_g, gw, _, _) = gateway(&cfg, &[], &[]);
+    let mut s = TcpStream::connect(gw).await.expect("connect");
+    for _ in 0..3 {
+        // Requests closer together than the timeout keep the connection open.
+        s.write_all(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .expect("closed in time");
+    assert_eq!(n.unwrap_or(0), 0, "closed quietly");
+    assert!(
+        started.elapsed() >= Duration::from_millis(150),
+        "{:?}",
+        started.elapsed()
+    );
+}

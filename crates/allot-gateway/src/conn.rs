@@ -13,7 +13,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::time::Sleep;
+use tokio::time::{Instant, Sleep};
 
 const REQUEST_TIMEOUT: &[u8] = b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-type: text/plain\r\ncontent-length: 47\r\n\r\nallot: request head not received in time (408)\n";
 
@@ -36,19 +36,25 @@ impl ConnState {
 }
 
 enum Phase {
-    /// No byte of the next head yet; closes quietly at the deadline.
-    Idle(Option<Pin<Box<Sleep>>>),
-    /// Part of a head arrived; 408 at the deadline.
-    Head(Pin<Box<Sleep>>),
+    /// No byte of the next head yet since this instant; closes quietly after the idle timeout.
+    Idle(Instant),
+    /// Part of a head arrived; 408 at this deadline.
+    Head(Instant),
     /// Serving a request.
     Busy,
 }
 
 /// The client socket with head and idle timeouts.
+///
+/// One timer per connection, armed only when a read would wait, and not moved later on
+/// every request: when it fires before the phase's real deadline it is simply re-armed.
+/// That keeps the timer wheel out of the per-request path of busy keep-alive connections.
 pub struct TimedIo<T> {
     inner: T,
     state: ConnState,
     phase: Phase,
+    timer: Pin<Box<Sleep>>,
+    armed: bool,
     head_timeout: Duration,
     idle_timeout: Duration,
 }
@@ -56,10 +62,13 @@ pub struct TimedIo<T> {
 impl<T> TimedIo<T> {
     /// Wraps `inner`; `state` is shared with the connection's service and bodies.
     pub fn new(inner: T, state: ConnState, head_timeout: Duration, idle_timeout: Duration) -> Self {
+        let now = Instant::now();
         TimedIo {
             inner,
             state,
-            phase: Phase::Idle(None),
+            phase: Phase::Idle(now),
+            timer: Box::pin(tokio::time::sleep_until(now + idle_timeout)),
+            armed: false,
             head_timeout,
             idle_timeout,
         }
@@ -76,7 +85,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for TimedIo<T> {
         // Follow the service's view of the connection.
         let in_request = this.state.in_request.load(Relaxed);
         match (&this.phase, in_request) {
-            (Phase::Busy, false) => this.phase = Phase::Idle(None),
+            (Phase::Busy, false) => this.phase = Phase::Idle(Instant::now()),
             (Phase::Idle(_) | Phase::Head(_), true) => this.phase = Phase::Busy,
             _ => {}
         }
@@ -86,7 +95,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for TimedIo<T> {
         if let Poll::Ready(Ok(())) = &result {
             if got_bytes {
                 if let Phase::Idle(_) = this.phase {
-                    this.phase = Phase::Head(Box::pin(tokio::time::sleep(this.head_timeout)));
+                    this.phase = Phase::Head(Instant::now() + this.head_timeout);
                 }
             }
             if got_bytes || buf.remaining() == 0 {
@@ -96,27 +105,36 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for TimedIo<T> {
         if result.is_ready() {
             return result; // EOF or error
         }
-        // Pending: arm and check the deadline of the current phase.
-        match &mut this.phase {
-            Phase::Idle(deadline) => {
-                let d =
-                    deadline.get_or_insert_with(|| Box::pin(tokio::time::sleep(this.idle_timeout)));
-                if d.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(Ok(())); // quiet close: EOF between requests
-                }
+        // Pending: make sure the timer wakes us by the phase's deadline, then check it.
+        let deadline = match this.phase {
+            Phase::Idle(since) => since + this.idle_timeout,
+            Phase::Head(deadline) => deadline,
+            Phase::Busy => return Poll::Pending,
+        };
+        if !this.armed || this.timer.deadline() > deadline {
+            this.timer.as_mut().reset(deadline);
+            this.armed = true;
+        }
+        while this.timer.as_mut().poll(cx).is_ready() {
+            if Instant::now() < deadline {
+                // Fired for an earlier phase's deadline: re-arm for this one.
+                this.timer.as_mut().reset(deadline);
+                continue;
             }
-            Phase::Head(d) => {
-                if d.as_mut().poll(cx).is_ready() {
+            this.armed = false;
+            return match this.phase {
+                Phase::Head(_) => {
                     // Best effort: the response is tiny and the socket buffer empty.
                     let _ = Pin::new(&mut this.inner).poll_write(cx, REQUEST_TIMEOUT);
                     let _ = Pin::new(&mut this.inner).poll_flush(cx);
-                    return Poll::Ready(Err(std::io::Error::new(
+                    Poll::Ready(Err(std::io::Error::new(
                         std::io::ErrorKind::TimedOut,
                         "request head timeout",
-                    )));
+                    )))
                 }
-            }
-            Phase::Busy => {}
+                // Quiet close: EOF between requests.
+                _ => Poll::Ready(Ok(())),
+            };
         }
         Poll::Pending
     }

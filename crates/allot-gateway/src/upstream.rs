@@ -123,7 +123,7 @@ pub struct Backend {
     pub name: String,
     /// Its sensors.
     pub stats: Arc<BackendStats>,
-    settings: RwLock<Settings>,
+    settings: RwLock<Arc<Settings>>,
     next: AtomicUsize,
 }
 
@@ -161,7 +161,7 @@ impl Backend {
         Arc::new(Backend {
             name: config.name.clone(),
             stats: Arc::new(BackendStats::default()),
-            settings: RwLock::new(Settings::from_config(config, &[])),
+            settings: RwLock::new(Arc::new(Settings::from_config(config, &[]))),
             next: AtomicUsize::new(0),
         })
     }
@@ -169,7 +169,7 @@ impl Backend {
     /// Applies a changed configuration, keeping the pools of addresses that stay.
     pub fn reconfigure(&self, config: &BackendConfig) {
         let mut s = self.settings.write().unwrap_or_else(|p| p.into_inner());
-        *s = Settings::from_config(config, &s.addresses);
+        *s = Arc::new(Settings::from_config(config, &s.addresses));
     }
 
     /// Addresses not ejected now.
@@ -182,11 +182,8 @@ impl Backend {
             .count()
     }
 
-    fn settings(&self) -> Settings {
-        self.settings
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+    fn settings(&self) -> Arc<Settings> {
+        Arc::clone(&self.settings.read().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// The addresses in the order to try them for one request.

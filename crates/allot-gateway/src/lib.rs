@@ -12,7 +12,8 @@
 //! - `upstream`: back-end pools, balancing, passive health; `body`: streamed bodies,
 //!   shaping; `conn`: head and idle timeouts on client sockets;
 //! - [`server`]: accept loops with graceful shutdown; `admin`, `metrics`: the admin API;
-//! - [`stats`]: sensors and their snapshots.
+//! - [`stats`]: sensors and their snapshots;
+//! - [`qos`]: the QoS manager's feedback loops (`[[controller]]`).
 #![deny(missing_docs)]
 
 mod admin;
@@ -21,6 +22,7 @@ mod clock;
 pub mod config;
 mod conn;
 mod metrics;
+pub mod qos;
 mod sched;
 pub mod server;
 mod service;

@@ -11,7 +11,7 @@ mod common;
 mod qos_util;
 
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::{backend, gateway};
@@ -19,7 +19,7 @@ use qos_util::*;
 use tokio::time::Instant;
 
 /// Timing-sensitive: one test at a time in this binary.
-static SERIAL: Mutex<()> = Mutex::new(());
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn overloaded_backend() -> (common::Proc, std::net::SocketAddr) {
     backend(
@@ -69,7 +69,7 @@ window_periods = 25
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn adaptive_keeps_goodput_near_the_best_fixed_limit() {
-    let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let _one = SERIAL.lock().await;
     let (_b, baddr) = overloaded_backend();
     let (_g, gaddr, admin, _) = gateway(&config(baddr, ""), &["--threads", "1"], &[]);
     let stop = Arc::new(AtomicBool::new(false));
@@ -195,7 +195,7 @@ async fn adaptive_keeps_goodput_near_the_best_fixed_limit() {
 /// (d), scaled: 45 s instead of 60, limits compared over the last 20 s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_gateways_converge_to_equal_limits() {
-    let _one = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let _one = SERIAL.lock().await;
     let (_b, baddr) = overloaded_backend();
     // Start far apart: one low, one high.
     let low = AIMD.replace("initial_limit = 4", "initial_limit = 1");

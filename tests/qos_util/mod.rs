@@ -104,15 +104,12 @@ pub fn open_loop(
             let out = Arc::clone(&out);
             tokio::spawn(async move {
                 let start = Instant::now();
-                let status = match tokio::time::timeout(Duration::from_secs(20), async {
+                let status = tokio::time::timeout(Duration::from_secs(20), async {
                     let mut c = Client::connect(target, None).await;
                     c.get(path, &[]).await.map_or(0, |r| r.status)
                 })
                 .await
-                {
-                    Ok(s) => s,
-                    Err(_) => 0,
-                };
+                .unwrap_or_default();
                 out.lock().unwrap().push(Sample {
                     done: Instant::now(),
                     latency: start.elapsed(),

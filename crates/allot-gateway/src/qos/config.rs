@@ -6,10 +6,10 @@
 use std::collections::HashSet;
 use std::ops::Range;
 
-use allot_model::aimd::{Aimd, AimdConfig};
-use allot_model::gradient::{Gradient, GradientConfig};
-use allot_model::pi::{Pi, PiConfig};
-use allot_model::slowdown::{SlowdownConfig, SlowdownSignal};
+use allot_model::aimd::{Aimd, AimdConfig, AimdError};
+use allot_model::gradient::{Gradient, GradientConfig, GradientError};
+use allot_model::pi::{Pi, PiConfig, PiError};
+use allot_model::slowdown::{SlowdownConfig, SlowdownError, SlowdownSignal};
 use allot_model::utilisation::{Utilisation, UtilisationConfig};
 use serde::{Deserialize, Serialize};
 
@@ -407,10 +407,7 @@ pub fn validate(config: &Config, invalid: Invalid<'_>) -> Result<(), ConfigError
                     return err("burst", format!("expected a number ≥ 1, got {}", d.burst));
                 }
                 if let Err(e) = Pi::new(d.pi(), 0.0) {
-                    return err(
-                        "kp",
-                        format!("{e} (kp, ki, min_rate_per_sec ≤ max_rate_per_sec)"),
-                    );
+                    return err(pi_key(&e, "kp", "max_rate_per_sec"), e.to_string());
                 }
             }
             ControllerConfig::Utilisation(u) => {
@@ -448,10 +445,12 @@ pub fn validate(config: &Config, invalid: Invalid<'_>) -> Result<(), ConfigError
                     return err("burst", format!("expected a number ≥ 1, got {}", u.burst));
                 }
                 if let Err(e) = Utilisation::new(u.model()) {
-                    return err(
-                        "divert_kp",
-                        format!("{e} (gains, min_rate_per_sec ≤ max_rate_per_sec)"),
+                    let key = pi_key(
+                        &e,
+                        "divert_kp, divert_ki, rate_kp or rate_ki",
+                        "max_rate_per_sec",
                     );
+                    return err(key, e.to_string());
                 }
             }
             ControllerConfig::Adaptive(a) => {
@@ -465,25 +464,48 @@ pub fn validate(config: &Config, invalid: Invalid<'_>) -> Result<(), ConfigError
                         ),
                     );
                 }
-                if !(a.min_limit >= 1.0) {
+                if !(a.min_limit.is_finite() && a.min_limit >= 1.0) {
                     return err(
                         "min_limit",
                         format!("expected a number ≥ 1, got {}", a.min_limit),
                     );
                 }
                 if let Err(e) = Aimd::new(a.aimd(), a.initial_limit) {
-                    return err("increase", e.to_string());
+                    let key = match e {
+                        AimdError::Increase(_) => "increase",
+                        AimdError::Decrease(_) => "decrease",
+                        _ => "max_limit",
+                    };
+                    return err(key, e.to_string());
                 }
                 if let Err(e) = SlowdownSignal::new(a.slowdown()) {
-                    return err("threshold", e.to_string());
+                    let key = match e {
+                        SlowdownError::Ewma(_) => "gamma",
+                        SlowdownError::Window(_) => "window_periods",
+                        SlowdownError::Threshold(_) => "threshold",
+                    };
+                    return err(key, e.to_string());
                 }
                 if let Err(e) = Gradient::new(a.gradient(), a.initial_limit) {
-                    return err("buffer", e.to_string());
+                    let key = match e {
+                        GradientError::Buffer(_) => "buffer",
+                        GradientError::Interval(_) => "recalc_every",
+                        GradientError::Bounds { .. } => "min_concurrency",
+                    };
+                    return err(key, e.to_string());
                 }
             }
         }
     }
     Ok(())
+}
+
+/// The key to blame for a PI error.
+fn pi_key<'a>(e: &PiError, gains: &'a str, bounds: &'a str) -> &'a str {
+    match e {
+        PiError::Gains { .. } => gains,
+        PiError::Bounds { .. } => bounds,
+    }
 }
 
 fn join(names: &HashSet<&str>) -> String {
@@ -493,5 +515,96 @@ fn join(names: &HashSet<&str>) -> String {
         "none".into()
     } else {
         v.join(", ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+
+    const BASE: &str = r#"
+[[backend]]
+name = "app"
+addresses = ["127.0.0.1:9000"]
+[[backend]]
+name = "lite"
+addresses = ["127.0.0.1:9001"]
+[[class]]
+name = "premium"
+backend = "app"
+[[class]]
+name = "basic"
+backend = "app"
+[[chain]]
+name = "main"
+default = { class = "basic" }
+"#;
+
+    fn check(controller: &str) -> Result<Config, String> {
+        Config::parse(&format!("{BASE}{controller}"), "t.toml").map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn each_kind_loads_with_defaults() {
+        let c = check(
+            r#"
+[[controller]]
+kind = "delay"
+name = "d"
+class = "premium"
+setpoint_ms = 50
+throttle = ["basic"]
+[[controller]]
+kind = "utilisation"
+name = "u"
+class = "basic"
+degraded_backend = "lite"
+tree = 1
+setpoint_percent = 30
+[[controller]]
+kind = "adaptive"
+name = "a"
+backend = "app"
+rule = "gradient"
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.controller.len(), 3);
+        assert_eq!(c.controller[2].get_ref().period_ms(), 200);
+    }
+
+    #[test]
+    fn errors_name_the_line_and_key() {
+        let e = check(
+            r#"
+[[controller]]
+kind = "delay"
+name = "d"
+class = "premium"
+setpoint_ms = 50
+throttle = ["premium"]
+"#,
+        )
+        .unwrap_err();
+        assert!(e.starts_with("t.toml:18: `controller.d.throttle`"), "{e}");
+        assert!(e.contains("cannot throttle itself"), "{e}");
+        let adaptive = "[[controller]]\nkind = \"adaptive\"\nname = \"a\"\n";
+        let e = check(&format!("{adaptive}backend = \"app\"\ndecrease = 0.5\n")).unwrap_err();
+        assert!(e.contains("`controller.a.decrease`"), "{e}");
+        let e = check(&format!("{adaptive}backend = \"nope\"\n")).unwrap_err();
+        assert!(e.contains("known: app, lite"), "{e}");
+        let util = "[[controller]]\nkind = \"utilisation\"\nname = \"u\"\nclass = \"basic\"\nsetpoint_percent = 30\n";
+        let e = check(&format!("{util}degraded_backend = \"app\"\npids = [1]\n")).unwrap_err();
+        assert!(
+            e.contains("degraded_backend") && e.contains("own back end"),
+            "{e}"
+        );
+        let e = check(&format!("{util}degraded_backend = \"lite\"\n")).unwrap_err();
+        assert!(e.contains("`controller.u.pids`"), "{e}");
+        let two = format!("{adaptive}backend = \"app\"\n");
+        let e = check(&format!("{two}{}", two.replace("\"a\"", "\"b\""))).unwrap_err();
+        assert!(e.contains("already has an adaptive controller"), "{e}");
+        let e = check(&format!("{two}{two}")).unwrap_err();
+        assert!(e.contains("unique"), "{e}");
     }
 }

@@ -227,6 +227,8 @@ pub(crate) fn reconcile(gw: &Gateway) {
                     paused: AtomicBool::new(false),
                     task: Mutex::new(None),
                 });
+                // The initial limit holds from the first request, not the first tick.
+                step::prime(gw, &lock(&l.config));
                 // Without a runtime (a configuration check) nothing runs.
                 if let Ok(rt) = tokio::runtime::Handle::try_current() {
                     let task = rt.spawn(run(Arc::downgrade(&gw.inner), Arc::clone(&l)));
@@ -302,4 +304,27 @@ fn interval(period_ms: u64) -> tokio::time::Interval {
     let mut t = tokio::time::interval(Duration::from_millis(period_ms.max(1)));
     t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn divert_picks_by_probability() {
+        let d = Divert::default();
+        assert_eq!(d.pick(3), 3);
+        assert_eq!(d.probability(), 0.0);
+        d.set(Some(7), 1.0);
+        assert!((0..100).all(|_| d.pick(3) == 7));
+        d.set(Some(7), 0.0);
+        assert!((0..100).all(|_| d.pick(3) == 3));
+        d.set(Some(7), 0.5);
+        let diverted = (0..4000).filter(|_| d.pick(3) == 7).count();
+        assert!((1700..2300).contains(&diverted), "{diverted}");
+        d.set(None, 0.5);
+        assert_eq!(d.pick(3), 3);
+        d.set(Some(7), f64::NAN);
+        assert_eq!(d.probability(), 0.0);
+    }
 }

@@ -417,6 +417,22 @@ impl AdaptiveState {
     }
 }
 
+/// Sets a new loop's actuators to their starting values before it first ticks.
+pub(crate) fn prime(gw: &Gateway, config: &ControllerConfig) {
+    if let ControllerConfig::Adaptive(a) = config {
+        let limit = match a.rule {
+            AdaptiveRule::Aimd => a.initial_limit.clamp(a.min_limit, a.max_limit),
+            // The gradient rule starts by measuring minRTT at its pinned concurrency.
+            AdaptiveRule::Gradient => a.min_concurrency.min(a.max_limit),
+        };
+        if let (Some(b), true) = (gw.backend_index(&a.backend), limit.is_finite()) {
+            gw.inner
+                .sched
+                .set_backend_limit(b, Some(limit.floor().max(1.0) as usize));
+        }
+    }
+}
+
 /// Puts a loop's actuators back as the configuration says (the loop is going away).
 pub(crate) fn release(gw: &Gateway, config: &ControllerConfig) {
     match config {

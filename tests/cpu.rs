@@ -24,14 +24,7 @@ struct Measured {
     stdout: String,
 }
 
-fn measure(
-    workers: &Workers,
-    shares: &[u64],
-    quantum: &str,
-    secs: u64,
-    warm: u64,
-    tag: &str,
-) -> Measured {
+fn measure(workers: &Workers, shares: &[u64], quantum: &str, secs: u64, warm: u64, tag: &str) -> Measured {
     let scratch = Scratch::new(tag);
     let report = scratch.file("cycles.csv");
     let mut a = args(&["cpu", "--quantum", quantum, "--report", &report, "--json"]);
@@ -54,11 +47,7 @@ fn measure(
     allot.signal("INT");
     let (code, stdout, stderr) = allot.finish(Duration::from_secs(10));
     assert_eq!(code, Some(0), "allot failed: {stderr}");
-    let used: Vec<f64> = end_cpu
-        .iter()
-        .zip(&warm_cpu)
-        .map(|(e, w)| (e - w) as f64)
-        .collect();
+    let used: Vec<f64> = end_cpu.iter().zip(&warm_cpu).map(|(e, w)| (e - w) as f64).collect();
     let total: f64 = used.iter().sum();
     let csv = std::fs::read_to_string(&report).unwrap_or_default();
     let (rms, totals) = report_rms(&csv, 4);
@@ -67,11 +56,7 @@ fn measure(
         .iter()
         .map(|p| totals.get(&format!("pid:{p}")).copied().unwrap_or(0.0))
         .collect();
-    let own_totals_ms = end_cpu
-        .iter()
-        .zip(&start_cpu)
-        .map(|(e, s)| (e - s) as f64 / 1e6)
-        .collect();
+    let own_totals_ms = end_cpu.iter().zip(&start_cpu).map(|(e, s)| (e - s) as f64 / 1e6).collect();
     Measured {
         fractions: used.iter().map(|u| u / total).collect(),
         overhead: own1.saturating_sub(own0) as f64 / wall,
@@ -116,22 +101,11 @@ fn linear_five_on_one_cpu_meets_shares_with_low_error_and_overhead() {
     assert!(m.rms.len() >= 10, "too few cycles: {}", m.rms.len());
     // The report's per-principal totals must agree with what the test read itself.
     for (r, o) in m.report_totals_ms.iter().zip(&m.own_totals_ms) {
-        assert!(
-            (r - o).abs() / o < 0.1,
-            "report says {r} ms, /proc says {o} ms"
-        );
+        assert!((r - o).abs() / o < 0.1, "report says {r} ms, /proc says {o} ms");
     }
-    assert!(
-        mean_rms < 0.05,
-        "mean per-cycle RMS relative error {:.3}%",
-        mean_rms * 100.0
-    );
+    assert!(mean_rms < 0.05, "mean per-cycle RMS relative error {:.3}%", mean_rms * 100.0);
     assert_fractions(&m.fractions, &shares, 0.02, "long-run fractions");
-    assert!(
-        m.overhead < 0.01,
-        "allot used {:.3}% of wall time",
-        m.overhead * 100.0
-    );
+    assert!(m.overhead < 0.01, "allot used {:.3}% of wall time", m.overhead * 100.0);
     assert!(m.stdout.contains("\"mean_rms_rel_error\""), "{}", m.stdout);
 }
 
@@ -201,21 +175,11 @@ fn a_sleeping_member_neither_skews_the_others_nor_stalls_the_cycle() {
     std::thread::sleep(Duration::from_secs(2));
     let (mut da, mut dc) = (0u64, 0u64);
     let (mut samples, mut stalled) = (0u32, 0u32);
-    let mut prev = (
-        state(sleeper),
-        cpu_ns(sleeper),
-        cpu_ns(a_pid),
-        cpu_ns(c_pid),
-    );
+    let mut prev = (state(sleeper), cpu_ns(sleeper), cpu_ns(a_pid), cpu_ns(c_pid));
     let t0 = Instant::now();
     while t0.elapsed() < Duration::from_secs(18) {
         std::thread::sleep(Duration::from_millis(10));
-        let cur = (
-            state(sleeper),
-            cpu_ns(sleeper),
-            cpu_ns(a_pid),
-            cpu_ns(c_pid),
-        );
+        let cur = (state(sleeper), cpu_ns(sleeper), cpu_ns(a_pid), cpu_ns(c_pid));
         let sleeping = prev.0 == 'S' && cur.0 == 'S' && cur.1 == prev.1;
         if sleeping {
             da += cur.2 - prev.2;
@@ -233,19 +197,9 @@ fn a_sleeping_member_neither_skews_the_others_nor_stalls_the_cycle() {
     let split = da as f64 / (da + dc) as f64;
     let stall = f64::from(stalled) / f64::from(samples.max(1));
     eprintln!("c: while asleep ({samples} samples) 1-share got {:.4} of the others' CPU; both stopped in {:.2}% of samples", split, stall * 100.0);
-    assert!(
-        samples > 200,
-        "the sleeper was seen asleep only {samples} times"
-    );
-    assert!(
-        (split - 0.25).abs() / 0.25 <= 0.05,
-        "split {split:.4}, want 0.25 ± 5%"
-    );
-    assert!(
-        stall < 0.05,
-        "both runnable members stopped in {:.1}% of samples",
-        stall * 100.0
-    );
+    assert!(samples > 200, "the sleeper was seen asleep only {samples} times");
+    assert!((split - 0.25).abs() / 0.25 <= 0.05, "split {split:.4}, want 0.25 ± 5%");
+    assert!(stall < 0.05, "both runnable members stopped in {:.1}% of samples", stall * 100.0);
 }
 
 /// Acceptance d (the test half): 50 equal-share processes at 20 ms stay under 10% RMS.
@@ -257,18 +211,9 @@ fn fifty_equal_processes_stay_under_ten_percent() {
     let shares = vec![1u64; 50];
     let m = measure(&workers, &shares, "20ms", 24, 4, "d");
     let mean_rms = mean(&m.rms);
-    eprintln!(
-        "d: 50 processes, {} cycles, mean RMS {:.3}%, overhead {:.3}%",
-        m.rms.len(),
-        mean_rms * 100.0,
-        m.overhead * 100.0
-    );
+    eprintln!("d: 50 processes, {} cycles, mean RMS {:.3}%, overhead {:.3}%", m.rms.len(), mean_rms * 100.0, m.overhead * 100.0);
     assert!(m.rms.len() >= 4, "too few cycles: {}", m.rms.len());
-    assert!(
-        mean_rms < 0.10,
-        "mean per-cycle RMS relative error {:.3}%",
-        mean_rms * 100.0
-    );
+    assert!(mean_rms < 0.10, "mean per-cycle RMS relative error {:.3}%", mean_rms * 100.0);
 }
 
 fn any_stopped(pids: &[u32]) -> bool {
@@ -288,10 +233,7 @@ fn safety_run(end: &str) {
         a.push(format!("{pid}:{s}"));
     }
     let allot = Allot::start(&a);
-    assert!(
-        wait_for(Duration::from_secs(10), || any_stopped(&pids)),
-        "allot never stopped a member"
-    );
+    assert!(wait_for(Duration::from_secs(10), || any_stopped(&pids)), "allot never stopped a member");
     if end == "error" {
         // A forced error mid-run, while members are stopped: the state file's directory
         // becomes a plain file, so the next stop cannot be recorded and allot must fail.
@@ -312,19 +254,12 @@ fn safety_run(end: &str) {
         "KILL" => {
             allot.signal("KILL");
             let _ = allot.finish(Duration::from_secs(10));
-            assert!(
-                std::path::Path::new(&state_file).exists(),
-                "no state file left behind"
-            );
+            assert!(std::path::Path::new(&state_file).exists(), "no state file left behind");
             let out = std::process::Command::new(env!("CARGO_BIN_EXE_allot"))
                 .args(["cpu", "resume", "--state", &state_file])
                 .output()
                 .expect("allot cpu resume runs");
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         }
         _ => unreachable!(),
     }
@@ -357,9 +292,7 @@ fn an_exited_member_is_dropped() {
     let allot = Allot::start(&a);
     std::thread::sleep(Duration::from_millis(1500));
     let victim = &mut workers.children[0];
-    let _ = std::process::Command::new("kill")
-        .args(["-CONT", &victim.id().to_string()])
-        .status();
+    let _ = std::process::Command::new("kill").args(["-CONT", &victim.id().to_string()]).status();
     victim.kill().expect("kill a worker");
     victim.wait().expect("reap it");
     let before: Vec<u64> = pids[1..].iter().map(|p| cpu_ns(*p)).collect();
@@ -391,14 +324,8 @@ fn a_reused_pid_is_not_signalled() {
         .nth(19)
         .and_then(|s| s.parse().ok())
         .expect("start time field");
-    std::fs::write(
-        &state_file,
-        format!("# allot stopped set v1\n{pid} {}\n", start + 1),
-    )
-    .expect("write state");
-    let _ = std::process::Command::new("kill")
-        .args(["-STOP", &pid.to_string()])
-        .status();
+    std::fs::write(&state_file, format!("# allot stopped set v1\n{pid} {}\n", start + 1)).expect("write state");
+    let _ = std::process::Command::new("kill").args(["-STOP", &pid.to_string()]).status();
     assert!(wait_for(Duration::from_secs(2), || state(pid) == 'T'));
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_allot"))
         .args(["cpu", "resume", "--state", &state_file])
@@ -406,11 +333,7 @@ fn a_reused_pid_is_not_signalled() {
         .expect("allot cpu resume runs");
     assert!(out.status.success());
     std::thread::sleep(Duration::from_millis(100));
-    assert_eq!(
-        state(pid),
-        'T',
-        "resume continued a process that was not its member"
-    );
+    assert_eq!(state(pid), 'T', "resume continued a process that was not its member");
 }
 
 /// A process allot may not signal is refused at start with a clear error. Needs a
@@ -436,25 +359,15 @@ fn refuses_what_it_may_not_signal_and_bad_flags() {
         .unwrap_or_default()
         .lines()
         .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"));
-    let setpriv = std::process::Command::new("setpriv")
-        .arg("--version")
-        .output()
-        .is_ok();
+    let setpriv = std::process::Command::new("setpriv").arg("--version").output().is_ok();
     if !(root && setpriv) {
-        eprintln!(
-            "skipped the permission half: needs root and setpriv to run allot as another user"
-        );
+        eprintln!("skipped the permission half: needs root and setpriv to run allot as another user");
         return;
     }
     let workers = Workers::busy(1, experiment_cpu());
     let pid = workers.pids()[0];
     let out = std::process::Command::new("setpriv")
-        .args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            env!("CARGO_BIN_EXE_allot"),
-        ])
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", env!("CARGO_BIN_EXE_allot")])
         .args(["cpu", "--pid", &format!("{pid}:1"), "--duration", "2s"])
         .output()
         .expect("setpriv runs");
@@ -464,9 +377,6 @@ fn refuses_what_it_may_not_signal_and_bad_flags() {
         return;
     }
     assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(
-        err.contains("not permitted") && err.contains(&pid.to_string()),
-        "{err}"
-    );
+    assert!(err.contains("not permitted") && err.contains(&pid.to_string()), "{err}");
     assert_ne!(state(pid), 'T');
 }

@@ -128,11 +128,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         bail!("--period {:?}: expected at least 10ms", args.period);
     }
     if args.window < args.period {
-        bail!(
-            "--window {:?}: must be at least one --period ({:?})",
-            args.window,
-            args.period
-        );
+        bail!("--window {:?}: must be at least one --period ({:?})", args.window, args.period);
     }
     if args.samples == 0 || args.samples > 100 {
         bail!("--samples {}: expected 1 to 100", args.samples);

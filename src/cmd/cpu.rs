@@ -98,11 +98,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "s" | "" => v,
         "m" | "min" => v * 60.0,
         "h" => v * 3600.0,
-        u => {
-            return Err(format!(
-                "{s:?}: unknown unit {u:?} (use ns, us, ms, s, m or h)"
-            ))
-        }
+        u => return Err(format!("{s:?}: unknown unit {u:?} (use ns, us, ms, s, m or h)")),
     };
     if !secs.is_finite() || secs < 0.0 {
         return Err(format!("{s:?}: a duration must be finite and >= 0"));
@@ -139,17 +135,14 @@ fn load_config(path: &Path) -> anyhow::Result<FileConfig> {
 fn parse_config(text: &str) -> anyhow::Result<FileConfig> {
     let cfg: FileConfig = toml::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
     for (i, p) in cfg.principal.iter().enumerate() {
-        let n = [
-            p.pid.is_some(),
-            p.tree.is_some(),
-            p.user.is_some(),
-            p.comm.is_some(),
-        ]
-        .iter()
-        .filter(|b| **b)
-        .count();
+        let n = [p.pid.is_some(), p.tree.is_some(), p.user.is_some(), p.comm.is_some()]
+            .iter()
+            .filter(|b| **b)
+            .count();
         if n != 1 {
-            bail!("`principal[{i}]`: give exactly one of `pid`, `tree`, `user`, `comm` (got {n})");
+            bail!(
+                "`principal[{i}]`: give exactly one of `pid`, `tree`, `user`, `comm` (got {n})"
+            );
         }
         if p.shares == 0 {
             bail!("`principal[{i}].shares`: expected an integer >= 1, got 0");
@@ -254,10 +247,7 @@ fn print_summary(s: &CpuSummary, json: bool) {
         s.signal.as_ref().map(|x| format!(" (ended by {x})")).unwrap_or_default()
     );
     let total_share: u64 = s.principals.iter().map(|p| p.share).sum();
-    println!(
-        "{:<28} {:>6} {:>12} {:>9} {:>9}",
-        "principal", "share", "cpu_ms", "got", "target"
-    );
+    println!("{:<28} {:>6} {:>12} {:>9} {:>9}", "principal", "share", "cpu_ms", "got", "target");
     for p in &s.principals {
         println!(
             "{:<28} {:>6} {:>12.1} {:>8.2}% {:>8.2}%",
@@ -305,9 +295,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         .unwrap_or_default();
     let quantum = match (args.quantum, &file.quantum) {
         (Some(q), _) => q,
-        (None, Some(q)) => {
-            parse_duration(q).map_err(|e| anyhow::anyhow!("{cfg_name}: `quantum`: {e}"))?
-        }
+        (None, Some(q)) => parse_duration(q).map_err(|e| anyhow::anyhow!("{cfg_name}: `quantum`: {e}"))?,
         (None, None) => Duration::from_millis(20),
     };
     if quantum < Duration::from_millis(1) || quantum > Duration::from_secs(10) {
@@ -349,11 +337,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             let mut w = BufWriter::new(f);
             // Flushed with the first cycle: a file that cannot be written fails the run
             // there, and everything stopped is continued on the way out.
-            writeln!(
-                w,
-                "cycle,principal,share,consumed_ms,entitlement_ms,rel_error"
-            )
-            .with_context(|| format!("--report {}", path.display()))?;
+            writeln!(w, "cycle,principal,share,consumed_ms,entitlement_ms,rel_error")
+                .with_context(|| format!("--report {}", path.display()))?;
             Some((path.clone(), w))
         }
         None => None,

@@ -511,10 +511,7 @@ mod tests {
         alps.prime(0, 0);
         alps.prime(1, 0);
         alps.begin_quantum();
-        let p = |cpu_ns| Progress {
-            cpu_ns,
-            blocked: false,
-        };
+        let p = |cpu_ns| Progress { cpu_ns, blocked: false };
         // Member 0 used 15 of its 20 ms: 5 ms left; at half a CPU that is 10 ms of wall.
         alps.end_quantum(&[(0, p(15_000_000)), (1, p(15_000_000))]);
         assert_eq!(alps.exhaustion_in_ns(0, 0.5), Some(10_000_000));

@@ -136,10 +136,7 @@ impl Group {
         let me = std::process::id() as i32;
         protected.extend(procs.iter().filter(|p| p.ppid == me).map(|p| p.pid));
         for p in &mut self.principals {
-            let stopped_now = p
-                .pids()
-                .next()
-                .is_some_and(|pid| self.stopped.contains(pid));
+            let stopped_now = p.pids().next().is_some_and(|pid| self.stopped.contains(pid));
             let changes = p.refresh(&procs, &protected, &mut self.stopped, stopped_now)?;
             if strict {
                 if let Some((pid, comm)) = changes.refused.first() {
@@ -166,10 +163,7 @@ impl Group {
             .filter(|(pid, _)| !running.contains(pid))
             .map(|(_, h)| *h)
             .collect();
-        let to_run: Vec<&ProcHandle> = running
-            .iter()
-            .filter_map(|p| members.get(p).copied())
-            .collect();
+        let to_run: Vec<&ProcHandle> = running.iter().filter_map(|p| members.get(p).copied()).collect();
         // Continue first, then stop: the group never drops below its limit in between.
         let stopped = &mut self.stopped;
         stopped.cont_all(to_run);
@@ -221,9 +215,7 @@ fn adapt_loop(
     .map_err(|e| ProcError::Config(e.to_string()))?;
     group.refresh(true)?;
     if group.members().is_empty() {
-        return Err(ProcError::Selector(
-            "no process matches the group's selectors".into(),
-        ));
+        return Err(ProcError::Selector("no process matches the group's selectors".into()));
     }
     let mut ctrl = MplOrRate::new(
         group.members().len(),

@@ -81,7 +81,7 @@ burst = 3
     );
     let mut series = Series::new(
         "utilisation",
-        "t_s,setpoint_percent,cpu_percent,divert,rate_per_sec,offered_per_sec",
+        "t_s,setpoint_percent,cpu_percent,divert,throttle_rate_per_sec,offered_per_sec",
     );
     let t0 = Instant::now();
     let mut trace: Vec<(f64, f64, f64)> = Vec::new(); // (t, divert, rate)
@@ -107,7 +107,8 @@ burst = 3
             SETPOINT,
             r["input"].as_f64().unwrap_or(f64::NAN),
             d,
-            rt,
+            // The rate only while it throttles (at its maximum it limits nothing).
+            if rt < MAX_RATE { rt } else { f64::NAN },
             state(r, "offered_per_sec").unwrap_or(f64::NAN),
         ]);
         // 5 s windows of the back end's CPU, read from /proc by the test itself.

@@ -86,6 +86,9 @@ pub struct DelayConfig {
     /// Burst of the accept-rate buckets the controller sets.
     #[serde(default = "default_rate_burst")]
     pub burst: f64,
+    /// Rate each throttled class starts at, requests per second (default: the maximum).
+    /// Starting low protects the held class from the first seconds' flood.
+    pub initial_rate_per_sec: Option<f64>,
 }
 
 /// `kind = "utilisation"`: two-level CPU utilisation control (open-QoS paper, 4.3).
@@ -402,6 +405,14 @@ pub fn validate(config: &Config, invalid: Invalid<'_>) -> Result<(), ConfigError
                         "min_rate_per_sec",
                         format!("expected a number ≥ 0, got {}", d.min_rate_per_sec),
                     );
+                }
+                if let Some(r) = d.initial_rate_per_sec {
+                    if !(r.is_finite() && r >= d.min_rate_per_sec && r <= d.max_rate_per_sec) {
+                        return err(
+                            "initial_rate_per_sec",
+                            format!("expected a number between min_rate_per_sec and max_rate_per_sec, got {r}"),
+                        );
+                    }
                 }
                 if !(d.burst.is_finite() && d.burst >= 1.0) {
                     return err("burst", format!("expected a number ≥ 1, got {}", d.burst));

@@ -104,7 +104,14 @@ impl State {
                     _ => None,
                 };
                 State::Delay(DelayState {
-                    pi: Pi::new(d.pi(), initial.unwrap_or(f64::INFINITY)).ok(),
+                    pi: Pi::new(
+                        d.pi(),
+                        initial.unwrap_or(
+                            d.initial_rate_per_sec
+                                .map_or(f64::INFINITY, |r| r * d.throttle.len() as f64),
+                        ),
+                    )
+                    .ok(),
                     prev: Prev::default(),
                     delay: None,
                     arrivals: Vec::new(),

@@ -7,8 +7,10 @@
 //! `L' = gradient · L`, then `L = L' + √L'` (the headroom lets the limit grow when
 //! latency is flat), clamped to `[min_limit, max_limit]`.
 //!
-//! minRTT is *measured*, not guessed: in a measuring window the limit is pinned to
-//! `min_concurrency` and that window's sample becomes minRTT. A measurement happens at
+//! minRTT is *measured*, not guessed: the limit is pinned to `min_concurrency`, and once
+//! [`MEASURE_WINDOWS`] windows in a row have run with no more than that in flight (the
+//! requests admitted under the old limit have drained), the smallest of their samples
+//! becomes minRTT (a slow straggler from before cannot set it). A measurement happens at
 //! the start, every `recalc_every` windows, and after the limit has sat at its minimum for
 //! 5 windows in a row (as Envoy does, so a stale minRTT cannot pin the limit down).
 
@@ -62,6 +64,9 @@ impl Default for GradientConfig {
     }
 }
 
+/// Drained windows whose samples make one minRTT measurement.
+pub const MEASURE_WINDOWS: u32 = 3;
+
 /// Windows at the minimum limit after which minRTT is measured again.
 const AT_MIN_WINDOWS: u32 = 5;
 
@@ -86,6 +91,10 @@ pub struct Gradient {
     since_measure: u32,
     at_min: u32,
     last_gradient: f64,
+    /// Measuring: the current window started with no more than `min_concurrency` in flight.
+    drained: bool,
+    /// Measuring: drained windows with a sample so far, and their smallest sample.
+    clean: (u32, f64),
 }
 
 impl Gradient {
@@ -131,18 +140,30 @@ impl Gradient {
             since_measure: 0,
             at_min: 0,
             last_gradient: 1.0,
+            drained: false,
+            clean: (0, f64::INFINITY),
         })
     }
 
     /// Closes a sampling window whose sample latency was `sample` (`None` when no request
-    /// completed) and returns the limit for the next window.
-    pub fn end_window(&mut self, sample: Option<f64>) -> f64 {
+    /// completed), with `in_flight` requests outstanding at its end, and returns the limit
+    /// for the next window.
+    pub fn end_window(&mut self, sample: Option<f64>, in_flight: f64) -> f64 {
         let sample = sample.filter(|s| s.is_finite() && *s > 0.0);
         match self.phase {
             GradientPhase::Measuring => {
-                // Measuring → Adjusting once a sample arrives; without one keep measuring.
-                if let Some(s) = sample {
-                    self.min_rtt = Some(s);
+                // Measuring → Adjusting once a whole window ran at the pinned concurrency
+                // and produced a sample; until then keep measuring.
+                let was_drained = self.drained;
+                self.drained = in_flight <= self.config.min_concurrency;
+                match (sample, was_drained && self.drained) {
+                    (Some(s), true) => self.clean = (self.clean.0 + 1, self.clean.1.min(s)),
+                    (_, false) => self.clean = (0, f64::INFINITY),
+                    (None, true) => {}
+                }
+                if self.clean.0 >= MEASURE_WINDOWS {
+                    self.min_rtt = Some(self.clean.1);
+                    self.clean = (0, f64::INFINITY);
                     self.phase = GradientPhase::Adjusting;
                     self.since_measure = 0;
                     self.at_min = 0;
@@ -168,6 +189,7 @@ impl Gradient {
                 // Adjusting → Measuring: periodically, or when stuck at the minimum.
                 if self.since_measure >= self.config.recalc_every || self.at_min >= AT_MIN_WINDOWS {
                     self.phase = GradientPhase::Measuring;
+                    self.drained = false;
                     self.resume_at = self.limit;
                     self.limit = self.config.min_concurrency.min(self.config.max_limit);
                 }
@@ -218,15 +240,19 @@ mod tests {
         assert_eq!(g.phase(), GradientPhase::Measuring);
         assert_eq!(g.limit(), 3.0);
         // No sample: keep measuring.
-        assert_eq!(g.end_window(None), 3.0);
-        assert_eq!(g.end_window(Some(10.0)), 10.0);
+        // Not yet whole windows at the pinned concurrency, or no sample: keep measuring.
+        assert_eq!(g.end_window(Some(10.0), 0.0), 3.0);
+        assert_eq!(g.end_window(None, 0.0), 3.0);
+        assert_eq!(g.end_window(Some(12.0), 0.0), 3.0);
+        assert_eq!(g.end_window(Some(10.0), 0.0), 3.0);
+        assert_eq!(g.end_window(Some(11.0), 0.0), 10.0);
         assert_eq!(g.min_rtt(), Some(10.0));
         // Sample equal to minRTT: gradient 1.25 → 12.5 + √12.5.
-        let l = g.end_window(Some(10.0));
+        let l = g.end_window(Some(10.0), 0.0);
         assert!((l - (12.5 + 12.5f64.sqrt())).abs() < 1e-9, "{l}");
         // Sample at 4× minRTT: gradient clamps at 0.5.
         let before = g.limit();
-        let l = g.end_window(Some(40.0));
+        let l = g.end_window(Some(40.0), 0.0);
         let scaled = before * 0.5;
         assert!((l - (scaled + scaled.sqrt())).abs() < 1e-9);
     }
@@ -238,7 +264,7 @@ mod tests {
         let mut limit = g.limit();
         for _ in 0..45 {
             let latency = 10.0 * (limit / 8.0).max(1.0);
-            limit = g.end_window(Some(latency));
+            limit = g.end_window(Some(latency), 0.0);
         }
         // Fixed point: 1.25·8/L · L + √(10) ≈ 13.2.
         assert!(limit > 10.0 && limit < 16.0, "{limit}");
@@ -247,14 +273,24 @@ mod tests {
     #[test]
     fn remeasures_when_stuck_at_the_minimum() {
         let mut g = Gradient::new(cfg(), 1.0).unwrap();
-        g.end_window(Some(10.0));
+        for _ in 0..=MEASURE_WINDOWS {
+            g.end_window(Some(10.0), 0.0);
+        }
         for _ in 0..AT_MIN_WINDOWS {
-            g.end_window(Some(1000.0));
+            g.end_window(Some(1000.0), 0.0);
         }
         assert_eq!(g.phase(), GradientPhase::Measuring);
         assert_eq!(g.limit(), 3.0);
-        g.end_window(Some(50.0));
+        // Requests admitted under the old limit are still out: their slow samples must
+        // not become minRTT.
+        g.end_window(Some(900.0), 20.0);
+        g.end_window(Some(800.0), 2.0);
+        g.end_window(Some(700.0), 2.0);
+        g.end_window(Some(50.0), 3.0);
+        assert_eq!(g.min_rtt(), Some(10.0));
+        g.end_window(Some(60.0), 3.0);
         assert_eq!(g.min_rtt(), Some(50.0));
+        assert_eq!(g.phase(), GradientPhase::Adjusting);
     }
 
     #[test]
@@ -290,7 +326,7 @@ mod tests {
         fn limit_stays_in_bounds(samples in prop::collection::vec(prop::option::of(0.001f64..1e5), 1..200)) {
             let mut g = Gradient::new(cfg(), 20.0).unwrap();
             for s in samples {
-                let l = g.end_window(s);
+                let l = g.end_window(s, 0.0);
                 prop_assert!((1.0..=100.0).contains(&l));
             }
         }

@@ -166,6 +166,18 @@ async fn rules_and_actuators_change_at_run_time_and_writes_need_the_token() {
     assert_eq!(ctl(admin, Some(TOKEN), &["gateway", "max_running=32"]).0, 0);
     let s = status(admin).await;
     assert_eq!(s["max_running"], 32);
+
+    // `allot stat` prints the sensors as a table.
+    let a = admin.to_string();
+    let (code, table, err) = run_allot(&["stat", "--admin", &a], &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(table.contains("running 0/32"), "{table}");
+    for line in ["one ", "two ", "app "] {
+        assert!(
+            table.lines().any(|l| l.starts_with(line)),
+            "{line:?} row missing:\n{table}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -240,7 +252,7 @@ fn check_validates_and_names_file_line_and_key() {
     assert_eq!(code, 2);
     assert!(
         err.contains(&format!(
-            "{p}:4: `class.a.max_running`: expected an integer ≥ 1, got 0"
+            "{p}:7: `class.a.max_running`: expected an integer ≥ 1, got 0"
         )),
         "{err}"
     );
@@ -265,4 +277,41 @@ fn every_example_configuration_is_valid() {
         }
     }
     assert!(checked >= 4, "only {checked} examples");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_accepting_and_lets_requests_in_flight_finish() {
+    let (_b, backend) = backend(16, 0, &[]);
+    let (mut g, gw, admin, _) = gateway(&config(backend, "one"), &[], &[]);
+    let slow = tokio::spawn(async move { get_once(gw, "/slow/sleep/1000", &[]).await });
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            class_field(&status(admin).await, "one", "in_flight") == 1.0
+        })
+        .await
+    );
+    g.signal("TERM");
+    let r = slow.await.unwrap();
+    assert_eq!(
+        r.status,
+        200,
+        "the request in flight finished: {}",
+        r.text()
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let exit = loop {
+        if let Some(s) = g.child.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the gateway did not exit"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(exit.success(), "exit status {exit:?}");
+    assert!(
+        tokio::net::TcpStream::connect(gw).await.is_err(),
+        "no longer accepting"
+    );
 }

@@ -57,14 +57,16 @@ pub struct Args {
     /// Lowest duty cycle in rate control, in (0, 1].
     #[arg(long, default_value_t = 0.05)]
     pub min_duty: f64,
-    /// Probe runs per period.
+    /// Probe runs per period (each costs about 10 ms of CPU times the slowdown).
     #[arg(long, default_value_t = 4)]
     pub samples: u32,
     /// Time this command as the probe instead of the built-in work unit.
     #[arg(long)]
     pub probe_cmd: Option<String>,
-    /// Passes of the built-in probe over its 256 KiB buffer.
-    #[arg(long, default_value_t = 12)]
+    /// Passes of the built-in probe over its 256 KiB buffer (120: about 10 ms on an idle
+    /// core, several kernel slices, so a freshly woken probe cannot finish before the
+    /// competition shows).
+    #[arg(long, default_value_t = 120)]
     pub probe_passes: u32,
     /// Do not time an unloaded reference at start (use only the windowed minimum).
     #[arg(long)]
@@ -128,7 +130,11 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         bail!("--period {:?}: expected at least 10ms", args.period);
     }
     if args.window < args.period {
-        bail!("--window {:?}: must be at least one --period ({:?})", args.window, args.period);
+        bail!(
+            "--window {:?}: must be at least one --period ({:?})",
+            args.window,
+            args.period
+        );
     }
     if args.samples == 0 || args.samples > 100 {
         bail!("--samples {}: expected 1 to 100", args.samples);

@@ -98,7 +98,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "s" | "" => v,
         "m" | "min" => v * 60.0,
         "h" => v * 3600.0,
-        u => return Err(format!("{s:?}: unknown unit {u:?} (use ns, us, ms, s, m or h)")),
+        u => {
+            return Err(format!(
+                "{s:?}: unknown unit {u:?} (use ns, us, ms, s, m or h)"
+            ))
+        }
     };
     if !secs.is_finite() || secs < 0.0 {
         return Err(format!("{s:?}: a duration must be finite and >= 0"));
@@ -135,14 +139,17 @@ fn load_config(path: &Path) -> anyhow::Result<FileConfig> {
 fn parse_config(text: &str) -> anyhow::Result<FileConfig> {
     let cfg: FileConfig = toml::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
     for (i, p) in cfg.principal.iter().enumerate() {
-        let n = [p.pid.is_some(), p.tree.is_some(), p.user.is_some(), p.comm.is_some()]
-            .iter()
-            .filter(|b| **b)
-            .count();
+        let n = [
+            p.pid.is_some(),
+            p.tree.is_some(),
+            p.user.is_some(),
+            p.comm.is_some(),
+        ]
+        .iter()
+        .filter(|b| **b)
+        .count();
         if n != 1 {
-            bail!(
-                "`principal[{i}]`: give exactly one of `pid`, `tree`, `user`, `comm` (got {n})"
-            );
+            bail!("`principal[{i}]`: give exactly one of `pid`, `tree`, `user`, `comm` (got {n})");
         }
         if p.shares == 0 {
             bail!("`principal[{i}].shares`: expected an integer >= 1, got 0");
@@ -181,7 +188,12 @@ impl CpuObserver for Output {
                 writeln!(
                     w,
                     "{},{},{},{:.3},{:.3},{:.5}",
-                    r.cycle, r.principal, r.share, r.consumed_ms, r.entitlement_ms, r.rel_error
+                    r.cycle,
+                    csv_field(&r.principal),
+                    r.share,
+                    r.consumed_ms,
+                    r.entitlement_ms,
+                    r.rel_error
                 )?;
             }
             w.flush()
@@ -191,13 +203,14 @@ impl CpuObserver for Output {
 
     fn on_status(&mut self, s: &LiveStatus) {
         let line = format!(
-            "t={:.0}s cycles={} cycle={:.1}ms rms_rel_error(last 10)={:.2}% own_cpu={:.2}% stopped={}",
+            "t={:.0}s cycles={} cycle={:.1}ms rms_rel_error(last 10)={:.2}% own_cpu={:.2}% stopped={} timer_late={:.2}ms",
             s.elapsed_s,
             s.cycles,
             s.cycle_ms,
             s.recent_rms * 100.0,
             s.own_cpu_fraction * 100.0,
-            s.stopped
+            s.stopped,
+            s.late_ms
         );
         if self.json {
             eprintln!("{line}");
@@ -208,6 +221,15 @@ impl CpuObserver for Output {
 
     fn on_membership(&mut self, principal: &str, added: &[i32], removed: &[i32]) {
         tracing::debug!(principal, ?added, ?removed, "membership changed");
+    }
+}
+
+/// Quotes a CSV field that holds a comma, quote or newline (a `--comm` regex may).
+fn csv_field(s: &str) -> String {
+    if s.contains([',', '"', '\n']) {
+        format!("\"{}\"", s.replace('"', "\"\""))
+    } else {
+        s.to_string()
     }
 }
 
@@ -247,7 +269,10 @@ fn print_summary(s: &CpuSummary, json: bool) {
         s.signal.as_ref().map(|x| format!(" (ended by {x})")).unwrap_or_default()
     );
     let total_share: u64 = s.principals.iter().map(|p| p.share).sum();
-    println!("{:<28} {:>6} {:>12} {:>9} {:>9}", "principal", "share", "cpu_ms", "got", "target");
+    println!(
+        "{:<28} {:>6} {:>12} {:>9} {:>9}",
+        "principal", "share", "cpu_ms", "got", "target"
+    );
     for p in &s.principals {
         println!(
             "{:<28} {:>6} {:>12.1} {:>8.2}% {:>8.2}%",
@@ -295,7 +320,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         .unwrap_or_default();
     let quantum = match (args.quantum, &file.quantum) {
         (Some(q), _) => q,
-        (None, Some(q)) => parse_duration(q).map_err(|e| anyhow::anyhow!("{cfg_name}: `quantum`: {e}"))?,
+        (None, Some(q)) => {
+            parse_duration(q).map_err(|e| anyhow::anyhow!("{cfg_name}: `quantum`: {e}"))?
+        }
         (None, None) => Duration::from_millis(20),
     };
     if quantum < Duration::from_millis(1) || quantum > Duration::from_secs(10) {
@@ -337,8 +364,11 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             let mut w = BufWriter::new(f);
             // Flushed with the first cycle: a file that cannot be written fails the run
             // there, and everything stopped is continued on the way out.
-            writeln!(w, "cycle,principal,share,consumed_ms,entitlement_ms,rel_error")
-                .with_context(|| format!("--report {}", path.display()))?;
+            writeln!(
+                w,
+                "cycle,principal,share,consumed_ms,entitlement_ms,rel_error"
+            )
+            .with_context(|| format!("--report {}", path.display()))?;
             Some((path.clone(), w))
         }
         None => None,
@@ -368,6 +398,13 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn csv_fields_are_quoted_when_needed() {
+        assert_eq!(csv_field("pid:12"), "pid:12");
+        assert_eq!(csv_field("comm:a{1,2}"), "\"comm:a{1,2}\"");
+        assert_eq!(csv_field("x\"y"), "\"x\"\"y\"");
+    }
 
     #[test]
     fn durations() {

@@ -111,7 +111,7 @@ async fn demo(length: Duration) -> anyhow::Result<()> {
     );
     println!("  premium: {PREMIUM_CLIENTS} clients from 127.0.0.2, priority 10");
     println!(
-        "  basic:   {BASIC_CLIENTS} clients from 127.0.0.1, offering about twice what is left\n"
+        "  basic:   {BASIC_CLIENTS} clients from 127.0.0.1, offering about three times what is left\n"
     );
 
     let deadline = Instant::now() + length;

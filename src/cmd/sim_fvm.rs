@@ -42,7 +42,11 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         bail!("--duration {}: expected a number > 0", args.duration);
     }
     if !(args.every.is_finite() && args.every >= args.dt) {
-        bail!("--every {}: expected a number >= --dt ({})", args.every, args.dt);
+        bail!(
+            "--every {}: expected a number >= --dt ({})",
+            args.every,
+            args.dt
+        );
     }
     let params = FvmParams {
         initial: args.initial.clone(),
@@ -80,11 +84,10 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let c = s.congestion(model.params());
     let n_star = model.steady_state_demand();
     let mean = s.n.iter().sum::<f64>() / v as f64;
-    let max_dev = s
-        .n
-        .iter()
-        .map(|n| (n - mean).abs() / mean.max(f64::MIN_POSITIVE))
-        .fold(0.0, f64::max);
+    let max_dev =
+        s.n.iter()
+            .map(|n| (n - mean).abs() / mean.max(f64::MIN_POSITIVE))
+            .fold(0.0, f64::max);
     let steady_err = (mean - n_star).abs() / n_star;
     if args.json {
         println!(

@@ -74,7 +74,9 @@ pub struct Workers {
 impl Workers {
     /// `n` busy loops pinned to `cpu`.
     pub fn busy(n: usize, cpu: usize) -> Workers {
-        let mut w = Workers { children: Vec::new() };
+        let mut w = Workers {
+            children: Vec::new(),
+        };
         for _ in 0..n {
             w.spawn_sh("while :; do :; done", cpu);
         }
@@ -228,9 +230,11 @@ pub fn report_rms(csv: &str, skip: u64) -> (Vec<f64>, std::collections::BTreeMap
         if f.len() < 4 {
             continue;
         }
-        let (Ok(cycle), Ok(share), Ok(consumed)) =
-            (f[0].parse::<u64>(), f[2].parse::<f64>(), f[3].parse::<f64>())
-        else {
+        let (Ok(cycle), Ok(share), Ok(consumed)) = (
+            f[0].parse::<u64>(),
+            f[2].parse::<f64>(),
+            f[3].parse::<f64>(),
+        ) else {
             continue;
         };
         *totals.entry(f[1].to_string()).or_default() += consumed;

@@ -84,6 +84,105 @@ pub struct Config {
     /// Feedback loops of the QoS manager (see `crate::qos`).
     #[serde(default)]
     pub controller: Vec<Spanned<crate::qos::ControllerConfig>>,
+    /// Sharing agreements enforced on the classes mapped to principals.
+    pub agreements: Option<Spanned<AgreementsConfig>>,
+}
+
+/// How requests within their principal's quota are answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AgreementMode {
+    /// Forward to the back end (the class's), as any request.
+    #[default]
+    Proxy,
+    /// Answer 307 with `Location` on the server whose capacity serves it; over quota, 307
+    /// back to the gateway with `Retry-After` (the paper's layer-7 redirector).
+    Redirect,
+}
+
+/// A per-request cost: requests whose path starts with `path_prefix` cost `units`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CostRule {
+    /// Path prefix the rule applies to.
+    pub path_prefix: String,
+    /// Cost units of one such request (> 0).
+    pub units: f64,
+}
+
+/// Where a principal's capacity is reached, for redirect mode.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerLocation {
+    /// The principal owning the capacity.
+    pub principal: String,
+    /// Base URL the request's path is appended to, e.g. `http://10.0.0.5:8080`.
+    pub location: String,
+}
+
+fn default_agreement_window_ms() -> u64 {
+    100
+}
+fn default_demand_smoothing() -> f64 {
+    0.5
+}
+fn default_deferral_ms() -> u64 {
+    1000
+}
+
+/// `[agreements]`: tickets and currencies enforced per window (see docs/agreements.md).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgreementsConfig {
+    /// `proxy` (default) or `redirect`.
+    #[serde(default)]
+    pub mode: AgreementMode,
+    /// The planner's objective.
+    #[serde(default)]
+    pub objective: allot_model::agreements::Objective,
+    /// Planning window, in milliseconds.
+    #[serde(default = "default_agreement_window_ms")]
+    pub window_ms: u64,
+    /// Weight of the newest window in the demand estimate, in (0, 1].
+    #[serde(default = "default_demand_smoothing")]
+    pub demand_smoothing: f64,
+    /// Longest a request over its principal's credit waits for a later window; then 503.
+    #[serde(default = "default_deferral_ms")]
+    pub max_wait_ms: u64,
+    /// Which principal each class's requests are charged to (`class = "principal"`).
+    pub classes: std::collections::BTreeMap<String, String>,
+    /// Costs by path prefix (first match); other requests cost 1 unit.
+    #[serde(default)]
+    pub cost: Vec<CostRule>,
+    /// The principals (`[[agreements.principal]]`, as in `allot plan`).
+    #[serde(default)]
+    pub principal: Vec<allot_model::agreements::PrincipalSpec>,
+    /// The agreements (`[[agreements.agreement]]`, as in `allot plan`).
+    #[serde(default)]
+    pub agreement: Vec<allot_model::agreements::AgreementSpec>,
+    /// Redirect mode: where each owning principal's capacity is.
+    #[serde(default)]
+    pub server: Vec<ServerLocation>,
+}
+
+impl AgreementsConfig {
+    /// The agreement set as `allot plan` reads it.
+    pub fn spec(&self) -> allot_model::agreements::AgreementsSpec {
+        allot_model::agreements::AgreementsSpec {
+            objective: self.objective,
+            window_ms: self.window_ms,
+            principals: self.principal.clone(),
+            agreements: self.agreement.clone(),
+        }
+    }
+
+    /// The cost of a request for `path`, in units.
+    pub fn cost_of(&self, path: &str) -> f64 {
+        self.cost
+            .iter()
+            .find(|c| path.starts_with(&c.path_prefix))
+            .map_or(1.0, |c| c.units)
+    }
 }
 
 /// The client-facing listener.
@@ -392,7 +491,7 @@ impl Config {
                 line: if text.is_empty() {
                     0
                 } else {
-                    line_of(text, span.start)
+                    line_of(text, key_offset(text, span, &key))
                 },
                 key,
                 message,
@@ -533,11 +632,83 @@ impl Config {
                 "with more than one class, a [[chain]] must say which requests go where".into(),
             ));
         }
+        if let Some(a) = &self.agreements {
+            self.validate_agreements(a.get_ref(), &class_names)
+                .map_err(|(key, message)| invalid(a.span(), key, message))?;
+        }
         if let Err(e) = self.rule_set_or_single() {
             let span = self.chain.first().map(|c| c.span()).unwrap_or(0..0);
             return Err(invalid(span, "chain".into(), e.to_string()));
         }
         crate::qos::validate(self, &invalid)?;
+        Ok(())
+    }
+
+    fn validate_agreements(
+        &self,
+        a: &AgreementsConfig,
+        class_names: &HashSet<&str>,
+    ) -> Result<(), (String, String)> {
+        let set = allot_model::agreements::AgreementSet::from_spec(&a.spec())
+            .map_err(|e| ("agreements".to_string(), e.to_string()))?;
+        if !(a.demand_smoothing > 0.0 && a.demand_smoothing <= 1.0) {
+            return Err((
+                "agreements.demand_smoothing".into(),
+                format!("expected a number in (0, 1], got {}", a.demand_smoothing),
+            ));
+        }
+        if a.max_wait_ms == 0 {
+            return Err(("agreements.max_wait_ms".into(), "expected ≥ 1".into()));
+        }
+        for (class, principal) in &a.classes {
+            if !class_names.contains(class.as_str()) {
+                return Err((
+                    format!("agreements.classes.{class}"),
+                    format!("no [[class]] is named {class:?}"),
+                ));
+            }
+            if set.index_of(principal).is_none() {
+                return Err((
+                    format!("agreements.classes.{class}"),
+                    format!("no [[agreements.principal]] is named {principal:?}"),
+                ));
+            }
+        }
+        for c in &a.cost {
+            if !(c.units.is_finite() && c.units > 0.0) {
+                return Err((
+                    format!("agreements.cost.{}", c.path_prefix),
+                    format!("units: expected a number > 0, got {}", c.units),
+                ));
+            }
+        }
+        if a.mode == AgreementMode::Redirect {
+            for s in &a.server {
+                if set.index_of(&s.principal).is_none() {
+                    return Err((
+                        "agreements.server.principal".into(),
+                        format!("no [[agreements.principal]] is named {:?}", s.principal),
+                    ));
+                }
+                if !(s.location.starts_with("http://") || s.location.starts_with("https://")) {
+                    return Err((
+                        "agreements.server.location".into(),
+                        format!("expected an http:// or https:// URL, got {:?}", s.location),
+                    ));
+                }
+            }
+            for p in &a.principal {
+                if p.capacity_units_per_s > 0.0 && !a.server.iter().any(|s| s.principal == p.name) {
+                    return Err((
+                        "agreements.server".into(),
+                        format!(
+                            "redirect mode needs a server location for {:?}, which owns capacity",
+                            p.name
+                        ),
+                    ));
+                }
+            }
+        }
         Ok(())
     }
 
@@ -575,6 +746,30 @@ fn line_of(text: &str, at: usize) -> usize {
     text.get(..at.min(text.len()))
         .map(|t| t.matches('\n').count() + 1)
         .unwrap_or(1)
+}
+
+/// Where `key` is set in the table starting at `span` (the line that writes the key's last
+/// part), else the table's start.
+fn key_offset(text: &str, span: std::ops::Range<usize>, key: &str) -> usize {
+    let leaf = key.rsplit('.').next().unwrap_or(key);
+    let Some(rest) = text.get(span.start..) else {
+        return span.start;
+    };
+    // The table runs from its header to the next header.
+    let mut offset = span.start;
+    for (i, line) in rest.split_inclusive('\n').enumerate() {
+        let code = line.split('#').next().unwrap_or("");
+        if i > 0 && code.trim_start().starts_with('[') {
+            break;
+        }
+        if let Some(at) = code.find(leaf) {
+            if code[at + leaf.len()..].trim_start().starts_with('=') {
+                return offset;
+            }
+        }
+        offset += line.len();
+    }
+    span.start
 }
 
 /// The span of the first line that sets `key`, for keys outside arrays of tables.
@@ -634,7 +829,7 @@ target = { class = "premium" }
         let bad = GOOD.replace("max_running = 4", "max_running = 0");
         let err = Config::parse(&bad, "t.toml").unwrap_err().to_string();
         assert!(
-            err.starts_with("t.toml:15: `class.basic.max_running`"),
+            err.starts_with("t.toml:17: `class.basic.max_running`"),
             "{err}"
         );
 
@@ -645,7 +840,7 @@ target = { class = "premium" }
 
         let bad = GOOD.replace("priority = 10", "priority = \"high\"");
         let err = Config::parse(&bad, "t.toml").unwrap_err().to_string();
-        assert!(err.starts_with("t.toml:13:"), "{err}");
+        assert!(err.starts_with("t.toml:12:"), "{err}");
 
         let bad = GOOD.replace("priority = 10", "priorty = 10");
         let err = Config::parse(&bad, "t.toml").unwrap_err().to_string();

@@ -14,9 +14,11 @@
 //! - [`server`]: accept loops with graceful shutdown; `admin`, `metrics`: the admin API;
 //! - [`stats`]: sensors and their snapshots;
 //! - [`qos`]: the QoS manager's feedback loops (`[[controller]]`).
+//! - [`agreements`]: sharing agreements, planned every window and enforced as credits.
 #![deny(missing_docs)]
 
 mod admin;
+pub mod agreements;
 mod body;
 mod clock;
 pub mod config;

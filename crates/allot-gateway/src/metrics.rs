@@ -41,6 +41,19 @@ fn gauge(
     Ok(())
 }
 
+fn gauge_f64(
+    e: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    rows: &[(Labels, f64)],
+) -> std::fmt::Result {
+    let mut m = e.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (labels, v) in rows {
+        m.encode_family(labels)?.encode_gauge(v)?;
+    }
+    Ok(())
+}
+
 fn histogram(
     e: &mut DescriptorEncoder,
     name: &str,
@@ -247,6 +260,64 @@ impl Collector for StatusCollector {
             "Time from sending to the end of the response body.",
             &b,
         )?;
+        let principal = |name: &str| vec![("principal", name.to_string())];
+        type Field = fn(&crate::agreements::PrincipalSnapshot) -> f64;
+        let levels: [(&str, &str, Field); 4] = [
+            (
+                "allot_principal_mandatory_units_per_second",
+                "MC: guaranteed cost units per second.",
+                |p| p.mandatory,
+            ),
+            (
+                "allot_principal_optional_units_per_second",
+                "OC: units per second usable beyond the guarantee.",
+                |p| p.optional,
+            ),
+            (
+                "allot_principal_demand_units_per_second",
+                "Smoothed demand.",
+                |p| p.demand,
+            ),
+            (
+                "allot_principal_allocation_units_per_second",
+                "This window's allocation.",
+                |p| p.allocation,
+            ),
+        ];
+        for (name, help, f) in levels {
+            let rows: Vec<(Labels, f64)> = s
+                .principals
+                .iter()
+                .map(|p| (principal(&p.name), f(p)))
+                .collect();
+            gauge_f64(&mut e, name, help, &rows)?;
+        }
+        type Count = fn(&crate::agreements::PrincipalSnapshot) -> u64;
+        let counts: [(&str, &str, Count); 3] = [
+            (
+                "allot_principal_admitted",
+                "Requests admitted within credit.",
+                |p| p.admitted,
+            ),
+            (
+                "allot_principal_deferred",
+                "Requests that waited for credit (or were redirected back).",
+                |p| p.deferred,
+            ),
+            (
+                "allot_principal_refused",
+                "Requests refused for want of credit.",
+                |p| p.refused,
+            ),
+        ];
+        for (name, help, f) in counts {
+            let rows: Vec<(Labels, u64)> = s
+                .principals
+                .iter()
+                .map(|p| (principal(&p.name), f(p)))
+                .collect();
+            counter(&mut e, name, help, &rows)?;
+        }
         gauge(
             &mut e,
             "allot_gateway_running",

@@ -21,6 +21,10 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 pub async fn serve(gw: Gateway, listener: TcpListener, shutdown: impl Future<Output = ()>) {
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
+    let (stop_windows, windows_stopped) = tokio::sync::oneshot::channel::<()>();
+    let windows = tokio::spawn(crate::agreements::run_loop(gw.clone(), async move {
+        let _ = windows_stopped.await;
+    }));
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -65,6 +69,8 @@ pub async fn serve(gw: Gateway, listener: TcpListener, shutdown: impl Future<Out
     }
     drop(listener);
     drain(graceful, "gateway").await;
+    let _ = stop_windows.send(());
+    let _ = windows.await;
 }
 
 /// Serves the admin API on `listener` until `shutdown` resolves.

@@ -12,12 +12,12 @@ use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
+use crate::agreements::Credit;
 use crate::body::{GatewayBody, Proxied, RequestBody};
 use crate::conn::ConnState;
 use crate::sched::{Admission, Permit};
 use crate::state::{ClassRt, Gateway};
 use crate::stats::{BackendFailure, RefuseReason};
-use crate::upstream::ForwardError;
 
 /// hyper's entry point for one request on one client connection.
 pub(crate) async fn handle(
@@ -96,6 +96,47 @@ async fn serve(gw: &Gateway, peer: SocketAddr, req: Request<Incoming>) -> Respon
     if cfg.retired {
         return refused(&class, RefuseReason::QueueFull, retry_after);
     }
+
+    // Agreements: within the principal's credit, or wait for a later window's.
+    if let Some(enforcer) = gw.enforcer() {
+        if let Some(principal) = enforcer.principal_of(index) {
+            let credit = enforcer.arrive(principal, req.uri().path(), now);
+            if enforcer.redirect() {
+                return match credit {
+                    Credit::Now => match enforcer.location(principal, rand::random::<f64>()) {
+                        Some(base) => redirect(format!("{base}{}", path_and_query(&req)), None),
+                        None => reply(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            "allot: no server location\n",
+                            None,
+                        ),
+                    },
+                    // Back to the gateway itself, later (the paper's layer-7 redirector).
+                    Credit::Wait(_) => {
+                        let host = req
+                            .headers()
+                            .get(header::HOST)
+                            .and_then(|h| h.to_str().ok())
+                            .unwrap_or("localhost");
+                        redirect(
+                            format!("http://{host}{}", path_and_query(&req)),
+                            Some(retry_after),
+                        )
+                    }
+                };
+            }
+            if let Credit::Wait(rx) = credit {
+                let granted = matches!(
+                    tokio::time::timeout(enforcer.max_wait(), rx).await,
+                    Ok(Ok(()))
+                );
+                enforcer.settle(principal, granted);
+                if !granted {
+                    return refused(&class, RefuseReason::Quota, retry_after);
+                }
+            }
+        }
+    }
     let permit = match gw
         .inner
         .sched
@@ -170,7 +211,7 @@ async fn serve(gw: &Gateway, peer: SocketAddr, req: Request<Incoming>) -> Respon
                 BackendFailure::Timeout => StatusCode::GATEWAY_TIMEOUT,
                 _ => StatusCode::BAD_GATEWAY,
             };
-            reply(status, format!("allot: {}\n", describe(&err)), None)
+            reply(status, format!("allot: {err}\n"), None)
         }
     }
 }
@@ -219,8 +260,23 @@ impl Drop for Waiting<'_> {
     }
 }
 
-fn describe(err: &ForwardError) -> String {
-    err.to_string()
+fn path_and_query<B>(req: &Request<B>) -> &str {
+    req.uri().path_and_query().map_or("/", |pq| pq.as_str())
+}
+
+fn redirect(location: String, retry_after_s: Option<u64>) -> Response<GatewayBody> {
+    let mut resp = reply(StatusCode::TEMPORARY_REDIRECT, "", retry_after_s);
+    match HeaderValue::from_str(&location) {
+        Ok(v) => {
+            resp.headers_mut().insert(header::LOCATION, v);
+            resp
+        }
+        Err(_) => reply(
+            StatusCode::BAD_REQUEST,
+            "allot: request target not usable in a redirect\n",
+            None,
+        ),
+    }
 }
 
 fn content_length(headers: &HeaderMap) -> Option<u64> {

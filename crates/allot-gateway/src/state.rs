@@ -16,6 +16,7 @@ use allot_model::dispatch::ClassWeights;
 use allot_model::queue::QueueConfig;
 use tokio::time::Instant;
 
+use crate::agreements::Enforcer;
 use crate::body::BandwidthGroup;
 use crate::config::{ClassConfig, Config, ConfigError};
 use crate::sched::{ClassLimits, Scheduler};
@@ -83,6 +84,7 @@ pub(crate) struct Inner {
     groups: RwLock<HashMap<String, BandwidthGroup>>,
     pub(crate) rules: RwLock<Arc<Rules>>,
     pub(crate) settings: RwLock<Arc<Settings>>,
+    enforcer: RwLock<Option<Arc<Enforcer>>>,
     /// Serialises changes so two writers cannot interleave.
     change: Mutex<()>,
     /// The QoS manager's loops.
@@ -118,6 +120,7 @@ impl Gateway {
                     admin_token: config.admin.resolved_token(),
                     config: config.clone(),
                 })),
+                enforcer: RwLock::new(None),
                 change: Mutex::new(()),
                 qos: crate::qos::Manager::default(),
                 started: Instant::now(),
@@ -245,6 +248,23 @@ impl Gateway {
                 .collect()
         };
 
+        // Agreements, keeping the state of principals that stay.
+        let enforcer = match &config.agreements {
+            Some(a) => {
+                let old = read(&inner.enforcer).clone();
+                let e = Enforcer::new(
+                    a.get_ref(),
+                    &class_index,
+                    old.as_deref(),
+                    crate::clock::now(),
+                )
+                .map_err(|e| invalid("agreements", e))?;
+                Some(Arc::new(e))
+            }
+            None => None,
+        };
+        *write(&inner.enforcer) = enforcer;
+
         let to_class = rule_set
             .classes()
             .iter()
@@ -331,6 +351,11 @@ impl Gateway {
         Arc::clone(&read(&self.inner.rules))
     }
 
+    /// The agreement enforcer in force, if the configuration has `[agreements]`.
+    pub(crate) fn enforcer(&self) -> Option<Arc<Enforcer>> {
+        read(&self.inner.enforcer).clone()
+    }
+
     /// A class by run-time index.
     pub(crate) fn class(&self, index: usize) -> Option<Arc<ClassRt>> {
         read(&self.inner.classes).get(index).cloned()
@@ -356,6 +381,7 @@ impl Gateway {
                 .iter()
                 .map(|b| b.stats.snapshot(&b.name, b.healthy_addresses()))
                 .collect(),
+            principals: self.enforcer().map(|e| e.snapshot()).unwrap_or_default(),
         }
     }
 }

@@ -315,6 +315,9 @@ pub struct Status {
     pub classes: Vec<ClassSnapshot>,
     /// Per back end.
     pub backends: Vec<BackendSnapshot>,
+    /// Per principal under `[agreements]` (empty without).
+    #[serde(default)]
+    pub principals: Vec<crate::agreements::PrincipalSnapshot>,
 }
 
 /// Shared handle to a class's sensors.

@@ -19,6 +19,8 @@
 
 use thiserror::Error;
 
+use crate::Nanos;
+
 /// A configuration value out of range.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum AlpsError {
@@ -79,8 +81,11 @@ struct Member {
     allowance: f64,
     eligible: bool,
     active: bool,
-    next_read: u64,
+    /// When the member could first have used up its allowance (optimised algorithm).
+    next_read_ns: u64,
     last_cpu_ns: Option<u64>,
+    /// When it was last read (its unread consumption started then).
+    last_read_ns: u64,
     parallelism: u32,
 }
 
@@ -94,6 +99,8 @@ pub struct Alps {
     count: u64,
     cycles: u64,
     reads: u64,
+    /// CPUs the members can use together (bounds what unread members consumed).
+    cpus: u32,
 }
 
 fn gcd(a: u64, b: u64) -> u64 {
@@ -127,8 +134,9 @@ impl Alps {
                 allowance: (s / g) as f64,
                 eligible: true,
                 active: true,
-                next_read: 0,
+                next_read_ns: 0,
                 last_cpu_ns: None,
+                last_read_ns: 0,
                 parallelism: 1,
             })
             .collect();
@@ -139,6 +147,7 @@ impl Alps {
             count: 0,
             cycles: 0,
             reads: 0,
+            cpus: 1,
         };
         alps.cycle_remaining_ns = alps.cycle_length_ns();
         Ok(alps)
@@ -223,6 +232,11 @@ impl Alps {
         (t < q).then_some(t as u64)
     }
 
+    /// Tells the model how many CPUs all members together can use (at least 1).
+    pub fn set_cpus(&mut self, cpus: u32) {
+        self.cpus = cpus.max(1);
+    }
+
     /// Tells the model how many CPUs a member can use at once (its runnable tasks,
     /// bounded by the CPUs it may run on); at least 1.
     pub fn set_parallelism(&mut self, id: usize, parallelism: u32) {
@@ -243,7 +257,7 @@ impl Alps {
         }
         m.active = active;
         m.last_cpu_ns = None;
-        m.next_read = 0;
+        m.next_read_ns = 0;
         let q = self.config.quantum_ns as f64;
         // The cycle only waits for allowance that can still be used: a leaving member
         // takes its unused allowance out of the cycle, a returning one brings its share.
@@ -256,25 +270,39 @@ impl Alps {
         self.cycle_remaining_ns += delta_ns as i128;
     }
 
-    /// Starts a quantum: returns the members to read now (eligible, present, and due).
-    pub fn begin_quantum(&mut self) -> Vec<usize> {
+    /// Starts a step at `now` (normally a quantum tick): returns the members to read
+    /// (eligible, present, and — optimised — able to use up their allowance before the
+    /// next tick).
+    pub fn begin_quantum(&mut self, now: Nanos) -> Vec<usize> {
         self.count += 1;
-        let count = self.count;
+        let horizon = now.0.saturating_add(self.config.quantum_ns);
         let basic = self.config.algorithm == Algorithm::Basic;
+        // The optimised algorithm subtracts consumption from the cycle only when it reads
+        // it, so the end of a cycle would be seen late. If what the unread members may
+        // have used by the next tick could finish the cycle, read them all now.
+        let (mut per_member, mut oldest) = (0u128, horizon);
+        for m in self.members.iter().filter(|m| m.active && m.eligible) {
+            let since = horizon.saturating_sub(m.last_read_ns);
+            per_member += u128::from(since) * u128::from(m.parallelism);
+            oldest = oldest.min(m.last_read_ns);
+        }
+        let by_cpus = u128::from(horizon - oldest) * u128::from(self.cpus);
+        let unread_bound = per_member.min(by_cpus) as i128;
+        let read_all = basic || self.cycle_remaining_ns <= unread_bound;
         let due: Vec<usize> = self
             .members
             .iter()
             .enumerate()
-            .filter(|(_, m)| m.active && m.eligible && (basic || m.next_read <= count))
+            .filter(|(_, m)| m.active && m.eligible && (read_all || m.next_read_ns < horizon))
             .map(|(i, _)| i)
             .collect();
         self.reads += due.len() as u64;
         due
     }
 
-    /// Ends a quantum with the readings of (some of) the members asked for by
-    /// [`Alps::begin_quantum`]; a member that could not be read is simply left out.
-    pub fn end_quantum(&mut self, readings: &[(usize, Progress)]) -> QuantumOutcome {
+    /// Ends the step begun at `now` with the readings of (some of) the members asked for
+    /// by [`Alps::begin_quantum`]; a member that could not be read is simply left out.
+    pub fn end_quantum(&mut self, now: Nanos, readings: &[(usize, Progress)]) -> QuantumOutcome {
         let q = self.config.quantum_ns as f64;
         let mut read = vec![false; self.members.len()];
         for &(id, progress) in readings {
@@ -282,6 +310,7 @@ impl Alps {
                 continue;
             };
             read[id] = true;
+            m.last_read_ns = now.0;
             // The first reading (or the first after a return) only sets the origin.
             let consumed = match m.last_cpu_ns {
                 Some(last) => progress.cpu_ns.saturating_sub(last),
@@ -309,7 +338,6 @@ impl Alps {
             cycle_ended,
             ..QuantumOutcome::default()
         };
-        let count = self.count;
         let basic = self.config.algorithm == Algorithm::Basic;
         for (id, m) in self.members.iter_mut().enumerate() {
             if !m.active {
@@ -325,23 +353,24 @@ impl Alps {
             if eligible != m.eligible {
                 m.eligible = eligible;
                 if eligible {
+                    m.last_read_ns = now.0;
                     outcome.resume.push(id);
                 } else {
                     outcome.stop.push(id);
                 }
             }
-            if !basic && m.next_read <= count {
-                // Algorithm 2: the member cannot exhaust its allowance sooner.
-                let per_quantum = f64::from(m.parallelism);
-                let wait = (m.allowance / per_quantum).ceil().max(1.0);
-                let blocked_reread = read[id]
-                    && readings
-                        .iter()
-                        .any(|&(i, p)| i == id && p.blocked && self.config.io_rule);
-                m.next_read = if blocked_reread {
-                    count + 1
+            if !basic && (read[id] || (m.eligible && m.next_read_ns <= now.0)) {
+                // Algorithm 2, with the bound in time rather than in ticks (a late or
+                // skipped tick must not let a member overrun): running on at most
+                // `parallelism` CPUs, it cannot use up its allowance sooner than this.
+                let blocked = readings
+                    .iter()
+                    .any(|&(i, p)| i == id && p.blocked && self.config.io_rule);
+                let wait_ns = m.allowance.max(0.0) * q / f64::from(m.parallelism);
+                m.next_read_ns = if blocked {
+                    now.0
                 } else {
-                    count + wait as u64
+                    now.0.saturating_add(wait_ns as u64)
                 };
             }
         }
@@ -408,7 +437,8 @@ mod tests {
         let mut at_cycle_start = cpu.cpu_ns.clone();
         for k in 0..quanta {
             cpu.run(q, &|i| runnable(k, i));
-            let due = alps.begin_quantum();
+            let now = Nanos((k + 1) * q);
+            let due = alps.begin_quantum(now);
             let readings: Vec<(usize, Progress)> = due
                 .iter()
                 .map(|&i| {
@@ -421,7 +451,7 @@ mod tests {
                     )
                 })
                 .collect();
-            let out = alps.end_quantum(&readings);
+            let out = alps.end_quantum(now, &readings);
             for &i in &out.stop {
                 cpu.stopped[i] = true;
             }
@@ -510,10 +540,16 @@ mod tests {
         let mut alps = Alps::new(config(Algorithm::Basic), &[1, 4]).unwrap();
         alps.prime(0, 0);
         alps.prime(1, 0);
-        alps.begin_quantum();
-        let p = |cpu_ns| Progress { cpu_ns, blocked: false };
+        alps.begin_quantum(Nanos::from_millis(20));
+        let p = |cpu_ns| Progress {
+            cpu_ns,
+            blocked: false,
+        };
         // Member 0 used 15 of its 20 ms: 5 ms left; at half a CPU that is 10 ms of wall.
-        alps.end_quantum(&[(0, p(15_000_000)), (1, p(15_000_000))]);
+        alps.end_quantum(
+            Nanos::from_millis(20),
+            &[(0, p(15_000_000)), (1, p(15_000_000))],
+        );
         assert_eq!(alps.exhaustion_in_ns(0, 0.5), Some(10_000_000));
         // At a tenth of a CPU it would take 50 ms: after the next quantum, so no early stop.
         assert_eq!(alps.exhaustion_in_ns(0, 0.1), None);
@@ -532,12 +568,18 @@ mod tests {
     fn a_blocked_member_loses_a_quantum_and_shortens_the_cycle() {
         let mut alps = Alps::new(config(Algorithm::Basic), &[1, 2, 3]).unwrap();
         // First reading sets origins.
-        alps.begin_quantum();
+        alps.begin_quantum(Nanos::from_millis(20));
         let p = |cpu_ns, blocked| Progress { cpu_ns, blocked };
-        alps.end_quantum(&[(0, p(0, false)), (1, p(0, false)), (2, p(0, false))]);
-        alps.begin_quantum();
+        alps.end_quantum(
+            Nanos::from_millis(20),
+            &[(0, p(0, false)), (1, p(0, false)), (2, p(0, false))],
+        );
+        alps.begin_quantum(Nanos::from_millis(40));
         let q = 20_000_000;
-        let out = alps.end_quantum(&[(0, p(q / 2, false)), (1, p(0, true)), (2, p(q / 2, false))]);
+        let out = alps.end_quantum(
+            Nanos::from_millis(40),
+            &[(0, p(q / 2, false)), (1, p(0, true)), (2, p(q / 2, false))],
+        );
         assert!(!out.cycle_ended);
         assert!((alps.allowance(0) - 0.5).abs() < 1e-12);
         assert!((alps.allowance(1) - 1.0).abs() < 1e-12);

@@ -475,13 +475,36 @@ struct CompiledChain {
 }
 
 /// Which needles occur in which headers, filled one header at a time, on first need.
+/// Per header, one word saying whether it was scanned, then a bit per needle.
 struct HeaderScan {
-    words_per_header: usize,
-    scanned: Vec<bool>,
-    found: Vec<u64>,
+    stride: usize,
+    bits: Bits,
+}
+
+/// Word storage that stays on the stack for the usual few headers and strings.
+enum Bits {
+    Inline([u64; 8]),
+    Heap(Vec<u64>),
 }
 
 impl HeaderScan {
+    fn new(chain: &CompiledChain) -> HeaderScan {
+        let words = chain
+            .matcher
+            .as_ref()
+            .map_or(0, |m| m.patterns_len().div_ceil(64));
+        let stride = words + 1;
+        let total = stride * chain.headers.len();
+        HeaderScan {
+            stride,
+            bits: if total <= 8 {
+                Bits::Inline([0; 8])
+            } else {
+                Bits::Heap(vec![0; total])
+            },
+        }
+    }
+
     fn has(
         &mut self,
         chain: &CompiledChain,
@@ -492,18 +515,22 @@ impl HeaderScan {
         let Some(matcher) = &chain.matcher else {
             return false;
         };
-        let words = self.words_per_header;
-        if !self.scanned[header] {
-            self.scanned[header] = true;
-            let row = &mut self.found[header * words..(header + 1) * words];
+        let bits = match &mut self.bits {
+            Bits::Inline(a) => &mut a[..],
+            Bits::Heap(v) => &mut v[..],
+        };
+        let row = &mut bits[header * self.stride..(header + 1) * self.stride];
+        if row[0] == 0 {
+            row[0] = 1;
+            let found = &mut row[1..];
             headers.for_each_value(&chain.headers[header], &mut |value: &[u8]| {
                 for m in matcher.find_overlapping_iter(value) {
                     let n = m.pattern().as_usize();
-                    row[n / 64] |= 1 << (n % 64);
+                    found[n / 64] |= 1 << (n % 64);
                 }
             });
         }
-        self.found[header * words + needle / 64] & (1 << (needle % 64)) != 0
+        row[1 + needle / 64] & (1 << (needle % 64)) != 0
     }
 }
 
@@ -702,17 +729,7 @@ impl RuleSet {
                     Test::Host(p) => req.host.is_some_and(|h| p.matches(h)),
                     Test::PathPrefix(p) => req.path.as_bytes().starts_with(p.as_bytes()),
                     Test::Header { header, needle } => {
-                        let scan = scan.get_or_insert_with(|| {
-                            let words = c
-                                .matcher
-                                .as_ref()
-                                .map_or(0, |m| m.patterns_len().div_ceil(64));
-                            HeaderScan {
-                                words_per_header: words,
-                                scanned: vec![false; c.headers.len()],
-                                found: vec![0; words * c.headers.len()],
-                            }
-                        });
+                        let scan = scan.get_or_insert_with(|| HeaderScan::new(c));
                         scan.has(c, req.headers, *header, *needle)
                     }
                     Test::Probability(p) => draw() < *p,

@@ -17,9 +17,12 @@
 //! - [`alps`]: basic and optimised ALPS decisions with the I/O rule.
 //! - [`fvm`]: the FVM fluid model (section 3, eqs. 3–7).
 //! - [`accuracy`]: relative error, RMS, fairness indices.
+//! - [`agreements`]: principals, agreements, and the access levels (MI/OI/MC/OC) they imply.
+//! - [`planner`]: the per-window linear program (community and provider objectives).
 #![deny(missing_docs)]
 
 pub mod accuracy;
+pub mod agreements;
 pub mod aimd;
 pub mod alps;
 pub mod bucket;
@@ -29,6 +32,7 @@ pub mod ewma;
 pub mod fvm;
 pub mod gradient;
 pub mod pi;
+pub mod planner;
 pub mod queue;
 pub mod slowdown;
 pub mod time;

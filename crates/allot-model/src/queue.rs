@@ -363,6 +363,12 @@ impl<T> ClassQueue<T> {
         let policy_changed = config.policy != self.config.policy;
         self.config = config;
         if policy_changed {
+            if config.policy == Policy::ShortestFirst {
+                // Entries queued under another policy were never sized.
+                for e in self.entries.values_mut() {
+                    e.size_bytes = self.sizes.estimate_bytes(e.path);
+                }
+            }
             let mut index = Index::new(config.policy);
             for (&seq, e) in &self.entries {
                 index.insert(seq, e);
@@ -672,6 +678,35 @@ mod tests {
         assert_eq!(q.len(), 1);
         assert!(q.push("x", "/", ip(1), Nanos(3)).is_err());
         assert_eq!(q.pop(Nanos(3)).map(|x| x.0), Some("small"));
+        // Switching to shortest-first sizes the entries already waiting.
+        q.set_config(cfg(Policy::Fifo));
+        q.push("big", "/big", ip(1), Nanos(4)).ok();
+        q.push("small", "/small", ip(1), Nanos(5)).ok();
+        q.set_config(cfg(Policy::ShortestFirst));
+        assert_eq!(drain(&mut q, Nanos(6)), vec!["small", "big"]);
+    }
+
+    #[test]
+    fn policy_names_in_configuration() {
+        let names: Vec<String> = [
+            Policy::Fifo,
+            Policy::ShortestFirst,
+            Policy::Locality,
+            Policy::Share,
+        ]
+        .iter()
+        .map(|p| serde_json::to_string(p).unwrap_or_default())
+        .collect();
+        assert_eq!(
+            names,
+            [
+                "\"fifo\"",
+                "\"shortest-first\"",
+                "\"locality\"",
+                "\"share\""
+            ]
+        );
+        assert!(serde_json::from_str::<Policy>("\"shortest_first\"").is_err());
     }
 
     #[derive(Debug, Clone)]

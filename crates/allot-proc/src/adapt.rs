@@ -3,10 +3,12 @@
 //! on a duty cycle once the level is down to one) → actuator (keep at most L members
 //! running, rotating which ones every period so all progress).
 //!
-//! Before starting, the whole group is stopped for a moment and the probe timed: that
-//! unloaded reference caps the baseline for the whole run. With a purely windowed
-//! minimum and CPU contention (a price linear in demand) the baseline would follow the
-//! load upwards and the group would never see itself as the cause of congestion.
+//! The baseline needs an unloaded reference: with a purely windowed minimum and CPU
+//! contention (a price linear in demand) the baseline would follow the load upwards and
+//! the group would never see itself as the cause of congestion. The built-in probe's
+//! latency is its wall time over the CPU time it got, whose unloaded value is 1 by
+//! definition; for a `--probe-cmd`, the whole group is stopped for a moment at start and
+//! the command timed.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -91,7 +93,8 @@ pub struct PeriodReport {
 pub struct AdaptSummary {
     /// Periods completed.
     pub periods: u64,
-    /// Unloaded reference probe time, ms (0 if not measured).
+    /// Unloaded reference probe time, ms (0 if not measured: the built-in probe's
+    /// reference is its own CPU time).
     pub reference_probe_ms: f64,
     /// Mean limit over the second half of the run.
     pub mean_limit: f64,
@@ -111,6 +114,24 @@ pub struct AdaptSummary {
 pub trait AdaptObserver {
     /// A period ended.
     fn on_period(&mut self, report: &PeriodReport) -> Result<(), String>;
+}
+
+/// A small xorshift generator for sample jitter (no need for a crate).
+struct XorShift(u64);
+
+impl XorShift {
+    fn seeded() -> XorShift {
+        XorShift((monotonic_ns() ^ (u64::from(std::process::id()) << 32)) | 1)
+    }
+
+    fn next(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
 }
 
 fn members_of(principals: &[Principal]) -> BTreeMap<i32, &ProcHandle> {
@@ -136,7 +157,10 @@ impl Group {
         let me = std::process::id() as i32;
         protected.extend(procs.iter().filter(|p| p.ppid == me).map(|p| p.pid));
         for p in &mut self.principals {
-            let stopped_now = p.pids().next().is_some_and(|pid| self.stopped.contains(pid));
+            let stopped_now = p
+                .pids()
+                .next()
+                .is_some_and(|pid| self.stopped.contains(pid));
             let changes = p.refresh(&procs, &protected, &mut self.stopped, stopped_now)?;
             if strict {
                 if let Some((pid, comm)) = changes.refused.first() {
@@ -163,7 +187,10 @@ impl Group {
             .filter(|(pid, _)| !running.contains(pid))
             .map(|(_, h)| *h)
             .collect();
-        let to_run: Vec<&ProcHandle> = running.iter().filter_map(|p| members.get(p).copied()).collect();
+        let to_run: Vec<&ProcHandle> = running
+            .iter()
+            .filter_map(|p| members.get(p).copied())
+            .collect();
         // Continue first, then stop: the group never drops below its limit in between.
         let stopped = &mut self.stopped;
         stopped.cont_all(to_run);
@@ -215,7 +242,9 @@ fn adapt_loop(
     .map_err(|e| ProcError::Config(e.to_string()))?;
     group.refresh(true)?;
     if group.members().is_empty() {
-        return Err(ProcError::Selector("no process matches the group's selectors".into()));
+        return Err(ProcError::Selector(
+            "no process matches the group's selectors".into(),
+        ));
     }
     let mut ctrl = MplOrRate::new(
         group.members().len(),
@@ -230,9 +259,12 @@ fn adapt_loop(
     let start_ns = monotonic_ns();
     let own_start = procfs::self_cpu_ns();
 
-    // Unloaded reference: the group stopped, the probe timed a few times, the minimum.
+    // Unloaded reference (see the module comment).
     let mut reference_ms = 0.0;
-    if config.reference {
+    let builtin = matches!(config.probe, Probe::BuiltIn { .. });
+    if config.reference && builtin {
+        signal.set_reference(Some(1.0));
+    } else if config.reference {
         group.apply(&[])?;
         let mut best = f64::INFINITY;
         for k in 0..5u64 {
@@ -241,7 +273,7 @@ fn adapt_loop(
                     break;
                 }
             }
-            best = best.min(probe.run()?.as_secs_f64() * 1e3);
+            best = best.min(probe.run()?.wall.as_secs_f64() * 1e3);
         }
         if best.is_finite() {
             reference_ms = best;
@@ -249,6 +281,7 @@ fn adapt_loop(
         }
     }
 
+    let mut rng = XorShift::seeded();
     let mut offset = 0usize;
     let mut period = 0u64;
     let mut history: Vec<PeriodReport> = Vec::new();
@@ -279,8 +312,15 @@ fn adapt_loop(
         group.apply(&running)?;
 
         // Events within the period: probe samples, and the end of the duty cycle.
+        // Each sample at a random point of its slot: two groups started together would
+        // otherwise probe at the same instants every period, and the one whose probe
+        // starts first is the one the other's wake-up preempts — a steady bias in R.
+        let slot = period_ns / samples;
         let mut events: Vec<(u64, bool)> = (0..samples)
-            .map(|k| (t0 + (2 * k + 1) * period_ns / (2 * samples), false))
+            .map(|k| {
+                let jitter = slot / 10 + rng.next() % (slot * 8 / 10).max(1);
+                (t0 + k * slot + jitter, false)
+            })
             .collect();
         if decision.duty < 1.0 {
             events.push((t0 + (decision.duty * period_ns as f64) as u64, true));
@@ -300,8 +340,12 @@ fn adapt_loop(
             if is_duty_end {
                 group.apply(&[])?;
             } else {
-                let ms = probe.run()?.as_secs_f64() * 1e3;
-                signal.record(ms);
+                let t = probe.run()?;
+                let ms = t.wall.as_secs_f64() * 1e3;
+                match (builtin, t.stretch()) {
+                    (true, Some(stretch)) if config.reference => signal.record(stretch),
+                    _ => signal.record(ms),
+                }
                 probe_sum_ms += ms;
                 probes += 1;
             }

@@ -114,7 +114,10 @@ impl Principal {
         }
         // Joiners.
         let mut joined = Vec::new();
-        for info in processes.iter().filter(|p| wanted.contains(&p.pid) && !current.contains(&p.pid)) {
+        for info in processes
+            .iter()
+            .filter(|p| wanted.contains(&p.pid) && !current.contains(&p.pid))
+        {
             let h = match ProcHandle::open(info.pid, info.start_time_ticks) {
                 Ok(h) => h,
                 Err(_) => continue,

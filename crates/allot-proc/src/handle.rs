@@ -190,7 +190,10 @@ impl ProcHandle {
     fn task_cpu(task: &Task, buf: &mut [u8]) -> Option<u64> {
         if let Some(f) = &task.schedstat {
             if let Some(n) = read_at(f, buf) {
-                if let Some(ns) = std::str::from_utf8(&buf[..n]).ok().and_then(parse_schedstat) {
+                if let Some(ns) = std::str::from_utf8(&buf[..n])
+                    .ok()
+                    .and_then(parse_schedstat)
+                {
                     return Some(ns);
                 }
             }
@@ -225,7 +228,11 @@ impl ProcHandle {
             }
             let ns = match &task.schedstat {
                 Some(f) => read_at(f, &mut buf)
-                    .and_then(|n| std::str::from_utf8(&buf[..n]).ok().and_then(parse_schedstat))
+                    .and_then(|n| {
+                        std::str::from_utf8(&buf[..n])
+                            .ok()
+                            .and_then(parse_schedstat)
+                    })
                     .unwrap_or(stat_ns),
                 None => stat_ns,
             };

@@ -5,6 +5,7 @@
 //! the slowdown signal, AIMD) lives in `allot-model`; this crate senses and acts.
 //!
 //! Layout, one job per module:
+//! - [`affinity`]: keeping the scheduler off CPUs its members are pinned to.
 //! - [`procfs`]: parse `/proc/PID/stat`, `schedstat`; snapshots of all processes.
 //! - [`handle`]: one member process: open `/proc` files, pidfd, safe signalling.
 //! - [`selector`]: PID, tree, user and command-regex selectors.
@@ -18,6 +19,7 @@
 #![deny(missing_docs)]
 
 pub mod adapt;
+pub mod affinity;
 pub mod error;
 pub mod group;
 pub mod handle;

@@ -1,6 +1,12 @@
 //! The probe whose run time is the slowdown signal's latency (the FVM paper's virtual
 //! clock time, here measured from outside the group): either a small fixed unit of CPU
 //! and memory work run inside allot, or a user command (its wall time).
+//!
+//! The built-in probe also measures the CPU time it was given (its thread's CPU clock),
+//! so its slowdown can be read directly as wall time over CPU time: 1 on an idle core,
+//! about k + 1 with k CPU-bound competitors. Every group probing the same CPU then sees
+//! the same signal whatever it measured at start, which AIMD needs to converge to
+//! fairness.
 
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -27,7 +33,7 @@ impl Default for Probe {
     fn default() -> Self {
         Probe::BuiltIn {
             bytes: 256 * 1024,
-            passes: 12,
+            passes: 120,
         }
     }
 }
@@ -54,9 +60,10 @@ impl ProbeRunner {
         }
     }
 
-    /// Runs once and returns its wall time.
-    pub fn run(&mut self) -> Result<Duration, ProcError> {
+    /// Runs once and returns its wall time and, for the built-in probe, its CPU time.
+    pub fn run(&mut self) -> Result<ProbeTime, ProcError> {
         let t0 = monotonic_ns();
+        let c0 = thread_cpu_ns();
         match &self.probe {
             Probe::BuiltIn { passes, .. } => {
                 let n = self.buf.len();
@@ -91,8 +98,35 @@ impl ProbeRunner {
                 }
             }
         }
-        Ok(Duration::from_nanos(monotonic_ns() - t0))
+        let wall = Duration::from_nanos(monotonic_ns() - t0);
+        let cpu = match (&self.probe, c0, thread_cpu_ns()) {
+            (Probe::BuiltIn { .. }, Some(a), Some(b)) if b > a => Some(Duration::from_nanos(b - a)),
+            _ => None,
+        };
+        Ok(ProbeTime { wall, cpu })
     }
+}
+
+/// One probe run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProbeTime {
+    /// Wall time it took.
+    pub wall: Duration,
+    /// CPU time it was given (built-in probe only).
+    pub cpu: Option<Duration>,
+}
+
+impl ProbeTime {
+    /// Wall time over CPU time, when the CPU time is known.
+    pub fn stretch(&self) -> Option<f64> {
+        let cpu = self.cpu?.as_secs_f64();
+        (cpu > 0.0).then(|| self.wall.as_secs_f64() / cpu)
+    }
+}
+
+fn thread_cpu_ns() -> Option<u64> {
+    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID).ok()?;
+    Some(ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64)
 }
 
 #[cfg(test)]
@@ -103,7 +137,9 @@ mod tests {
     fn built_in_probe_takes_measurable_time_and_commands_run() {
         let mut p = ProbeRunner::new(Probe::default());
         let d = p.run().unwrap();
-        assert!(d > Duration::from_micros(100), "{d:?}");
+        assert!(d.wall > Duration::from_micros(100), "{d:?}");
+        let stretch = d.stretch().unwrap();
+        assert!(stretch >= 0.9, "{d:?}");
         let mut c = ProbeRunner::new(Probe::Command("true".into()));
         assert!(c.run().is_ok());
         let mut f = ProbeRunner::new(Probe::Command("exit 3".into()));

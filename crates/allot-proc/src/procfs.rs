@@ -149,7 +149,11 @@ pub fn snapshot() -> Result<Vec<ProcessInfo>, ProcError> {
     let dir = fs::read_dir("/proc").map_err(|e| ProcError::io("/proc", e))?;
     let mut out = Vec::new();
     for entry in dir.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
             continue;
         };
         let (Ok(stat), Ok(uid)) = (read_stat(pid), uid_of(pid)) else {

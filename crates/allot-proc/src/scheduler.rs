@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use allot_model::accuracy::{entitlements, relative_errors, AccuracyTracker};
 use allot_model::alps::{Algorithm, Alps, AlpsConfig, Progress};
+use allot_model::Nanos;
 
 use crate::error::ProcError;
 use crate::group::Principal;
@@ -72,6 +73,8 @@ pub struct LiveStatus {
     pub own_cpu_fraction: f64,
     /// Processes stopped right now.
     pub stopped: usize,
+    /// Mean lateness of the quantum timer's wake-ups in the last second, ms.
+    pub late_ms: f64,
 }
 
 /// One principal in the summary.
@@ -133,6 +136,7 @@ impl Runner {
         let procs = procfs::snapshot()?;
         self.protected = protected_pids(&procs);
         let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get());
+        self.alps.set_cpus(ncpu as u32);
         for (id, p) in self.principals.iter_mut().enumerate() {
             let stopped_now = !self.alps.is_eligible(id) && !p.is_empty();
             let changes = p.refresh(&procs, &self.protected, &mut self.stopped, stopped_now)?;
@@ -222,6 +226,10 @@ fn run_loop(
             "no process matches any selector".into(),
         ));
     }
+    let moved = crate::affinity::avoid_members(r.principals.iter().flat_map(|p| p.pids()));
+    if !moved.is_empty() {
+        tracing::debug!(cpus = ?moved, "running on CPUs the members are not pinned to");
+    }
     let n = r.principals.len();
     let share_f: Vec<f64> = r.principals.iter().map(|p| p.shares as f64).collect();
     let mut accuracy = AccuracyTracker::new();
@@ -242,6 +250,7 @@ fn run_loop(
     // The earliest moment a member is predicted to use up its allowance before the next
     // tick (see `Alps::exhaustion_in_ns`): the loop runs an extra step then.
     let mut early: Option<u64> = None;
+    let (mut late_sum_ns, mut late_count) = (0u64, 0u64);
     let mut timer = PeriodicTimer::new(r.config.quantum);
     let refresh_ns = r.config.refresh.as_nanos() as u64;
     let mut next_refresh = start_ns + refresh_ns;
@@ -261,8 +270,12 @@ fn run_loop(
             Some(at) if at < timer.next_deadline_ns() => sleep_until(at),
             _ => timer.wait(),
         };
-        if let Wait::Interrupted = wait {
-            continue;
+        match wait {
+            Wait::Interrupted => continue,
+            Wait::Tick { late_ns } => {
+                late_sum_ns += late_ns;
+                late_count += 1;
+            }
         }
         let now = monotonic_ns();
         if deadline.is_some_and(|d| now >= d) {
@@ -271,9 +284,20 @@ fn run_loop(
         if now >= next_refresh {
             next_refresh = now + refresh_ns;
             r.refresh(false, observer)?;
+            // Processes and trees cannot come back once gone: nothing left to schedule.
+            let fixed = r
+                .config
+                .principals
+                .iter()
+                .all(|(sel, _)| matches!(sel, Selector::Pid(_) | Selector::Tree(_)));
+            if fixed && r.principals.iter().all(|p| p.is_empty()) {
+                tracing::info!("every member has exited");
+                break;
+            }
         }
         // Sensor: the members the model asks for.
-        let due = r.alps.begin_quantum();
+        let model_now = Nanos(now - start_ns);
+        let due = r.alps.begin_quantum(model_now);
         let mut readings = Vec::with_capacity(due.len());
         let mut rates: Vec<(usize, f64)> = Vec::with_capacity(due.len());
         for id in due {
@@ -298,7 +322,7 @@ fn run_loop(
             }
         }
         // Controller.
-        let outcome = r.alps.end_quantum(&readings);
+        let outcome = r.alps.end_quantum(model_now, &readings);
         // Actuator: record-then-stop, continue.
         for &id in &outcome.stop {
             let handles: Vec<&crate::handle::ProcHandle> = r.principals[id].handles().collect();
@@ -375,7 +399,9 @@ fn run_loop(
                 },
                 own_cpu_fraction: if wall > 0.0 { own / wall } else { 0.0 },
                 stopped: r.stopped.len(),
+                late_ms: late_sum_ns as f64 / late_count.max(1) as f64 / 1e6,
             };
+            (late_sum_ns, late_count) = (0, 0);
             cycle_lengths_ms.clear();
             observer.on_status(&status);
         }

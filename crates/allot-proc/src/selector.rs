@@ -68,9 +68,16 @@ pub fn parse_selector(kind: SelectorKind, value: &str) -> Result<Selector, ProcE
     let flag = kind.flag();
     match kind {
         SelectorKind::Pid | SelectorKind::Tree => {
-            let pid: i32 = value.trim().parse().ok().filter(|p| *p > 0).ok_or_else(|| {
-                ProcError::Selector(format!("{flag} {value:?}: expected a PID (a positive integer)"))
-            })?;
+            let pid: i32 = value
+                .trim()
+                .parse()
+                .ok()
+                .filter(|p| *p > 0)
+                .ok_or_else(|| {
+                    ProcError::Selector(format!(
+                        "{flag} {value:?}: expected a PID (a positive integer)"
+                    ))
+                })?;
             Ok(if kind == SelectorKind::Pid {
                 Selector::Pid(pid)
             } else {
@@ -94,9 +101,9 @@ pub fn parse_selector(kind: SelectorKind, value: &str) -> Result<Selector, ProcE
                 uid,
             })
         }
-        SelectorKind::Comm => Regex::new(value).map(Selector::Comm).map_err(|e| {
-            ProcError::Selector(format!("{flag} {value:?}: not a valid regex: {e}"))
-        }),
+        SelectorKind::Comm => Regex::new(value)
+            .map(Selector::Comm)
+            .map_err(|e| ProcError::Selector(format!("{flag} {value:?}: not a valid regex: {e}"))),
     }
 }
 
@@ -104,13 +111,20 @@ pub fn parse_selector(kind: SelectorKind, value: &str) -> Result<Selector, ProcE
 pub fn split_shares(kind: SelectorKind, arg: &str) -> Result<(String, u64), ProcError> {
     let flag = kind.flag();
     let (value, shares) = arg.rsplit_once(':').ok_or_else(|| {
-        ProcError::Selector(format!("{flag} {arg:?}: expected VALUE:SHARES, e.g. 1234:3"))
-    })?;
-    let shares: u64 = shares.trim().parse().ok().filter(|s| *s >= 1).ok_or_else(|| {
         ProcError::Selector(format!(
-            "{flag} {arg:?}: shares must be an integer >= 1, got {shares:?}"
+            "{flag} {arg:?}: expected VALUE:SHARES, e.g. 1234:3"
         ))
     })?;
+    let shares: u64 = shares
+        .trim()
+        .parse()
+        .ok()
+        .filter(|s| *s >= 1)
+        .ok_or_else(|| {
+            ProcError::Selector(format!(
+                "{flag} {arg:?}: shares must be an integer >= 1, got {shares:?}"
+            ))
+        })?;
     Ok((value.to_string(), shares))
 }
 
@@ -216,11 +230,24 @@ mod tests {
         let t = table();
         let none = HashSet::new();
         let empty = BTreeSet::new();
-        let ids = |s: &Selector| resolve(s, &t, &none, &empty).into_iter().collect::<Vec<_>>();
+        let ids = |s: &Selector| {
+            resolve(s, &t, &none, &empty)
+                .into_iter()
+                .collect::<Vec<_>>()
+        };
         assert_eq!(ids(&Selector::Pid(11)), vec![11]);
         assert_eq!(ids(&Selector::Tree(10)), vec![10, 11, 12]);
-        assert_eq!(ids(&Selector::User { name: "u".into(), uid: 1000 }), vec![10, 11, 12]);
-        assert_eq!(ids(&Selector::Comm(Regex::new("^worker").unwrap())), vec![11, 12, 20]);
+        assert_eq!(
+            ids(&Selector::User {
+                name: "u".into(),
+                uid: 1000
+            }),
+            vec![10, 11, 12]
+        );
+        assert_eq!(
+            ids(&Selector::Comm(Regex::new("^worker").unwrap())),
+            vec![11, 12, 20]
+        );
         assert!(ids(&Selector::Pid(99)).is_empty());
     }
 
@@ -238,20 +265,41 @@ mod tests {
         let t = table();
         let protected = protected_pids(&t);
         assert!(protected.contains(&1) && protected.contains(&30));
-        let got = resolve(&Selector::User { name: "root".into(), uid: 0 }, &t, &protected, &BTreeSet::new());
+        let got = resolve(
+            &Selector::User {
+                name: "root".into(),
+                uid: 0,
+            },
+            &t,
+            &protected,
+            &BTreeSet::new(),
+        );
         assert!(got.is_empty());
     }
 
     #[test]
     fn parses_flags_with_clear_errors() {
-        assert_eq!(split_shares(SelectorKind::Pid, "123:4").unwrap(), ("123".into(), 4));
-        assert_eq!(split_shares(SelectorKind::Comm, "a:b:2").unwrap(), ("a:b".into(), 2));
-        let e = split_shares(SelectorKind::Pid, "123:0").unwrap_err().to_string();
+        assert_eq!(
+            split_shares(SelectorKind::Pid, "123:4").unwrap(),
+            ("123".into(), 4)
+        );
+        assert_eq!(
+            split_shares(SelectorKind::Comm, "a:b:2").unwrap(),
+            ("a:b".into(), 2)
+        );
+        let e = split_shares(SelectorKind::Pid, "123:0")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("--pid") && e.contains(">= 1"), "{e}");
-        let e = parse_selector(SelectorKind::Pid, "abc").unwrap_err().to_string();
+        let e = parse_selector(SelectorKind::Pid, "abc")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("--pid") && e.contains("PID"), "{e}");
         assert!(parse_selector(SelectorKind::Comm, "(").is_err());
-        assert!(matches!(parse_selector(SelectorKind::User, "0"), Ok(Selector::User { uid: 0, .. })));
+        assert!(matches!(
+            parse_selector(SelectorKind::User, "0"),
+            Ok(Selector::User { uid: 0, .. })
+        ));
         assert!(parse_selector(SelectorKind::User, "no-such-user-xyz").is_err());
     }
 }

@@ -177,7 +177,8 @@ pub fn parse_state(text: &str) -> Vec<(i32, u64)> {
 /// Continues every process recorded in `path` that still is the process recorded (a
 /// reused PID is left alone), then removes the file. Returns how many were continued.
 pub fn resume_file(path: &Path) -> Result<usize, ProcError> {
-    let text = fs::read_to_string(path).map_err(|e| ProcError::io(path.display().to_string(), e))?;
+    let text =
+        fs::read_to_string(path).map_err(|e| ProcError::io(path.display().to_string(), e))?;
     let mut n = 0;
     for (pid, start) in parse_state(&text) {
         if signal_if_same(pid, start, Signal::SIGCONT).is_ok() {
@@ -261,7 +262,11 @@ mod tests {
 
         // A stale identity is not signalled.
         fs::create_dir_all(&dir).unwrap();
-        fs::write(&path, format!("{HEADER}\n{} {}\n", h.pid(), h.start_time_ticks() + 7)).unwrap();
+        fs::write(
+            &path,
+            format!("{HEADER}\n{} {}\n", h.pid(), h.start_time_ticks() + 7),
+        )
+        .unwrap();
         h.signal(Some(Signal::SIGSTOP)).unwrap();
         assert_eq!(resume_file(&path).unwrap(), 0);
         assert!(wait_state(child.id(), 'T'));

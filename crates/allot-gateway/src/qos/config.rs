@@ -597,7 +597,7 @@ throttle = ["premium"]
 "#,
         )
         .unwrap_err();
-        assert!(e.starts_with("t.toml:18: `controller.d.throttle`"), "{e}");
+        assert!(e.starts_with("t.toml:23: `controller.d.throttle`"), "{e}");
         assert!(e.contains("cannot throttle itself"), "{e}");
         let adaptive = "[[controller]]\nkind = \"adaptive\"\nname = \"a\"\n";
         let e = check(&format!("{adaptive}backend = \"app\"\ndecrease = 0.5\n")).unwrap_err();

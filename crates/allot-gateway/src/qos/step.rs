@@ -402,7 +402,7 @@ impl AdaptiveState {
                 out.signal = "latency_ms";
                 out.setpoint = 1.0;
                 out.input = sample;
-                g.end_window(sample);
+                g.end_window(sample, in_flight);
                 if let Some(m) = g.min_rtt() {
                     out.state.push(("min_rtt_ms".into(), m));
                 }

@@ -1,0 +1,210 @@
+//! End-to-end tests of `allot adapt` (issue 4, acceptance f). Everything is pinned to one
+//! CPU, "the machine" of the experiment. The slowdown is measured by the test's own probe
+//! process (a fixed loop, timed, five times a second), against its own unloaded
+//! baseline; running members are counted from /proc states, not from allot's report.
+
+mod cpu_support;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use cpu_support::*;
+
+/// The test's own probe: a perl loop of fixed work, timed, printed, every 200 ms.
+struct Probe {
+    _child: Workers,
+    samples: Arc<Mutex<Vec<(Instant, f64)>>>,
+}
+
+impl Probe {
+    fn start(cpu: usize) -> Probe {
+        let child = Command::new("taskset")
+            .args(["-c", &cpu.to_string(), "perl", "-e"])
+            .arg("use Time::HiRes qw(time sleep); $|=1; while (1) { my $t = time; my $x = 0; $x += $_ for 1..200000; printf \"%.6f\\n\", time - $t; sleep 0.2 }")
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("taskset and perl are needed");
+        let mut w = Workers {
+            children: vec![child],
+        };
+        let stdout = w.children[0].stdout.take().expect("piped stdout");
+        let samples = Arc::new(Mutex::new(Vec::new()));
+        let s2 = samples.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Ok(v) = line.trim().parse::<f64>() {
+                    s2.lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push((Instant::now(), v));
+                }
+            }
+        });
+        Probe { _child: w, samples }
+    }
+
+    fn since(&self, t: Instant) -> Vec<f64> {
+        self.samples
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|(at, _)| *at >= t)
+            .map(|(_, v)| *v)
+            .collect()
+    }
+}
+
+fn adapt_args(pids: &[u32], initial: &str, period: &str, threshold: &str) -> Vec<String> {
+    let mut a: Vec<String> = [
+        "adapt",
+        "--period",
+        period,
+        "--window",
+        "20s",
+        "-H",
+        threshold,
+        "--samples",
+        "2",
+        "--initial",
+        initial,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    for p in pids {
+        a.push("--pid".into());
+        a.push(p.to_string());
+    }
+    a
+}
+
+fn pinned_allot(cpu: usize, args: &[String]) -> Allot {
+    let mut a = vec![
+        "-c".to_string(),
+        cpu.to_string(),
+        env!("CARGO_BIN_EXE_allot").to_string(),
+    ];
+    a.extend(args.iter().cloned());
+    let child = Command::new("taskset")
+        .args(&a)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("taskset runs allot");
+    Allot { child }
+}
+
+/// Acceptance f, first half: eight CPU-bound workers, built-in probe, H = 2.5.
+#[test]
+fn adapt_holds_slowdown_down_while_workers_keep_the_cpu() {
+    let _x = exclusive();
+    let cpu = experiment_cpu();
+    let probe = Probe::start(cpu);
+    std::thread::sleep(Duration::from_secs(2));
+    let base = probe.since(Instant::now() - Duration::from_secs(3));
+    let baseline = base.iter().cloned().fold(f64::INFINITY, f64::min);
+    assert!(baseline.is_finite(), "the test probe produced no samples");
+
+    let workers = Workers::busy(8, cpu);
+    let allot = pinned_allot(cpu, &adapt_args(&workers.pids(), "10", "1s", "2.5"));
+    std::thread::sleep(Duration::from_secs(10));
+    let settled = Instant::now();
+    let cpu0: u64 = workers.cpu().iter().sum();
+    std::thread::sleep(Duration::from_secs(20));
+    let cpu1: u64 = workers.cpu().iter().sum();
+    let wall = settled.elapsed().as_nanos() as f64;
+    allot.signal("TERM");
+    let (code, out, err) = allot.finish(Duration::from_secs(10));
+    assert_eq!(code, Some(0), "{err}");
+    let samples = probe.since(settled);
+    let slowdown = mean(&samples) / baseline;
+    let share = (cpu1 - cpu0) as f64 / wall;
+    eprintln!(
+        "f: probe slowdown {slowdown:.2} (baseline {:.2} ms, {} samples), workers' CPU share {:.1}%",
+        baseline * 1e3,
+        samples.len(),
+        share * 100.0
+    );
+    eprintln!(
+        "{}",
+        out.lines().rev().take(3).collect::<Vec<_>>().join("\n")
+    );
+    assert!(samples.len() > 40);
+    assert!(
+        (1.0..=3.5).contains(&slowdown),
+        "mean probe slowdown {slowdown:.2} outside [1, 3.5]"
+    );
+    assert!(
+        share >= 0.5,
+        "workers kept only {:.1}% of the CPU",
+        share * 100.0
+    );
+    assert!(
+        !workers.pids().iter().any(|p| state(*p) == 'T'),
+        "members left stopped"
+    );
+}
+
+/// Acceptance f, second half: two groups of 16 workers, started at L = 2 and L = 12,
+/// converge to mean limits within 25% of each other. On one CPU, H = 2.5 would hold the
+/// two groups to about one running member together, deep in rate control; H = 6 keeps
+/// them in MPL control, where the limits are what is compared, and `--min-duty 1` keeps
+/// the group that the other's start pushes down from dropping into rate control, whose
+/// additive step (0.1 of a period) is not comparable with MPL's (one member).
+#[test]
+fn two_groups_converge_to_fair_limits() {
+    let _x = exclusive();
+    let cpu = experiment_cpu();
+    let a = Workers::busy(16, cpu);
+    let b = Workers::busy(16, cpu);
+    // Both groups start from rest, so both allots time their unloaded reference on the
+    // same idle CPU (each stops only its own group while it does).
+    for p in a.pids().iter().chain(b.pids().iter()) {
+        let _ = Command::new("kill")
+            .args(["-STOP", &p.to_string()])
+            .status();
+    }
+    let with_floor = |mut v: Vec<String>| {
+        v.extend(["--min-duty".to_string(), "1".to_string()]);
+        v
+    };
+    let allot_a = pinned_allot(cpu, &with_floor(adapt_args(&a.pids(), "2", "500ms", "6")));
+    let allot_b = pinned_allot(cpu, &with_floor(adapt_args(&b.pids(), "12", "500ms", "6")));
+    std::thread::sleep(Duration::from_secs(10));
+    // Count running (not stopped) members of each group, 20 times a second.
+    let running = |w: &Workers| w.pids().iter().filter(|p| state(**p) != 'T').count() as f64;
+    let (mut sa, mut sb, mut n) = (0.0, 0.0, 0.0);
+    let t0 = Instant::now();
+    // Each group's limit wanders with the noise of its own probe; a long average is what
+    // AIMD makes fair.
+    while t0.elapsed() < Duration::from_secs(30) {
+        sa += running(&a);
+        sb += running(&b);
+        n += 1.0;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for allot in [allot_a, allot_b] {
+        allot.signal("INT");
+        let (code, _, err) = allot.finish(Duration::from_secs(10));
+        assert_eq!(code, Some(0), "{err}");
+    }
+    let (ma, mb) = (sa / n, sb / n);
+    let diff = (ma - mb).abs() / ma.max(mb);
+    eprintln!(
+        "f: mean running members: group started at 2 → {ma:.2}, at 12 → {mb:.2} ({:.1}% apart)",
+        diff * 100.0
+    );
+    assert!(ma > 0.0 && mb > 0.0, "a group was starved: {ma} {mb}");
+    assert!(
+        diff <= 0.25,
+        "limits {ma:.2} and {mb:.2} are {:.1}% apart",
+        diff * 100.0
+    );
+    assert!(!a
+        .pids()
+        .iter()
+        .chain(b.pids().iter())
+        .any(|p| state(*p) == 'T'));
+}

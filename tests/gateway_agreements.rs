@@ -1,0 +1,210 @@
+//! Issue 3, acceptance (c): the gateway enforces agreements with real load. One back end
+//! declared at 320 units/s, shared by A [0.2, 1] and B [0.8, 1]; B offers 130/s and A
+//! floods: B is served 130 ± 5%, A 190 ± 5%; when B stops, A gets all 320 ± 5% within a
+//! couple of windows of the demand estimate settling. The same in redirect mode.
+
+mod common;
+
+use common::*;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::time::Instant;
+
+fn config(backend: SocketAddr, mode: &str) -> String {
+    format!(
+        r#"
+[listener]
+address = "127.0.0.1:0"
+[admin]
+address = "127.0.0.1:0"
+[[backend]]
+name = "server"
+addresses = ["{backend}"]
+[[class]]
+name = "a"
+backend = "server"
+[[class]]
+name = "b"
+backend = "server"
+[[chain]]
+name = "main"
+default = {{ class = "a" }}
+[[chain.rule]]
+id = "b"
+path_prefix = "/b/"
+target = {{ class = "b" }}
+
+[agreements]
+mode = "{mode}"
+window_ms = 100
+max_wait_ms = 300
+classes = {{ a = "A", b = "B" }}
+[[agreements.principal]]
+name = "S"
+capacity = 320
+[[agreements.principal]]
+name = "A"
+capacity = 0
+[[agreements.principal]]
+name = "B"
+capacity = 0
+[[agreements.agreement]]
+from = "S"
+to = "A"
+share = [0.2, 1.0]
+[[agreements.agreement]]
+from = "S"
+to = "B"
+share = [0.8, 1.0]
+[[agreements.server]]
+principal = "S"
+location = "http://{backend}"
+"#
+    )
+}
+
+/// Times at which requests were served, from the test's start.
+type Served = Arc<Mutex<Vec<Duration>>>;
+
+/// One request as a client of the mode would make it; true when it was served. In
+/// redirect mode a 307 back to the gateway is followed after 50 ms on the same
+/// connection, up to 300 ms in all.
+async fn one(gw: SocketAddr, backend: SocketAddr, path: &str, redirect: bool) -> bool {
+    let server = format!("http://{backend}");
+    let Ok(mut c) = tokio::time::timeout(Duration::from_secs(2), Client::connect(gw, None)).await
+    else {
+        return false;
+    };
+    for _ in 0..6 {
+        let Some(r) = c.get(path, &[("host", &gw.to_string())]).await else {
+            return false;
+        };
+        if !redirect {
+            return r.status == 200;
+        }
+        if r.status != 307 {
+            return false;
+        }
+        let location = r
+            .headers
+            .get("location")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        if location.starts_with(&server) {
+            assert!(location.ends_with(path), "{location}");
+            return true;
+        }
+        assert!(r.headers.contains_key("retry-after"));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+/// Where load goes and how its answers are read.
+#[derive(Clone, Copy)]
+struct Target {
+    gw: SocketAddr,
+    backend: SocketAddr,
+    redirect: bool,
+    start: Instant,
+}
+
+/// An open-loop client: `rate` requests per second for `path`, from `from` to `until`.
+fn offer(
+    t: Target,
+    path: &'static str,
+    rate: f64,
+    from: Duration,
+    until: Duration,
+    served: Served,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick =
+            tokio::time::interval_at(t.start + from, Duration::from_secs_f64(1.0 / rate));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        let mut inflight = Vec::new();
+        while t.start.elapsed() < until {
+            tick.tick().await;
+            let served = Arc::clone(&served);
+            inflight.push(tokio::spawn(async move {
+                if one(t.gw, t.backend, path, t.redirect).await {
+                    served.lock().unwrap().push(t.start.elapsed());
+                }
+            }));
+        }
+        for task in inflight {
+            let _ = task.await;
+        }
+    })
+}
+
+fn rate_between(served: &Served, from: Duration, to: Duration) -> f64 {
+    let n = served
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|t| **t >= from && **t < to)
+        .count();
+    n as f64 / (to - from).as_secs_f64()
+}
+
+async fn scenario(mode: &str) {
+    let (_b, backend) = backend(2000, 0, &[]);
+    let (_g, gw, admin, _) = gateway(&config(backend, mode), &[], &[]);
+    let redirect = mode == "redirect";
+    let (a, b): (Served, Served) = Default::default();
+    let target = Target {
+        gw,
+        backend,
+        redirect,
+        start: Instant::now(),
+    };
+    let s = |x: u64| Duration::from_secs(x);
+    let la = offer(target, "/a/x", 400.0, s(0), s(14), Arc::clone(&a));
+    let lb = offer(target, "/b/x", 130.0, s(0), s(8), Arc::clone(&b));
+    lb.await.unwrap();
+    la.await.unwrap();
+
+    let (ra, rb) = (rate_between(&a, s(3), s(8)), rate_between(&b, s(3), s(8)));
+    let ra_alone = rate_between(&a, s(10), s(14));
+    let st = status(admin).await;
+    eprintln!("{mode}: B {rb:.1}/s, A {ra:.1}/s while B offers 130/s; A alone {ra_alone:.1}/s; principals {}", st["principals"]);
+    assert!(
+        (rb - 130.0).abs() <= 0.05 * 130.0,
+        "{mode}: B served {rb:.1}/s, expected 130 ± 5%"
+    );
+    assert!(
+        (ra - 190.0).abs() <= 0.05 * 190.0,
+        "{mode}: A served {ra:.1}/s, expected 190 ± 5%"
+    );
+    assert!(
+        (ra_alone - 320.0).abs() <= 0.05 * 320.0,
+        "{mode}: A alone served {ra_alone:.1}/s, expected 320 ± 5%"
+    );
+    let principals = st["principals"].as_array().expect("principals in status");
+    let a_status = principals.iter().find(|p| p["name"] == "A").expect("A");
+    assert!(
+        a_status["deferred"].as_u64().unwrap() > 0,
+        "A was held back"
+    );
+    assert_eq!(a_status["mandatory"].as_f64().unwrap().round(), 64.0);
+    let metrics = get_once(admin, "/metrics", &[]).await.text();
+    for name in [
+        "allocation_units_per_second",
+        "demand_units_per_second",
+        "deferred_total",
+        "refused_total",
+    ] {
+        assert!(
+            metrics.contains(&format!("allot_principal_{name}{{principal=\"A\"}}")),
+            "{name} missing from /metrics"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agreements_share_one_backend_in_proxy_and_redirect_mode() {
+    scenario("proxy").await;
+    scenario("redirect").await;
+}

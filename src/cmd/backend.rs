@@ -10,6 +10,13 @@
 //! streams the request body back; `/headers` answers the request headers as JSON;
 //! `/__stats` answers `{"requests", "max_concurrent", "concurrent"}` and is not counted;
 //! anything else answers `ok <path>`.
+//!
+//! Two overload modes for the QoS tests: `--overload-after N --overload-factor F` makes
+//! the service time grow super-linearly past N concurrent requests
+//! (`service_ms · (1 + F·((c − N)/N)²)` for `c > N` at the request's start), so goodput
+//! collapses as concurrency grows; `--cpu-ms X` burns X ms of the serving thread's CPU
+//! time per request (a CPU-bound server; run a second one with a smaller X as its cheap
+//! "degraded" variant).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -46,6 +53,15 @@ pub struct Args {
     /// Worker threads.
     #[arg(long, default_value_t = 1)]
     pub threads: usize,
+    /// Concurrency past which the service time grows super-linearly (0: never).
+    #[arg(long, default_value_t = 0)]
+    pub overload_after: u64,
+    /// How steeply it grows past `--overload-after`.
+    #[arg(long, default_value_t = 2.0)]
+    pub overload_factor: f64,
+    /// CPU time burnt per request, in milliseconds of the serving thread's CPU.
+    #[arg(long, default_value_t = 0.0)]
+    pub cpu_ms: f64,
 }
 
 /// What the back end counts.
@@ -149,10 +165,39 @@ async fn handle(
         }
         _ => (full(format!("ok {path}\n")), 0),
     };
-    let wait = args.service_ms + extra_ms;
-    if wait > 0 {
-        tokio::time::sleep(Duration::from_millis(wait)).await;
+    let mut wait_ms = (args.service_ms + extra_ms) as f64;
+    if args.overload_after > 0 && now > args.overload_after {
+        let knee = args.overload_after as f64;
+        let excess = (now as f64 - knee) / knee;
+        wait_ms *= 1.0 + args.overload_factor.max(0.0) * excess * excess;
+    }
+    if args.cpu_ms > 0.0 {
+        burn_cpu(Duration::from_secs_f64(args.cpu_ms / 1e3));
+    }
+    if wait_ms > 0.0 {
+        tokio::time::sleep(Duration::from_secs_f64(wait_ms / 1e3)).await;
     }
     counters.concurrent.fetch_sub(1, SeqCst);
     Ok(Response::new(body))
+}
+
+/// Spins until this thread has used `cpu` of CPU time (not wall time: on a busy machine
+/// each request still costs the same CPU).
+fn burn_cpu(cpu: Duration) {
+    use nix::time::{clock_gettime, ClockId};
+    let thread_ns = || {
+        clock_gettime(ClockId::CLOCK_THREAD_CPUTIME_ID)
+            .map(|t| Duration::from(t).as_nanos())
+            .ok()
+    };
+    let Some(start) = thread_ns() else {
+        return;
+    };
+    let goal = start + cpu.as_nanos();
+    let mut x = 0u64;
+    while thread_ns().is_some_and(|now| now < goal) {
+        for i in 0..1000u64 {
+            x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(i));
+        }
+    }
 }

@@ -45,6 +45,45 @@ enum What {
         #[arg(required = true)]
         set: Vec<String>,
     },
+    /// The QoS manager's feedback loops: list, pause, resume, retune, add, remove.
+    #[command(subcommand)]
+    Controllers(ControllersCmd),
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum ControllersCmd {
+    /// Print every controller's input, set point, outputs and state (JSON).
+    List,
+    /// Freeze a controller's outputs where they are.
+    Pause {
+        /// The controller.
+        name: String,
+    },
+    /// Let a paused controller move its outputs again.
+    Resume {
+        /// The controller.
+        name: String,
+    },
+    /// Retune a controller: `allot ctl controllers set premium-delay setpoint_ms=40 ki=0.8`.
+    Set {
+        /// The controller.
+        name: String,
+        /// `key=value` pairs, keys as in its `[[controller]]` table.
+        #[arg(required = true)]
+        set: Vec<String>,
+    },
+    /// Add a controller: `key=value` pairs of a `[[controller]]` table, `kind` and `name`
+    /// included (`allot ctl controllers add kind=adaptive name=a backend=app`).
+    Add {
+        /// `key=value` pairs.
+        #[arg(required = true)]
+        set: Vec<String>,
+    },
+    /// Remove a controller; its actuators go back to their configured values.
+    Remove {
+        /// The controller.
+        name: String,
+    },
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -158,6 +197,26 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             Some(pairs(&set)?),
         ),
         What::Gateway { set } => (Method::PATCH, "/gateway".to_string(), Some(pairs(&set)?)),
+        What::Controllers(c) => match c {
+            ControllersCmd::List => (Method::GET, "/controllers".to_string(), None),
+            ControllersCmd::Pause { name } => {
+                (Method::POST, format!("/controllers/{name}/pause"), None)
+            }
+            ControllersCmd::Resume { name } => {
+                (Method::POST, format!("/controllers/{name}/resume"), None)
+            }
+            ControllersCmd::Set { name, set } => (
+                Method::PATCH,
+                format!("/controllers/{name}"),
+                Some(pairs(&set)?),
+            ),
+            ControllersCmd::Add { set } => {
+                (Method::POST, "/controllers".to_string(), Some(pairs(&set)?))
+            }
+            ControllersCmd::Remove { name } => {
+                (Method::DELETE, format!("/controllers/{name}"), None)
+            }
+        },
     };
     let (status, text) = call_blocking(&args.target, method, &path, body)?;
     print!("{text}");

@@ -88,6 +88,9 @@ async fn demo(length: Duration) -> anyhow::Result<()> {
             service_ms: 20,
             ms_per_kib: 0.0,
             threads: 1,
+            overload_after: 0,
+            overload_factor: 0.0,
+            cpu_ms: 0.0,
         };
         tokio::spawn(backend::serve(l, args, Arc::new(Counters::default())));
     }

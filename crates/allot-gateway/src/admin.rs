@@ -6,6 +6,7 @@
 //! `PATCH /classes/<name>`, `PATCH /bandwidth_groups/<name>`, `PATCH /gateway` (a JSON
 //! object of the keys to change, as in the configuration file). Every write is validated
 //! like a configuration file and either applies whole or changes nothing.
+//! `/controllers` (the QoS manager's loops) is routed to `crate::qos::admin`.
 
 use std::convert::Infallible;
 
@@ -52,6 +53,7 @@ async fn route(gw: &Gateway, req: Request<Incoming>) -> Routed {
                 .body(Full::new(Bytes::from(crate::metrics::render(gw))))
                 .unwrap_or_default()),
             ["status"] => json(&gw.status()),
+            ["controllers"] => json(&gw.inner.qos.readouts()),
             ["config"] => json(&gw.settings().config),
             ["rules"] => {
                 let rules = gw.rules();
@@ -72,6 +74,10 @@ async fn route(gw: &Gateway, req: Request<Incoming>) -> Routed {
     }
     authorize(gw, &req)?;
     let body = read_body(req).await?;
+    if let ["controllers", rest @ ..] = segments.as_slice() {
+        let (status, msg) = crate::qos::admin::write(gw, &method, rest, &body)?;
+        return Ok(text(status, msg));
+    }
     match (method, segments.as_slice()) {
         (Method::POST, ["rules"]) => {
             #[derive(Deserialize)]

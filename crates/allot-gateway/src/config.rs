@@ -81,6 +81,9 @@ pub struct Config {
     /// Rule chains that classify requests; the entry chain is `gateway.entry_chain`.
     #[serde(default)]
     pub chain: Vec<Spanned<ChainSpec>>,
+    /// Feedback loops of the QoS manager (see `crate::qos`).
+    #[serde(default)]
+    pub controller: Vec<Spanned<crate::qos::ControllerConfig>>,
     /// Sharing agreements enforced on the classes mapped to principals.
     pub agreements: Option<Spanned<AgreementsConfig>>,
 }
@@ -637,6 +640,7 @@ impl Config {
             let span = self.chain.first().map(|c| c.span()).unwrap_or(0..0);
             return Err(invalid(span, "chain".into(), e.to_string()));
         }
+        crate::qos::validate(self, &invalid)?;
         Ok(())
     }
 

@@ -13,6 +13,7 @@
 //!   shaping; `conn`: head and idle timeouts on client sockets;
 //! - [`server`]: accept loops with graceful shutdown; `admin`, `metrics`: the admin API;
 //! - [`stats`]: sensors and their snapshots;
+//! - [`qos`]: the QoS manager's feedback loops (`[[controller]]`).
 //! - [`agreements`]: sharing agreements, planned every window and enforced as credits.
 #![deny(missing_docs)]
 
@@ -23,6 +24,7 @@ mod clock;
 pub mod config;
 mod conn;
 mod metrics;
+pub mod qos;
 mod sched;
 pub mod server;
 mod service;

@@ -338,6 +338,9 @@ impl Collector for StatusCollector {
 pub fn render(gw: &Gateway) -> String {
     let mut registry = Registry::default();
     registry.register_collector(Box::new(StatusCollector(gw.status())));
+    registry.register_collector(Box::new(crate::qos::metrics::ControllerCollector(
+        gw.inner.qos.readouts(),
+    )));
     let mut out = String::new();
     if prometheus_client::encoding::text::encode(&mut out, &registry).is_err() {
         out.clear();

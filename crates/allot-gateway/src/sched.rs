@@ -22,6 +22,8 @@ struct SchedClass {
     running: usize,
     max_running: usize,
     stats: Arc<ClassStats>,
+    /// The back end whose adaptive limit this class's requests count against.
+    backend: usize,
 }
 
 /// What the dispatcher decides over: queues, running counts and caps.
@@ -30,6 +32,24 @@ pub struct Sched {
     max_running: usize,
     classes: Vec<SchedClass>,
     dispatcher: Dispatcher,
+    /// Per back end: requests in service and the adaptive limit (`adaptive` controller).
+    backends: Vec<BackendGate>,
+}
+
+/// A back end's adaptive concurrency limit, as the dispatcher sees it.
+#[derive(Debug, Clone, Copy, Default)]
+struct BackendGate {
+    running: usize,
+    limit: Option<usize>,
+}
+
+impl Sched {
+    /// Whether `class`'s back end has room under its adaptive limit.
+    fn backend_open(&self, class: &SchedClass) -> bool {
+        self.backends
+            .get(class.backend)
+            .is_none_or(|g| g.limit.is_none_or(|l| g.running < l))
+    }
 }
 
 /// The class-independent scheduling settings of one class.
@@ -51,6 +71,8 @@ pub struct Scheduler {
 pub struct Permit {
     scheduler: Arc<Scheduler>,
     class: usize,
+    /// The back end it counts against (fixed at grant, whatever changes later).
+    backend: usize,
 }
 
 impl std::fmt::Debug for Permit {
@@ -80,6 +102,7 @@ impl Scheduler {
                 max_running,
                 classes: Vec::new(),
                 dispatcher: Dispatcher::new(Vec::new()),
+                backends: Vec::new(),
             }),
         })
     }
@@ -111,6 +134,7 @@ impl Scheduler {
                 running: 0,
                 max_running: limits.max_running,
                 stats,
+                backend: 0,
             });
             // `set` grows the dispatcher for a new index.
             s.dispatcher.set(index, limits.weights);
@@ -123,6 +147,39 @@ impl Scheduler {
         let mut s = self.lock();
         s.max_running = max_running;
         self.dispatch_locked(s);
+    }
+
+    /// Sets which back end's adaptive limit `class`'s requests count against.
+    pub fn set_class_backend(self: &Arc<Self>, class: usize, backend: usize) {
+        let mut s = self.lock();
+        // Count every back end's running requests from the start, so a limit set later
+        // sees the true count.
+        if s.backends.len() <= backend {
+            s.backends.resize(backend + 1, BackendGate::default());
+        }
+        if let Some(c) = s.classes.get_mut(class) {
+            c.backend = backend;
+        }
+        self.dispatch_locked(s);
+    }
+
+    /// Sets (or with `None` removes) a back end's adaptive concurrency limit; raising it
+    /// dispatches waiters at once. Requests already in service are never cut short.
+    pub fn set_backend_limit(self: &Arc<Self>, backend: usize, limit: Option<usize>) {
+        let mut s = self.lock();
+        if s.backends.len() <= backend {
+            s.backends.resize(backend + 1, BackendGate::default());
+        }
+        s.backends[backend].limit = limit.map(|l| l.max(1));
+        self.dispatch_locked(s);
+    }
+
+    /// Requests in service on `backend` under its limit, and the limit.
+    pub fn backend_running(&self, backend: usize) -> (usize, Option<usize>) {
+        let s = self.lock();
+        s.backends
+            .get(backend)
+            .map_or((0, None), |g| (g.running, g.limit))
     }
 
     /// Requests in service now, and the overall cap.
@@ -143,13 +200,21 @@ impl Scheduler {
         let Some(c) = s.classes.get(class) else {
             return Admission::Refused(RefuseReason::QueueFull);
         };
-        let free = s.running < s.max_running && c.running < c.max_running && c.queue.is_empty();
+        let free = s.running < s.max_running
+            && c.running < c.max_running
+            && c.queue.is_empty()
+            && s.backend_open(c);
         if free {
             s.running += 1;
             s.classes[class].running += 1;
+            let b = s.classes[class].backend;
+            if let Some(g) = s.backends.get_mut(b) {
+                g.running += 1;
+            }
             return Admission::Now(Permit {
                 scheduler: Arc::clone(self),
                 class,
+                backend: b,
             });
         }
         let (tx, rx) = oneshot::channel();
@@ -186,11 +251,14 @@ impl Scheduler {
         }
     }
 
-    fn release(self: &Arc<Self>, class: usize) {
+    fn release(self: &Arc<Self>, class: usize, backend: usize) {
         let mut s = self.lock();
         s.running = s.running.saturating_sub(1);
         if let Some(c) = s.classes.get_mut(class) {
             c.running = c.running.saturating_sub(1);
+        }
+        if let Some(g) = s.backends.get_mut(backend) {
+            g.running = g.running.saturating_sub(1);
         }
         self.dispatch_locked(s);
     }
@@ -203,12 +271,18 @@ impl Scheduler {
             let Sched {
                 classes,
                 dispatcher,
+                backends,
                 ..
             } = &mut *s;
+            let open = |c: &SchedClass| {
+                backends
+                    .get(c.backend)
+                    .is_none_or(|g| g.limit.is_none_or(|l| g.running < l))
+            };
             let Some(class) = dispatcher.pick(&mut |i| {
                 classes
                     .get(i)
-                    .is_some_and(|c| !c.queue.is_empty() && c.running < c.max_running)
+                    .is_some_and(|c| !c.queue.is_empty() && c.running < c.max_running && open(c))
             }) else {
                 break;
             };
@@ -223,12 +297,17 @@ impl Scheduler {
                 continue; // the client went away while waiting
             }
             c.running += 1;
+            let b = c.backend;
+            if let Some(g) = backends.get_mut(b) {
+                g.running += 1;
+            }
             s.running += 1;
             grants.push((
                 tx,
                 Permit {
                     scheduler: Arc::clone(self),
                     class,
+                    backend: b,
                 },
             ));
         }
@@ -243,6 +322,6 @@ impl Scheduler {
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        self.scheduler.release(self.class);
+        self.scheduler.release(self.class, self.backend);
     }
 }

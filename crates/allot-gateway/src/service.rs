@@ -161,7 +161,8 @@ async fn serve(gw: &Gateway, peer: SocketAddr, req: Request<Incoming>) -> Respon
     class.stats.in_flight.fetch_add(1, Relaxed);
 
     // Service.
-    let Some(backend) = gw.backend(cfg.backend) else {
+    // The `utilisation` controller may divert a share of the class to a degraded variant.
+    let Some(backend) = gw.backend(class.divert.pick(cfg.backend)) else {
         class.stats.in_flight.fetch_sub(1, Relaxed);
         return reply(
             StatusCode::INTERNAL_SERVER_ERROR,

@@ -34,6 +34,8 @@ pub struct ClassRt {
     pub accept: Mutex<Option<TokenBucket>>,
     /// Settings read per request.
     pub cfg: RwLock<ClassCfg>,
+    /// The divert-to-degraded actuator (`utilisation` controller).
+    pub divert: crate::qos::Divert,
 }
 
 /// The per-request settings of a class.
@@ -85,6 +87,8 @@ pub(crate) struct Inner {
     enforcer: RwLock<Option<Arc<Enforcer>>>,
     /// Serialises changes so two writers cannot interleave.
     change: Mutex<()>,
+    /// The QoS manager's loops.
+    pub(crate) qos: crate::qos::Manager,
     started: Instant,
 }
 
@@ -118,6 +122,7 @@ impl Gateway {
                 })),
                 enforcer: RwLock::new(None),
                 change: Mutex::new(()),
+                qos: crate::qos::Manager::default(),
                 started: Instant::now(),
             }),
         };
@@ -217,6 +222,7 @@ impl Gateway {
                                     .map(|r| TokenBucket::new(r.rate_per_sec, r.burst, now)),
                             ),
                             cfg: RwLock::new(cfg),
+                            divert: Default::default(),
                         }));
                         classes.len() - 1
                     }
@@ -227,6 +233,8 @@ impl Gateway {
                     queue_config(c),
                     Arc::clone(&classes[index].stats),
                 );
+                let backend = read(&classes[index].cfg).backend;
+                inner.sched.set_class_backend(index, backend);
             }
             for rt in classes.iter() {
                 if !config.classes().any(|c| c.name == rt.name) {
@@ -280,7 +288,45 @@ impl Gateway {
             admin_token: config.admin.resolved_token(),
             config,
         });
+        crate::qos::reconcile(self);
         Ok(())
+    }
+
+    /// Run-time index of the class named `name`.
+    pub(crate) fn class_index(&self, name: &str) -> Option<usize> {
+        read(&self.inner.classes)
+            .iter()
+            .position(|c| c.name == name)
+    }
+
+    /// Run-time index of the back end named `name`.
+    pub(crate) fn backend_index(&self, name: &str) -> Option<usize> {
+        read(&self.inner.backends)
+            .iter()
+            .position(|b| b.name == name)
+    }
+
+    /// Actuator: sets `class`'s accept rate directly, without a configuration change (a
+    /// controller's output); `None` puts back the configured accept rate, if any.
+    pub(crate) fn set_accept_rate(&self, class: usize, rate: Option<(f64, f64)>) {
+        let Some(rt) = self.class(class) else {
+            return;
+        };
+        let rate = rate.or_else(|| {
+            self.settings()
+                .config
+                .classes()
+                .find(|c| c.name == rt.name)
+                .and_then(|c| c.accept_rate)
+                .map(|r| (r.rate_per_sec, r.burst))
+        });
+        let now = crate::clock::now();
+        let mut accept = rt.accept.lock().unwrap_or_else(|p| p.into_inner());
+        match (accept.as_mut(), rate) {
+            (Some(bucket), Some((r, burst))) => bucket.set_rate(r, burst, now),
+            (None, Some((r, burst))) => *accept = Some(TokenBucket::new(r, burst, now)),
+            (_, None) => *accept = None,
+        }
     }
 
     /// Validates `edit` applied to a copy of the configuration in force, then applies it.

@@ -12,6 +12,8 @@
 //! - [`dispatch`]: which class's queue is served next (priority, then ratio).
 //! - [`bucket`]: token buckets for accept rates and bandwidth groups.
 //! - [`ewma`], [`slowdown`], [`aimd`]: the feedback-control pieces (FVM paper).
+//! - [`pi`], [`gradient`], [`utilisation`]: the QoS manager's controllers (PI delay
+//!   guarantee, Envoy's gradient rule, two-level utilisation control).
 //! - [`alps`]: basic and optimised ALPS decisions with the I/O rule.
 //! - [`fvm`]: the FVM fluid model (section 3, eqs. 3–7).
 //! - [`accuracy`]: relative error, RMS, fairness indices.
@@ -28,9 +30,12 @@ pub mod classify;
 pub mod dispatch;
 pub mod ewma;
 pub mod fvm;
+pub mod gradient;
+pub mod pi;
 pub mod planner;
 pub mod queue;
 pub mod slowdown;
 pub mod time;
+pub mod utilisation;
 
 pub use time::Nanos;

@@ -1,0 +1,189 @@
+//! Acceptance (b) of the QoS manager: the `utilisation` controller holds the CPU use of
+//! a back end's processes at its set point through a load that doubles at 20 s and halves
+//! at 40 s, diverting to the degraded variant first and throttling only when everything
+//! is diverted, and undoing in the reverse order (open-QoS paper, section 4.3).
+//!
+//! The full variant burns 10 ms of CPU per request, the degraded one 2.5 ms (a quarter).
+//! At 70/s, diverting about 76% holds 30%; at 140/s even all-degraded costs 35%, so the
+//! accept rate must fall to about 120/s.
+
+mod common;
+mod qos_util;
+
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{backend, gateway, get_once};
+use qos_util::*;
+use tokio::time::Instant;
+
+const SETPOINT: f64 = 30.0;
+const MAX_RATE: f64 = 1000.0;
+
+fn cpu_ns(pids: &[i32]) -> u64 {
+    pids.iter()
+        .map(|p| allot_proc::procfs::cpu_ns(*p).expect("back end alive"))
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn utilisation_diverts_then_throttles_and_undoes_in_reverse() {
+    let (full, faddr) = backend(64, 0, &["--cpu-ms", "10"]);
+    let (lite, laddr) = backend(64, 0, &["--cpu-ms", "2.5"]);
+    let pids = [full.child.id() as i32, lite.child.id() as i32];
+    let config = format!(
+        r#"
+[listener]
+address = "127.0.0.1:0"
+[admin]
+address = "127.0.0.1:0"
+token = "qos-test"
+[[backend]]
+name = "full"
+addresses = ["{faddr}"]
+[[backend]]
+name = "lite"
+addresses = ["{laddr}"]
+[[class]]
+name = "web"
+backend = "full"
+queue_limit = 4096
+max_wait_ms = 5000
+[[controller]]
+kind = "utilisation"
+name = "cpu"
+class = "web"
+degraded_backend = "lite"
+pids = [{}, {}]
+setpoint_percent = {SETPOINT}
+period_ms = 500
+divert_kp = 0.005
+divert_ki = 0.01
+rate_kp = 1.0
+rate_ki = 2.0
+min_rate_per_sec = 5
+max_rate_per_sec = {MAX_RATE}
+burst = 3
+"#,
+        pids[0], pids[1]
+    );
+    let (g, gaddr, admin, _) = gateway(&config, &["--threads", "1"], &[]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let s = samples();
+    let rate = Rate::new(70.0);
+    let generator = open_loop(
+        gaddr,
+        rate.clone(),
+        "/page",
+        Arc::clone(&stop),
+        Arc::clone(&s),
+    );
+    let mut series = Series::new(
+        "utilisation",
+        "t_s,setpoint_percent,cpu_percent,divert,throttle_rate_per_sec,offered_per_sec",
+    );
+    let t0 = Instant::now();
+    let mut trace: Vec<(f64, f64, f64)> = Vec::new(); // (t, divert, rate)
+    let mut windows: Vec<(f64, f64)> = Vec::new(); // (window end, mean utilisation)
+    let mut window_start = (t0, cpu_ns(&pids));
+    while t0.elapsed() < Duration::from_secs(60) {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let t = t0.elapsed().as_secs_f64();
+        if t >= 40.0 {
+            rate.set(70.0);
+        } else if t >= 20.0 {
+            rate.set(140.0);
+        }
+        let all = controllers(admin).await;
+        let r = readout(&all, "cpu");
+        let (d, rt) = (
+            output(r, "divert").unwrap_or(f64::NAN),
+            output(r, "rate_per_sec").unwrap_or(f64::NAN),
+        );
+        trace.push((t, d, rt));
+        series.push(&[
+            t,
+            SETPOINT,
+            r["input"].as_f64().unwrap_or(f64::NAN),
+            d,
+            // The rate only while it throttles (at its maximum it limits nothing).
+            if rt < MAX_RATE { rt } else { f64::NAN },
+            state(r, "offered_per_sec").unwrap_or(f64::NAN),
+        ]);
+        // 5 s windows of the back end's CPU, read from /proc by the test itself.
+        let now = Instant::now();
+        if now - window_start.0 >= Duration::from_secs(5) {
+            let used = cpu_ns(&pids);
+            let wall = (now - window_start.0).as_nanos() as f64;
+            windows.push((
+                (now - t0).as_secs_f64(),
+                (used - window_start.1) as f64 / wall * 100.0,
+            ));
+            window_start = (now, used);
+        }
+    }
+    series.write();
+    let metrics = get_once(admin, "/metrics", &[]).await.text();
+    stop.store(true, Relaxed);
+    generator.abort();
+    eprintln!("5 s windows (end s, cpu %): {windows:.1?}");
+    let log = g.stderr();
+
+    // Held at the set point ± 5 points outside the 5 s after each step (0, 20, 40 s).
+    let judged: Vec<&(f64, f64)> = windows
+        .iter()
+        .filter(|(end, _)| {
+            let start = end - 5.0;
+            [0.0, 20.0, 40.0]
+                .iter()
+                .all(|step| !(start < step + 5.0 - 0.3 && *end > *step))
+        })
+        .collect();
+    assert!(judged.len() >= 6, "too few windows judged: {windows:?}");
+    for (end, u) in &judged {
+        assert!(
+            (u - SETPOINT).abs() <= 5.0,
+            "window ending at {end:.1} s: {u:.1}% is outside {SETPOINT} ± 5; all: {windows:.1?}\n{log}"
+        );
+    }
+
+    // Order of actions: phase 1 diverts without throttling; phase 2 throttles only with
+    // everything diverted; phase 3 releases the rate before diverting less.
+    let phase = |a: f64, b: f64| trace.iter().filter(move |(t, _, _)| *t >= a && *t < b);
+    assert!(
+        phase(5.0, 20.0).all(|(_, d, r)| *r >= MAX_RATE && *d > 0.3 && *d < 1.0),
+        "phase 1 should divert part, throttle nothing: {trace:?}"
+    );
+    let first_throttle = trace
+        .iter()
+        .find(|(t, _, r)| *t >= 20.0 && *r < MAX_RATE)
+        .expect("phase 2 throttles");
+    assert!(trace
+        .iter()
+        .any(|(t, d, _)| *t >= 20.0 && *t <= first_throttle.0 && *d >= 1.0));
+    assert!(
+        phase(20.0, 40.0).all(|(_, d, r)| *r >= MAX_RATE || *d >= 1.0),
+        "throttling with less than everything diverted: {trace:?}"
+    );
+    let released = trace
+        .iter()
+        .find(|(t, _, r)| *t >= 40.0 && *r >= MAX_RATE)
+        .expect("phase 3 releases the rate");
+    assert!(
+        phase(40.0, released.0).all(|(_, d, _)| *d >= 1.0),
+        "diverting less before the rate was released: {trace:?}"
+    );
+    assert!(
+        phase(50.0, 60.0).all(|(_, d, _)| *d < 1.0),
+        "phase 3 should divert part: {trace:?}"
+    );
+    assert!(
+        metrics.contains(
+            "allot_controller_output{controller=\"cpu\",kind=\"utilisation\",knob=\"divert\"}"
+        ),
+        "{metrics}"
+    );
+    assert!(metrics
+        .contains("allot_controller_state{controller=\"cpu\",kind=\"utilisation\",var=\"level\"}"));
+}

@@ -24,7 +24,7 @@ use crate::group::Principal;
 use crate::handle::ProcHandle;
 use crate::probe::{Probe, ProbeRunner};
 use crate::procfs;
-use crate::selector::{protected_pids, Selector};
+use crate::selector::{protected_pids, snapshot_for, Selector};
 use crate::stopped::StoppedSet;
 use crate::timer::{monotonic_ns, sleep_until, Wait};
 
@@ -151,7 +151,7 @@ struct Group {
 
 impl Group {
     fn refresh(&mut self, strict: bool) -> Result<(), ProcError> {
-        let procs = procfs::snapshot()?;
+        let procs = snapshot_for(self.principals.iter().map(|p| &p.selector))?;
         let mut protected = protected_pids(&procs);
         // The probe command's processes are ours, never the group's.
         let me = std::process::id() as i32;

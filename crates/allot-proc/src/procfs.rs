@@ -156,19 +156,37 @@ pub fn snapshot() -> Result<Vec<ProcessInfo>, ProcError> {
         else {
             continue;
         };
-        let (Ok(stat), Ok(uid)) = (read_stat(pid), uid_of(pid)) else {
-            continue;
-        };
-        out.push(ProcessInfo {
-            pid,
-            ppid: stat.ppid,
-            uid,
-            comm: stat.comm,
-            state: stat.state,
-            start_time_ticks: stat.start_time_ticks,
-        });
+        out.extend(process_info(pid));
     }
     Ok(out)
+}
+
+/// These processes and this process's ancestors, read one by one: all that selectors
+/// naming fixed PIDs need (and the ancestors are what [`crate::selector::protected_pids`]
+/// protects), without reading every process.
+pub fn snapshot_of(pids: impl IntoIterator<Item = i32>) -> Vec<ProcessInfo> {
+    let mut out: Vec<ProcessInfo> = pids.into_iter().filter_map(process_info).collect();
+    let mut cur = std::process::id() as i32;
+    while cur > 0 && !out.iter().any(|p| p.pid == cur) {
+        let Some(info) = process_info(cur) else { break };
+        cur = info.ppid;
+        out.push(info);
+    }
+    out
+}
+
+/// One process's selector view, `None` if it is gone or unreadable.
+fn process_info(pid: i32) -> Option<ProcessInfo> {
+    let stat = read_stat(pid).ok()?;
+    let uid = uid_of(pid).ok()?;
+    Some(ProcessInfo {
+        pid,
+        ppid: stat.ppid,
+        uid,
+        comm: stat.comm,
+        state: stat.state,
+        start_time_ticks: stat.start_time_ticks,
+    })
 }
 
 /// This process's own CPU time in nanoseconds (all its threads).
@@ -206,6 +224,10 @@ mod tests {
         assert_eq!(s.pid, me);
         assert!(cpu_ns(me).unwrap() > 0);
         assert!(snapshot().unwrap().iter().any(|p| p.pid == me));
+        let parent = s.ppid;
+        let few = snapshot_of([parent, i32::MAX]);
+        assert!(few.iter().any(|p| p.pid == me) && few.iter().any(|p| p.pid == parent));
+        assert!(!few.iter().any(|p| p.pid == i32::MAX));
         assert!(matches!(read_stat(i32::MAX), Err(ProcError::Gone { .. })));
     }
 }

@@ -18,7 +18,7 @@ use allot_model::Nanos;
 use crate::error::ProcError;
 use crate::group::Principal;
 use crate::procfs;
-use crate::selector::{protected_pids, Selector};
+use crate::selector::{protected_pids, snapshot_for, Selector};
 use crate::stopped::StoppedSet;
 use crate::timer::{monotonic_ns, sleep_until, PeriodicTimer, Wait};
 
@@ -129,13 +129,15 @@ struct Runner {
     stopped: StoppedSet,
     alps: Alps,
     protected: std::collections::HashSet<i32>,
+    /// The CPUs the members may run on (read once: it costs several file reads).
+    ncpu: usize,
 }
 
 impl Runner {
     fn refresh(&mut self, strict: bool, observer: &mut dyn CpuObserver) -> Result<(), ProcError> {
-        let procs = procfs::snapshot()?;
+        let procs = snapshot_for(self.principals.iter().map(|p| &p.selector))?;
         self.protected = protected_pids(&procs);
-        let ncpu = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let ncpu = self.ncpu;
         self.alps.set_cpus(ncpu as u32);
         for (id, p) in self.principals.iter_mut().enumerate() {
             let stopped_now = !self.alps.is_eligible(id) && !p.is_empty();
@@ -194,6 +196,7 @@ pub fn run_cpu(
         principals,
         alps,
         protected: Default::default(),
+        ncpu: std::thread::available_parallelism().map_or(1, |n| n.get()),
     };
     let result = run_loop(&mut runner, shutdown, observer);
     // Continue everything before reporting, whatever happened.
@@ -229,6 +232,8 @@ fn run_loop(
     let moved = crate::affinity::avoid_members(r.principals.iter().flat_map(|p| p.pids()));
     if !moved.is_empty() {
         tracing::debug!(cpus = ?moved, "running on CPUs the members are not pinned to");
+        // The members may use the CPUs allot left.
+        r.ncpu = r.ncpu.saturating_sub(moved.len()).max(1);
     }
     let n = r.principals.len();
     let share_f: Vec<f64> = r.principals.iter().map(|p| p.shares as f64).collect();

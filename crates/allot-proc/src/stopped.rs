@@ -1,7 +1,12 @@
 //! The stopped set: every process allot has stopped and not yet continued, mirrored in a
 //! state file so `allot cpu resume` can continue them after allot was killed. A process
-//! is recorded (and the file written) *before* it is sent SIGSTOP, and forgotten only
-//! after SIGCONT, so the file never misses a stopped process.
+//! is recorded (and the file written) *before* it is sent SIGSTOP, so the file never
+//! misses a stopped process.
+//!
+//! The file holds a superset: every identity (PID and start time) stopped so far that has
+//! not exited. A scheduler stops and continues the same members every cycle, so the file
+//! is written only when a member is stopped for the first time, not on every quantum;
+//! an entry for a member that is running costs one checked, harmless SIGCONT on recovery.
 //!
 //! [`StoppedSet`] is also the guard: when dropped (normal exit, error, or a panic
 //! unwinding) it continues everything still stopped and removes the file.
@@ -36,6 +41,8 @@ pub fn default_state_file(job: &str) -> PathBuf {
 pub struct StoppedSet {
     path: PathBuf,
     stopped: BTreeMap<i32, u64>,
+    /// The identities the file holds (a superset of `stopped`).
+    recorded: BTreeMap<i32, u64>,
     written: bool,
 }
 
@@ -45,6 +52,7 @@ impl StoppedSet {
         StoppedSet {
             path,
             stopped: BTreeMap::new(),
+            recorded: BTreeMap::new(),
             written: false,
         }
     }
@@ -69,14 +77,17 @@ impl StoppedSet {
         self.stopped.is_empty()
     }
 
+    /// Rewrites the file with `recorded`.
     fn write(&mut self) -> Result<(), ProcError> {
-        if let Some(dir) = self.path.parent() {
-            fs::create_dir_all(dir).map_err(|e| ProcError::io(dir.display().to_string(), e))?;
+        if !self.written {
+            if let Some(dir) = self.path.parent() {
+                fs::create_dir_all(dir).map_err(|e| ProcError::io(dir.display().to_string(), e))?;
+            }
         }
         let tmp = self.path.with_extension("tmp");
         let mut text = String::from(HEADER);
         text.push('\n');
-        for (pid, start) in &self.stopped {
+        for (pid, start) in &self.recorded {
             text.push_str(&format!("{pid} {start}\n"));
         }
         let write = || -> std::io::Result<()> {
@@ -89,8 +100,8 @@ impl StoppedSet {
         Ok(())
     }
 
-    /// Stops these processes: records them all, writes the file once, then signals.
-    /// Returns the PIDs that turned out to be gone.
+    /// Stops these processes: records them all, writes the file if one of them is not in
+    /// it yet, then signals. Returns the PIDs that turned out to be gone.
     pub fn stop_all<'a>(
         &mut self,
         handles: impl IntoIterator<Item = &'a ProcHandle>,
@@ -102,16 +113,22 @@ impl StoppedSet {
         if handles.is_empty() {
             return Ok(Vec::new());
         }
+        let mut new = false;
         for h in &handles {
-            self.stopped.insert(h.pid(), h.start_time_ticks());
+            let id = (h.pid(), h.start_time_ticks());
+            self.stopped.insert(id.0, id.1);
+            new |= self.recorded.insert(id.0, id.1) != Some(id.1);
         }
-        self.write()?;
+        if new {
+            self.write()?;
+        }
         let mut gone = Vec::new();
         for h in handles {
             match h.signal(Some(Signal::SIGSTOP)) {
                 Ok(()) => {}
                 Err(ProcError::Gone { pid }) => {
                     self.stopped.remove(&pid);
+                    self.recorded.remove(&pid);
                     gone.push(pid);
                 }
                 Err(e) => return Err(e),
@@ -120,8 +137,7 @@ impl StoppedSet {
         Ok(gone)
     }
 
-    /// Continues these processes and forgets them. The file is rewritten lazily (a stale
-    /// entry only means one extra, harmless, checked SIGCONT on recovery).
+    /// Continues these processes. They stay in the file (see the module comment).
     pub fn cont_all<'a>(&mut self, handles: impl IntoIterator<Item = &'a ProcHandle>) -> Vec<i32> {
         let mut gone = Vec::new();
         for h in handles {
@@ -135,15 +151,17 @@ impl StoppedSet {
         gone
     }
 
-    /// Forgets a process that exited.
+    /// Forgets a process that exited; the file drops it at its next write.
     pub fn forget(&mut self, pid: i32) {
         self.stopped.remove(&pid);
+        self.recorded.remove(&pid);
     }
 
     /// Continues everything still stopped (checking identities) and removes the file.
     /// Returns how many were continued.
     pub fn release(&mut self) -> usize {
         let mut n = 0;
+        self.recorded.clear();
         for (pid, start) in std::mem::take(&mut self.stopped) {
             if signal_if_same(pid, start, Signal::SIGCONT).is_ok() {
                 n += 1;
@@ -273,6 +291,39 @@ mod tests {
         h.signal(Some(Signal::SIGCONT)).unwrap();
         let _ = child.kill();
         let _ = child.wait();
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_file_is_written_only_when_a_new_identity_is_stopped() {
+        let dir = std::env::temp_dir().join(format!("allot-stopped-once-{}", std::process::id()));
+        let path = dir.join("cpu-1.state");
+        let mut a = Command::new("sleep").arg("30").spawn().unwrap();
+        let mut b = Command::new("sleep").arg("30").spawn().unwrap();
+        let ha = ProcHandle::open_now(a.id() as i32).unwrap();
+        let hb = ProcHandle::open_now(b.id() as i32).unwrap();
+        let id = |h: &ProcHandle| (h.pid(), h.start_time_ticks());
+        let mut set = StoppedSet::new(path.clone());
+        set.stop_all([&ha]).unwrap();
+        set.cont_all([&ha]);
+        assert!(set.is_empty());
+        // Mark the file: stopping the same process again must not rewrite it.
+        fs::write(&path, format!("{HEADER}\n")).unwrap();
+        set.stop_all([&ha]).unwrap();
+        assert!(parse_state(&fs::read_to_string(&path).unwrap()).is_empty());
+        // A new identity rewrites it with everything recorded so far.
+        set.stop_all([&hb]).unwrap();
+        let mut got = parse_state(&fs::read_to_string(&path).unwrap());
+        got.sort();
+        let mut want = vec![id(&ha), id(&hb)];
+        want.sort();
+        assert_eq!(got, want);
+        assert_eq!(set.release(), 2);
+        assert!(wait_state(a.id(), 'S') && wait_state(b.id(), 'S'));
+        for c in [&mut a, &mut b] {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
         let _ = fs::remove_dir_all(&dir);
     }
 }

@@ -179,9 +179,8 @@ fn two_groups_converge_to_fair_limits() {
     let running = |w: &Workers| w.pids().iter().filter(|p| state(**p) != 'T').count() as f64;
     let (mut sa, mut sb, mut n) = (0.0, 0.0, 0.0);
     let t0 = Instant::now();
-    // Each group's limit wanders with the noise of its own probe; a long average is what
-    // AIMD makes fair.
-    while t0.elapsed() < Duration::from_secs(30) {
+    // Which group leads switches every 10–20 s; a long average is what AIMD makes fair.
+    while t0.elapsed() < Duration::from_secs(60) {
         sa += running(&a);
         sb += running(&b);
         n += 1.0;
@@ -199,9 +198,11 @@ fn two_groups_converge_to_fair_limits() {
         diff * 100.0
     );
     assert!(ma > 0.0 && mb > 0.0, "a group was starved: {ma} {mb}");
-    // Issue 4 (f) asks for 25%. Runs here give 12%, 27% and 31% (the higher group either
-    // one, also over 60 s): not reliably met, so the issue stays open and this holds the
-    // bound that is met, two groups neither starved nor far apart.
+    // Issue 4 (f) asks for 25%. Over 60 s, runs here give 9%, 19%, 23%, 27% and 30% apart
+    // (the higher group either one): not reliably met, so the issue stays open and this
+    // holds the bound that is met, two groups neither starved nor far apart. Neither a
+    // smoother signal (γ 0.15) nor three times the probes removes the spread, and jittered
+    // periods (which fixed the gateways' version of this, issue 5 (d)) do not either.
     assert!(
         diff <= 0.5,
         "limits {ma:.2} and {mb:.2} are {:.1}% apart",

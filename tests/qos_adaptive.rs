@@ -295,7 +295,7 @@ async fn adaptive_keeps_goodput_near_the_best_fixed_limit() {
     );
 }
 
-/// (d), scaled: 45 s instead of 60, limits compared over the last 20 s.
+/// (d): limits compared over 60 s, after 15 s to settle from 1 and 40.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_gateways_converge_to_equal_limits() {
     let _one = SERIAL.lock().await;
@@ -315,7 +315,10 @@ async fn two_gateways_converge_to_equal_limits() {
         Arc::clone(&stop),
         Arc::clone(&s),
     ));
-    let mut series = Series::new("friendly", "t_s,limit_a,limit_b");
+    let mut series = Series::new(
+        "friendly",
+        "t_s,limit_a,limit_b,slowdown_a,slowdown_b,ewma_ms_a,ewma_ms_b,baseline_ms_a,baseline_ms_b",
+    );
     let t0 = Instant::now();
     let measure_from = t0 + Duration::from_secs(15);
     let end = t0 + Duration::from_secs(75);
@@ -325,7 +328,20 @@ async fn two_gateways_converge_to_equal_limits() {
         let (r1, r2) = (controllers(a1).await, controllers(a2).await);
         let l1 = output(readout(&r1, "adapt"), "limit").unwrap_or(f64::NAN);
         let l2 = output(readout(&r2, "adapt"), "limit").unwrap_or(f64::NAN);
-        series.push(&[t0.elapsed().as_secs_f64(), l1, l2]);
+        let (x1, x2) = (readout(&r1, "adapt"), readout(&r2, "adapt"));
+        let input = |r: &Value| r["input"].as_f64().unwrap_or(f64::NAN);
+        let var = |r: &Value, v: &str| state(r, v).unwrap_or(f64::NAN);
+        series.push(&[
+            t0.elapsed().as_secs_f64(),
+            l1,
+            l2,
+            input(x1),
+            input(x2),
+            var(x1, "ewma_ms"),
+            var(x2, "ewma_ms"),
+            var(x1, "baseline_ms"),
+            var(x2, "baseline_ms"),
+        ]);
         if Instant::now() >= measure_from && l1.is_finite() && l2.is_finite() {
             la.push(l1);
             lb.push(l2);
@@ -344,12 +360,9 @@ async fn two_gateways_converge_to_equal_limits() {
     );
     assert!(la.len() > 40, "too few samples");
     let (lo, hi) = (ma.min(mb), ma.max(mb));
-    // Issue 5 (d) asks for 25%. Merged with the rest of the gateway this measures a steady
-    // 6.5 against 4.9 (1.3×) on the shared machine, the gateway started low ending higher:
-    // a bias not yet understood, so the issue stays open and this holds the bound we meet.
     assert!(
-        hi <= lo * 1.5,
-        "limits {ma:.2} and {mb:.2} differ by more than 50%"
+        hi <= lo * 1.25,
+        "limits {ma:.2} and {mb:.2} differ by more than 25%"
     );
 }
 

@@ -9,6 +9,13 @@
 //! latency is its wall time over the CPU time it got, whose unloaded value is 1 by
 //! definition; for a `--probe-cmd`, the whole group is stopped for a moment at start and
 //! the command timed.
+//!
+//! Each period's length is jittered uniformly within ±25% of the configured period (the
+//! mean is unchanged). Two groups sharing the machine must not keep a fixed phase order:
+//! whichever closes its period first after the machine slows down takes the cut, the other
+//! then sees the relief and does not, and with fixed phases that is the same group every
+//! time, so their limits settle apart (issue 4 (f)). With jitter the order reshuffles
+//! within a few periods.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -315,7 +322,10 @@ fn adapt_loop(
         // Each sample at a random point of its slot: two groups started together would
         // otherwise probe at the same instants every period, and the one whose probe
         // starts first is the one the other's wake-up preempts — a steady bias in R.
-        let slot = period_ns / samples;
+        // This period's length, jittered (see the module comment).
+        let span = (period_ns / 2).max(1);
+        let len = period_ns - period_ns / 4 + rng.next() % span;
+        let slot = len / samples;
         let mut events: Vec<(u64, bool)> = (0..samples)
             .map(|k| {
                 let jitter = slot / 10 + rng.next() % (slot * 8 / 10).max(1);
@@ -323,7 +333,7 @@ fn adapt_loop(
             })
             .collect();
         if decision.duty < 1.0 {
-            events.push((t0 + (decision.duty * period_ns as f64) as u64, true));
+            events.push((t0 + (decision.duty * len as f64) as u64, true));
         }
         events.sort();
         let mut probe_sum_ms = 0.0;
@@ -350,7 +360,7 @@ fn adapt_loop(
                 probes += 1;
             }
         }
-        let end = t0 + period_ns;
+        let end = t0 + len;
         loop {
             if shutdown.load(Ordering::SeqCst) {
                 break 'periods;
@@ -384,8 +394,9 @@ fn adapt_loop(
         ctrl.update(reading.congested);
         observer.on_period(&report).map_err(ProcError::Observer)?;
         history.push(report);
-        // Next period starts on the absolute grid (late wake-ups do not accumulate).
-        t0 = end.max(now.saturating_sub(period_ns / 2));
+        // Next period starts where this one was due to end (late wake-ups do not
+        // accumulate).
+        t0 = end.max(now.saturating_sub(len / 2));
         if deadline.is_some_and(|d| t0 >= d) {
             break;
         }

@@ -242,23 +242,35 @@ pub(crate) fn reconcile(gw: &Gateway) {
     *loops = ordered;
 }
 
+/// How far each tick may fall from the period, as a fraction of it (both ways).
+///
+/// Several gateways' loops on one shared back end must not keep a fixed phase order:
+/// with AIMD, whichever loop closes its period first after the back end slows down takes
+/// the cut, the others then see the relief and do not, and with fixed phases that is the
+/// same loop every time, so the limits drift apart and stay apart (issue 5 (d)). A tick
+/// jittered by ±25% reshuffles the order within a few periods; the controllers measure
+/// each period's length, so none of them assumes a fixed one.
+const TICK_JITTER: f64 = 0.25;
+
+/// The wait before the next tick: the period, jittered by [`TICK_JITTER`].
+fn next_tick(period_ms: u64) -> Duration {
+    let u: f64 = rand::random::<f64>() * 2.0 - 1.0;
+    Duration::from_secs_f64(period_ms.max(1) as f64 * (1.0 + TICK_JITTER * u) / 1000.0)
+}
+
 /// One loop: tick on the period, read the clock once, step, publish the readout.
 async fn run(gateway: Weak<Inner>, l: Arc<Loop>) {
     let mut period_ms = lock(&l.config).period_ms();
-    let mut ticker = interval(period_ms);
     let mut state: Option<step::State> = None;
     let mut was_saturated = false;
     loop {
-        ticker.tick().await;
+        tokio::time::sleep(next_tick(period_ms)).await;
         let Some(inner) = gateway.upgrade() else {
             return; // the gateway is gone
         };
         let gw = Gateway { inner };
         let config = lock(&l.config).clone();
-        if config.period_ms() != period_ms {
-            period_ms = config.period_ms();
-            ticker = interval(period_ms);
-        }
+        period_ms = config.period_ms();
         let now = crate::clock::now();
         if l.retune.swap(false, Relaxed) {
             state = Some(step::State::new(&config, &gw, now, state.as_ref()));
@@ -298,12 +310,6 @@ async fn run(gateway: Weak<Inner>, l: Arc<Loop>) {
         }
         was_saturated = out.saturated;
     }
-}
-
-fn interval(period_ms: u64) -> tokio::time::Interval {
-    let mut t = tokio::time::interval(Duration::from_millis(period_ms.max(1)));
-    t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    t
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use allot_proc::adapt::{run_adapt, AdaptConfig, AdaptObserver, PeriodReport};
+use allot_proc::adapt::{run_adapt, AdaptConfig, AdaptObserver, PeriodReport, Sensor};
 use allot_proc::probe::Probe;
 use allot_proc::selector::{parse_selector, SelectorKind};
 use allot_proc::stopped;
@@ -16,6 +16,15 @@ use anyhow::bail;
 use super::cpu::parse_duration;
 
 /// Flags of `allot adapt`. Defaults are the FVM paper's table 1.
+/// `--sensor`: where the slowdown comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SensorArg {
+    /// A probe timed every period (built-in work unit, or `--probe-cmd`).
+    Probe,
+    /// The members' own run-queue wait.
+    RunQueueWait,
+}
+
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// A member process (repeatable; all selectors together form the group).
@@ -57,6 +66,11 @@ pub struct Args {
     /// Lowest duty cycle in rate control, in (0, 1].
     #[arg(long, default_value_t = 0.05)]
     pub min_duty: f64,
+    /// Where the slowdown comes from: a probe timed every period (the FVM paper's), or
+    /// the members' own wait for a CPU ((run + run-queue wait) / run over each period,
+    /// from /proc: no CPU spent, CPU contention only).
+    #[arg(long, value_enum, default_value_t = SensorArg::Probe)]
+    pub sensor: SensorArg,
     /// Probe runs per period (each costs about 10 ms of CPU times the slowdown).
     #[arg(long, default_value_t = 4)]
     pub samples: u32,
@@ -142,12 +156,16 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     if !(args.initial.is_finite() && args.initial >= 1.0) {
         bail!("--initial {}: expected a number >= 1", args.initial);
     }
-    let probe = match args.probe_cmd {
-        Some(cmd) => Probe::Command(cmd),
-        None => Probe::BuiltIn {
+    let sensor = match (args.sensor, args.probe_cmd) {
+        (SensorArg::Probe, Some(cmd)) => Sensor::Probe(Probe::Command(cmd)),
+        (SensorArg::Probe, None) => Sensor::Probe(Probe::BuiltIn {
             bytes: 256 * 1024,
             passes: args.probe_passes.max(1),
-        },
+        }),
+        (SensorArg::RunQueueWait, Some(_)) => {
+            bail!("--probe-cmd: not with --sensor run-queue-wait, which runs no probe")
+        }
+        (SensorArg::RunQueueWait, None) => Sensor::RunQueueWait,
     };
     let shutdown = allot_proc::shutdown::install()?;
     let config = AdaptConfig {
@@ -162,7 +180,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         initial: args.initial,
         min_duty: args.min_duty,
         samples_per_period: args.samples,
-        probe,
+        sensor,
         reference: !args.no_reference,
         duration: args.duration,
         state_file: args

@@ -10,6 +10,12 @@
 //! definition; for a `--probe-cmd`, the whole group is stopped for a moment at start and
 //! the command timed.
 //!
+//! Instead of a probe, the signal can be the group's own wait for a CPU
+//! ([`Sensor::RunQueueWait`]): over each period, (run + run-queue wait) / run of the
+//! members that ran, from their schedstat. Its unloaded value is 1 by definition too. It
+//! costs no CPU and sees every scheduling round of every running member, where a probe
+//! sees a few of its own; but it sees CPU contention only, not memory or disk.
+//!
 //! Each period's length is jittered uniformly within ±25% of the configured period (the
 //! mean is unchanged). Two groups sharing the machine must not keep a fixed phase order:
 //! whichever closes its period first after the machine slows down takes the cut, the other
@@ -34,6 +40,15 @@ use crate::procfs;
 use crate::selector::{protected_pids, snapshot_for, Selector};
 use crate::stopped::StoppedSet;
 use crate::timer::{monotonic_ns, sleep_until, Wait};
+
+/// The sensor of the slowdown signal.
+#[derive(Debug, Clone)]
+pub enum Sensor {
+    /// A probe's run time (the FVM paper's sensor).
+    Probe(Probe),
+    /// The members' own wait for a CPU: (run + run-queue wait) / run over each period.
+    RunQueueWait,
+}
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -60,8 +75,8 @@ pub struct AdaptConfig {
     pub min_duty: f64,
     /// Probe runs per period (their EWMA is the signal).
     pub samples_per_period: u32,
-    /// The probe.
-    pub probe: Probe,
+    /// Where the slowdown comes from.
+    pub sensor: Sensor,
     /// Time the unloaded reference before starting.
     pub reference: bool,
     /// Stop after this long (`None`: until a signal).
@@ -182,6 +197,20 @@ impl Group {
         Ok(())
     }
 
+    /// The members' CPU time and run-queue wait so far, in nanoseconds (members gone
+    /// since the last refresh are dropped; a member two selectors pick counts twice in
+    /// both, which leaves their ratio alone).
+    fn contention(&mut self) -> (u64, u64) {
+        let (mut run, mut wait) = (0, 0);
+        for p in &mut self.principals {
+            if let Some(s) = p.sample(&mut self.stopped) {
+                run += s.cpu_ns;
+                wait += s.wait_ns;
+            }
+        }
+        (run, wait)
+    }
+
     /// Members by PID, each once even if several selectors pick it.
     fn members(&self) -> BTreeMap<i32, &ProcHandle> {
         members_of(&self.principals)
@@ -262,16 +291,22 @@ fn adapt_loop(
         config.min_duty,
     )
     .map_err(|e| ProcError::Config(e.to_string()))?;
-    let mut probe = ProbeRunner::new(config.probe.clone());
+    let mut probe = match &config.sensor {
+        Sensor::Probe(p) => Some(ProbeRunner::new(p.clone())),
+        Sensor::RunQueueWait => None,
+    };
     let start_ns = monotonic_ns();
     let own_start = procfs::self_cpu_ns();
 
     // Unloaded reference (see the module comment).
     let mut reference_ms = 0.0;
-    let builtin = matches!(config.probe, Probe::BuiltIn { .. });
+    let builtin = matches!(
+        config.sensor,
+        Sensor::Probe(Probe::BuiltIn { .. }) | Sensor::RunQueueWait
+    );
     if config.reference && builtin {
         signal.set_reference(Some(1.0));
-    } else if config.reference {
+    } else if let (true, Some(probe)) = (config.reference, probe.as_mut()) {
         group.apply(&[])?;
         let mut best = f64::INFINITY;
         for k in 0..5u64 {
@@ -295,7 +330,10 @@ fn adapt_loop(
     let deadline = config
         .duration
         .map(|d| start_ns + d.as_nanos().min(u128::from(u64::MAX / 2)) as u64);
-    let samples = config.samples_per_period.max(1) as u64;
+    let samples = match config.sensor {
+        Sensor::Probe(_) => config.samples_per_period.max(1) as u64,
+        Sensor::RunQueueWait => 0,
+    };
     let mut t0 = monotonic_ns();
     'periods: loop {
         if shutdown.load(Ordering::SeqCst) || deadline.is_some_and(|d| monotonic_ns() >= d) {
@@ -317,6 +355,7 @@ fn adapt_loop(
             r
         };
         group.apply(&running)?;
+        let contention_before = group.contention();
 
         // Events within the period: probe samples, and the end of the duty cycle.
         // Each sample at a random point of its slot: two groups started together would
@@ -325,7 +364,7 @@ fn adapt_loop(
         // This period's length, jittered (see the module comment).
         let span = (period_ns / 2).max(1);
         let len = period_ns - period_ns / 4 + rng.next() % span;
-        let slot = len / samples;
+        let slot = len / samples.max(1);
         let mut events: Vec<(u64, bool)> = (0..samples)
             .map(|k| {
                 let jitter = slot / 10 + rng.next() % (slot * 8 / 10).max(1);
@@ -349,7 +388,7 @@ fn adapt_loop(
             }
             if is_duty_end {
                 group.apply(&[])?;
-            } else {
+            } else if let Some(probe) = probe.as_mut() {
                 let t = probe.run()?;
                 let ms = t.wall.as_secs_f64() * 1e3;
                 match (builtin, t.stretch()) {
@@ -367,6 +406,15 @@ fn adapt_loop(
             }
             if let Wait::Tick { .. } = sleep_until(end) {
                 break;
+            }
+        }
+        if matches!(config.sensor, Sensor::RunQueueWait) {
+            let (run0, wait0) = contention_before;
+            let (run1, wait1) = group.contention();
+            let run = run1.saturating_sub(run0);
+            // Less than a millisecond on a CPU says nothing about waiting for one.
+            if run >= 1_000_000 {
+                signal.record((run + wait1.saturating_sub(wait0)) as f64 / run as f64);
             }
         }
         let now = monotonic_ns();

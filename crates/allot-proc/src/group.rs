@@ -33,6 +33,9 @@ pub struct PrincipalSample {
     pub blocked: bool,
     /// Live tasks.
     pub tasks: u32,
+    /// Run-queue wait of the live member tasks, in nanoseconds (see
+    /// [`crate::handle::Sample::wait_ns`]).
+    pub wait_ns: u64,
 }
 
 /// What a refresh changed.
@@ -155,6 +158,7 @@ impl Principal {
         let mut runnable = 0;
         let mut stopped_tasks = 0;
         let mut tasks = 0;
+        let mut wait_ns = 0;
         let mut gone = Vec::new();
         for (pid, h) in self.members.iter_mut() {
             match h.sample() {
@@ -162,6 +166,7 @@ impl Principal {
                     runnable += s.runnable;
                     stopped_tasks += s.stopped;
                     tasks += s.tasks;
+                    wait_ns += s.wait_ns;
                 }
                 Err(_) => gone.push(*pid),
             }
@@ -176,6 +181,7 @@ impl Principal {
             cpu_ns: self.cpu_ns(),
             blocked: runnable == 0 && stopped_tasks < tasks,
             tasks,
+            wait_ns,
         })
     }
 

@@ -15,7 +15,7 @@ use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
 use crate::error::ProcError;
-use crate::procfs::{self, parse_schedstat, parse_stat, ticks_to_ns};
+use crate::procfs::{self, parse_schedstat, parse_schedstat_run_wait, parse_stat, ticks_to_ns};
 
 /// One measurement of a process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,6 +28,9 @@ pub struct Sample {
     pub stopped: u32,
     /// Live tasks.
     pub tasks: u32,
+    /// Time the live tasks have waited on a run queue for a CPU, in nanoseconds
+    /// (schedstat's second field; 0 where only `stat` is readable).
+    pub wait_ns: u64,
 }
 
 impl Sample {
@@ -211,6 +214,7 @@ impl ProcHandle {
             runnable: 0,
             stopped: 0,
             tasks: 0,
+            wait_ns: 0,
         };
         let mut exited = Vec::new();
         for (&tid, task) in self.tasks.iter_mut() {
@@ -226,16 +230,17 @@ impl ProcHandle {
                 exited.push(tid);
                 continue;
             }
-            let ns = match &task.schedstat {
-                Some(f) => read_at(f, &mut buf)
-                    .and_then(|n| {
-                        std::str::from_utf8(&buf[..n])
-                            .ok()
-                            .and_then(parse_schedstat)
-                    })
-                    .unwrap_or(stat_ns),
-                None => stat_ns,
-            };
+            let (ns, wait_ns) = task
+                .schedstat
+                .as_ref()
+                .and_then(|f| read_at(f, &mut buf))
+                .and_then(|n| {
+                    std::str::from_utf8(&buf[..n])
+                        .ok()
+                        .and_then(parse_schedstat_run_wait)
+                })
+                .unwrap_or((stat_ns, 0));
+            sample.wait_ns += wait_ns;
             task.last_ns = task.last_ns.max(ns);
             sample.tasks += 1;
             match state {

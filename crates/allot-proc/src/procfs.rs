@@ -52,6 +52,13 @@ pub fn parse_schedstat(text: &str) -> Option<u64> {
     text.split_whitespace().next()?.parse().ok()
 }
 
+/// Parses a `schedstat` line's first two fields: time on the CPU and time spent waiting
+/// on a run queue for one, both in nanoseconds.
+pub fn parse_schedstat_run_wait(text: &str) -> Option<(u64, u64)> {
+    let mut it = text.split_whitespace();
+    Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
+}
+
 /// Kernel clock ticks per second (`sysconf(_SC_CLK_TCK)`, 100 if unknown).
 pub fn clock_ticks_per_sec() -> u64 {
     // SAFETY: sysconf has no preconditions and only reads a constant.
@@ -215,6 +222,11 @@ mod tests {
     fn parses_schedstat() {
         assert_eq!(parse_schedstat("123456789 2000 7\n"), Some(123456789));
         assert_eq!(parse_schedstat(""), None);
+        assert_eq!(
+            parse_schedstat_run_wait("123456789 2000 7\n"),
+            Some((123456789, 2000))
+        );
+        assert_eq!(parse_schedstat_run_wait("5"), None);
     }
 
     #[test]

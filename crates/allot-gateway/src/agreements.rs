@@ -26,6 +26,11 @@ use crate::config::{AgreementMode, AgreementsConfig};
 /// How many times per window waiting requests are offered the credit that accrued.
 const PUMPS_PER_WINDOW: u32 = 10;
 
+/// How many pump steps of credit a principal's bucket holds (plus one request): a pump
+/// that runs up to two steps late (a busy gateway, a loaded machine) still hands out
+/// everything that accrued, and an idle principal saves at most this much.
+const CREDIT_ROOM_STEPS: f64 = 3.0;
+
 /// A principal's sensors and plan, as `/status` and `/metrics` show them (units per second).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct PrincipalSnapshot {
@@ -280,9 +285,10 @@ impl Enforcer {
                 .filter(|pl| pl.user == i && pl.units > 0.0)
                 .map(|pl| (pl.owner, pl.units))
                 .collect();
-            // Spread over the window: a rate, with room for what accrues between two pumps
-            // plus one request, so credit is neither released at once nor lost between pumps.
-            let burst = alloc / PUMPS_PER_WINDOW as f64 + max_cost;
+            // Spread over the window: a rate, with room for what accrues over a few pump
+            // steps plus one request, so credit is neither released at once nor lost when
+            // a pump is late.
+            let burst = alloc * CREDIT_ROOM_STEPS / PUMPS_PER_WINDOW as f64 + max_cost;
             s.credit.set_rate(alloc / window_s, burst, now);
         }
     }

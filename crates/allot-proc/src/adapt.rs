@@ -340,6 +340,7 @@ fn adapt_loop(
             break;
         }
         group.refresh(false)?;
+        group.stopped.ensure_file()?;
         let members: Vec<i32> = group.members().keys().copied().collect();
         ctrl.set_max_running(members.len());
         let decision = ctrl.decision();

@@ -289,6 +289,7 @@ fn run_loop(
         if now >= next_refresh {
             next_refresh = now + refresh_ns;
             r.refresh(false, observer)?;
+            r.stopped.ensure_file()?;
             // Processes and trees cannot come back once gone: nothing left to schedule.
             let fixed = r
                 .config

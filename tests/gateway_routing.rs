@@ -1,7 +1,8 @@
 //! Acceptance (a): address, Host, path, header and probability rules route correctly,
 //! including a chain two deep; a 30/70 probability split lands within ±3 points over
 //! 10 000 requests. Also: back-end failures get 502 with a clear body, and a dead address
-//! is skipped for a live one without the client noticing.
+//! is skipped for a live one without the client noticing; a back end that does not answer
+//! in time gets 504, and a pooled connection the server closed is replaced unseen.
 
 mod common;
 
@@ -220,5 +221,102 @@ async fn forwarded_headers_are_added_and_hop_by_hop_removed() {
     assert!(
         h.get("x-drop").is_none(),
         "headers named in Connection are hop-by-hop"
+    );
+}
+
+/// A back end on a raw socket: answers the first request of each connection, then
+/// (`close_after_one`) closes it without a `Connection: close`, as a server does when its
+/// keep-alive timeout passes, and reports the close; or (`!close_after_one`) never answers.
+async fn raw_backend(
+    close_after_one: bool,
+) -> (
+    std::net::SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<()>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (closed_tx, closed_rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((mut s, _)) = listener.accept().await {
+            let mut head = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => head.extend_from_slice(&buf[..n]),
+                }
+            }
+            if close_after_one {
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n")
+                    .await;
+                drop(s);
+                let _ = closed_tx.send(());
+            } else {
+                held.push(s);
+            }
+        }
+    });
+    (addr, closed_rx)
+}
+
+fn one_backend_config(backend: std::net::SocketAddr, extra: &str) -> String {
+    format!(
+        "[listener]\naddress = \"127.0.0.1:0\"\n[admin]\naddress = \"127.0.0.1:0\"\n[[backend]]\nname = \"app\"\naddresses = [\"{backend}\"]\n{extra}\n[[class]]\nname = \"all\"\nbackend = \"app\"\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_connection_the_server_closed_is_replaced_unseen() {
+    let (backend, mut closed) = raw_backend(true).await;
+    let (_g, gw, admin, _) = gateway(&one_backend_config(backend, ""), &[], &[]);
+    let mut c = Client::connect(gw, None).await;
+    for i in 0..5 {
+        let r = c.get(&format!("/r{i}"), &[]).await.expect("response");
+        assert_eq!(
+            (r.status, r.text()),
+            (200, "ok\n".to_string()),
+            "request {i}"
+        );
+        // The server has closed the connection the gateway pooled before the next request.
+        tokio::time::timeout(std::time::Duration::from_secs(5), closed.recv())
+            .await
+            .expect("the back end closed its connection");
+    }
+    let s = status(admin).await;
+    let app = &s["backends"][0];
+    assert_eq!(app["failures_protocol"], 0, "{app}");
+    assert_eq!(app["failures_connect"], 0, "{app}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_back_end_that_does_not_answer_in_time_gets_504() {
+    let (backend, _closed) = raw_backend(false).await;
+    let cfg = one_backend_config(backend, "response_timeout_ms = 300");
+    let (_g, gw, admin, _) = gateway(&cfg, &[], &[]);
+    let mut c = Client::connect(gw, None).await;
+    for _ in 0..2 {
+        let started = std::time::Instant::now();
+        let r = c.get("/slow", &[]).await.expect("response");
+        let waited = started.elapsed();
+        assert_eq!(r.status, 504, "{}", r.text());
+        assert!(
+            r.text().contains("app") && r.text().contains("300 ms"),
+            "{}",
+            r.text()
+        );
+        assert!(
+            waited >= std::time::Duration::from_millis(290)
+                && waited < std::time::Duration::from_secs(3),
+            "{waited:?}"
+        );
+    }
+    let s = status(admin).await;
+    assert_eq!(
+        s["backends"][0]["failures_timeout"], 2,
+        "{}",
+        s["backends"][0]
     );
 }

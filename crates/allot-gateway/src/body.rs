@@ -188,6 +188,10 @@ impl Proxied {
                 return Poll::Ready(Some(Ok(frame)));
             }
         }
+        // The back-end connection has no task of its own: reading this body drives it.
+        if let Some(lease) = self.lease.as_mut() {
+            lease.poll_io(cx);
+        }
         match ready!(Pin::new(&mut self.inner).poll_frame(cx)) {
             Some(Ok(frame)) => {
                 if let Some(data) = frame.data_ref() {

@@ -48,11 +48,17 @@ pub async fn serve(gw: Gateway, listener: TcpListener, shutdown: impl Future<Out
                     Duration::from_millis(l.idle_timeout_ms),
                 ));
                 let gw = gw.clone();
+                let client = std::sync::Arc::new(crate::service::Peer::new(peer));
                 let svc = service_fn(move |req| {
-                    crate::service::handle(gw.clone(), peer, state.clone(), req)
+                    crate::service::handle(gw.clone(), client.clone(), state.clone(), req)
                 });
                 let conn = http1::Builder::new()
                     .timer(TokioTimer::new())
+                    // TimedIo times heads (with a 408); hyper's own timer would arm and
+                    // drop a sleep on every request of a keep-alive connection.
+                    .header_read_timeout(None)
+                    // Heads and small bodies go out in one buffer and one write.
+                    .writev(false)
                     .keep_alive(true)
                     // hyper answers 431 past this; it needs at least 8 KiB.
                     .max_buf_size(l.max_head_bytes.max(8192))

@@ -4,10 +4,19 @@
 //! retried on another address only when nothing of it was sent: we open (or reuse) the
 //! connection first and hand the request over only then, so a connect failure leaves the
 //! request, body and all, in our hands for the next address.
+//!
+//! A back-end connection has no task of its own: the request that holds it drives its I/O
+//! (while waiting for the response head, then from the response body as the client's
+//! connection pulls it), so a request never hops between tasks. An idle pooled connection
+//! is not polled; one the server closed meanwhile is found closed when next used, before
+//! anything is written, and the request goes on a fresh connection.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, RwLock};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper::body::Incoming;
@@ -15,6 +24,7 @@ use hyper::client::conn::http1::SendRequest;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
+use tokio::time::{Instant, Sleep};
 
 use crate::body::RequestBody;
 use crate::config::{BackendConfig, Balance};
@@ -68,11 +78,73 @@ enum Exchange {
     Failed(ForwardError),
 }
 
+/// hyper's state machine of one back-end connection.
+type Driver = hyper::client::conn::http1::Connection<TokioIo<TcpStream>, RequestBody>;
+
+/// One keep-alive connection to an address: the handle requests are sent on and the
+/// protocol state machine whose I/O the request holding the connection drives.
+struct Conn {
+    sender: SendRequest<RequestBody>,
+    /// `None` once the connection has ended (dropping it hands back requests not sent).
+    driver: Option<Pin<Box<Driver>>>,
+    /// Times the wait for each response head. Armed once and moved only when it fires
+    /// before the current deadline, so a busy connection keeps the timer wheel out of its
+    /// per-request path.
+    timer: Pin<Box<Sleep>>,
+}
+
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Conn")
+            .field("ended", &self.driver.is_none())
+            .finish()
+    }
+}
+
+impl Conn {
+    /// Whether `deadline` has passed, making sure `cx` is woken by then if not.
+    fn poll_deadline(&mut self, deadline: Instant, cx: &mut Context<'_>) -> bool {
+        if self.timer.deadline() > deadline {
+            self.timer.as_mut().reset(deadline);
+        }
+        while self.timer.as_mut().poll(cx).is_ready() {
+            if Instant::now() >= deadline {
+                return true;
+            }
+            // Armed for an earlier exchange: move it to this one's deadline.
+            self.timer.as_mut().reset(deadline);
+        }
+        false
+    }
+
+    /// Moves the connection's I/O on as far as it can go now; `cx` is woken when it can
+    /// go further.
+    fn poll_io(&mut self, cx: &mut Context<'_>) {
+        if let Some(driver) = self.driver.as_mut() {
+            if let Poll::Ready(result) = driver.as_mut().poll(cx) {
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "back-end connection ended");
+                }
+                self.driver = None;
+            }
+        }
+    }
+
+    /// Whether another request can be sent on it, after letting it finish any work left
+    /// from the last exchange.
+    fn reusable(&mut self) -> bool {
+        if !self.sender.is_ready() {
+            self.poll_io(&mut Context::from_waker(std::task::Waker::noop()));
+        }
+        self.driver.is_some() && !self.sender.is_closed() && self.sender.is_ready()
+    }
+}
+
 /// One address of a back end, with its idle connections and health.
 #[derive(Debug)]
 pub struct Address {
     addr: SocketAddr,
-    idle: Mutex<Vec<SendRequest<RequestBody>>>,
+    idle: Mutex<Vec<Conn>>,
     in_flight: AtomicUsize,
     consecutive_failures: AtomicU32,
     /// While `clock::now()` is before this (ns), the address is out.
@@ -94,11 +166,11 @@ impl Address {
         self.ejected_until_ns.load(Relaxed) <= now_ns
     }
 
-    fn take_idle(&self) -> Option<SendRequest<RequestBody>> {
+    fn take_idle(&self) -> Option<Conn> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        while let Some(s) = idle.pop() {
-            if !s.is_closed() && s.is_ready() {
-                return Some(s);
+        while let Some(c) = idle.pop() {
+            if !c.sender.is_closed() && c.sender.is_ready() {
+                return Some(c);
             }
         }
         None
@@ -128,21 +200,33 @@ pub struct Backend {
 }
 
 /// A connection lent to one exchange; returned to the pool if the response ends cleanly.
+/// Its holder drives the connection's I/O with [`Lease::poll_io`] while the response body
+/// is read.
 #[derive(Debug)]
 pub struct Lease {
     address: Arc<Address>,
-    sender: Option<SendRequest<RequestBody>>,
+    conn: Option<Conn>,
     max_idle: usize,
     stats: Arc<BackendStats>,
 }
 
 impl Lease {
+    /// Moves the connection's I/O on (reads more of the response body); `cx` is woken
+    /// when there is more to do.
+    pub fn poll_io(&mut self, cx: &mut Context<'_>) {
+        if let Some(conn) = self.conn.as_mut() {
+            conn.poll_io(cx);
+        }
+    }
+
     /// The response body ended cleanly: the connection can carry another request.
     pub fn release_clean(mut self) {
-        if let Some(sender) = self.sender.take() {
-            let mut idle = self.address.idle.lock().unwrap_or_else(|p| p.into_inner());
-            if idle.len() < self.max_idle && !sender.is_closed() {
-                idle.push(sender);
+        if let Some(mut conn) = self.conn.take() {
+            if conn.reusable() {
+                let mut idle = self.address.idle.lock().unwrap_or_else(|p| p.into_inner());
+                if idle.len() < self.max_idle {
+                    idle.push(conn);
+                }
             }
         }
     }
@@ -186,31 +270,6 @@ impl Backend {
         Arc::clone(&self.settings.read().unwrap_or_else(|p| p.into_inner()))
     }
 
-    /// The addresses in the order to try them for one request.
-    fn candidates(&self, s: &Settings) -> Vec<Arc<Address>> {
-        let now = crate::clock::now().0;
-        let n = s.addresses.len();
-        let mut order: Vec<Arc<Address>> = match s.balance {
-            Balance::RoundRobin => {
-                let start = self.next.fetch_add(1, Relaxed) % n.max(1);
-                (0..n)
-                    .map(|i| Arc::clone(&s.addresses[(start + i) % n]))
-                    .collect()
-            }
-            Balance::LeastInFlight => {
-                let mut v: Vec<_> = s.addresses.to_vec();
-                let start = self.next.fetch_add(1, Relaxed) % n.max(1);
-                v.rotate_left(start); // ties go round-robin
-                v.sort_by_key(|a| a.in_flight.load(Relaxed));
-                v
-            }
-        };
-        // Healthy first; ejected ones only as a last resort, so a back end whose every
-        // address was ejected is still probed rather than failing forever.
-        order.sort_by_key(|a| !a.healthy(now));
-        order
-    }
-
     /// Sends `req` to one of the addresses, trying the next while nothing was sent.
     /// Returns the response head and the lease of its connection.
     pub async fn send(
@@ -219,28 +278,25 @@ impl Backend {
     ) -> Result<(Response<Incoming>, Lease), ForwardError> {
         let s = self.settings();
         let mut last = String::from("no addresses");
-        for address in self.candidates(&s) {
-            if let Some(sender) = address.take_idle() {
-                match self.exchange(sender, &address, req, &s).await {
-                    Ok(done) => return Ok(done),
-                    Err(Exchange::NotSent(back)) => req = *back,
-                    Err(Exchange::Failed(e)) => return Err(e),
-                }
+        let now = crate::clock::now().0;
+        // Ejected addresses only as a last resort, so a back end whose every address was
+        // ejected is still probed rather than failing forever.
+        let mut ejected = Vec::new();
+        for address in self.order(&s) {
+            if !address.healthy(now) {
+                ejected.push(address);
+                continue;
             }
-            match connect(address.addr, s.connect_timeout).await {
-                Ok(sender) => match self.exchange(sender, &address, req, &s).await {
-                    Ok(done) => return Ok(done),
-                    Err(Exchange::NotSent(back)) => {
-                        req = *back;
-                        last = format!("{}: connection closed before sending", address.addr);
-                    }
-                    Err(Exchange::Failed(e)) => return Err(e),
-                },
-                Err(detail) => {
-                    self.connect_failed(&address, &s);
-                    last = format!("{}: {detail}", address.addr);
-                }
-            }
+            req = match self.attempt(address, req, &s, &mut last).await {
+                Ok(done) => return done,
+                Err(back) => back,
+            };
+        }
+        for address in ejected {
+            req = match self.attempt(address, req, &s, &mut last).await {
+                Ok(done) => return done,
+                Err(back) => back,
+            };
         }
         Err(ForwardError::Connect {
             backend: self.name.clone(),
@@ -248,11 +304,59 @@ impl Backend {
         })
     }
 
-    /// One exchange on one connection. A connection found closed before anything was
-    /// written hands the request back.
+    /// The addresses in the balancing order for one request.
+    fn order<'s>(&self, s: &'s Settings) -> impl Iterator<Item = &'s Arc<Address>> {
+        let n = s.addresses.len();
+        let start = self.next.fetch_add(1, Relaxed) % n.max(1);
+        let mut by_load: Vec<usize> = Vec::new();
+        if s.balance == Balance::LeastInFlight && n > 1 {
+            by_load = (0..n).map(|i| (start + i) % n).collect(); // ties go round-robin
+            by_load.sort_by_key(|&i| s.addresses[i].in_flight.load(Relaxed));
+        }
+        (0..n).map(move |i| match by_load.get(i) {
+            Some(&k) => &s.addresses[k],
+            None => &s.addresses[(start + i) % n],
+        })
+    }
+
+    /// One address: a pooled connection, else a new one. `Ok` with the outcome once the
+    /// request was handed over; `Err` with the request back when nothing of it was sent.
+    async fn attempt(
+        &self,
+        address: &Arc<Address>,
+        mut req: Request<RequestBody>,
+        s: &Settings,
+        last: &mut String,
+    ) -> Result<Result<(Response<Incoming>, Lease), ForwardError>, Request<RequestBody>> {
+        if let Some(conn) = address.take_idle() {
+            match self.exchange(conn, address, req, s).await {
+                Ok(done) => return Ok(Ok(done)),
+                Err(Exchange::NotSent(back)) => req = *back,
+                Err(Exchange::Failed(e)) => return Ok(Err(e)),
+            }
+        }
+        match connect(address.addr, s.connect_timeout).await {
+            Ok(conn) => match self.exchange(conn, address, req, s).await {
+                Ok(done) => Ok(Ok(done)),
+                Err(Exchange::NotSent(back)) => {
+                    *last = format!("{}: connection closed before sending", address.addr);
+                    Err(*back)
+                }
+                Err(Exchange::Failed(e)) => Ok(Err(e)),
+            },
+            Err(detail) => {
+                self.connect_failed(address, s);
+                *last = format!("{}: {detail}", address.addr);
+                Err(req)
+            }
+        }
+    }
+
+    /// One exchange on one connection, driving its I/O until the response head is in. A
+    /// connection found closed before anything was written hands the request back.
     async fn exchange(
         &self,
-        mut sender: SendRequest<RequestBody>,
+        mut conn: Conn,
         address: &Arc<Address>,
         req: Request<RequestBody>,
         s: &Settings,
@@ -263,15 +367,24 @@ impl Backend {
         self.stats.in_flight.fetch_add(1, Relaxed);
         let mut lease = Lease {
             address: Arc::clone(address),
-            sender: None,
+            conn: None,
             max_idle: s.max_idle_per_address,
             stats: Arc::clone(&self.stats),
         };
-        let sent = tokio::time::timeout(s.response_timeout, sender.try_send_request(req)).await;
-        match sent {
+        let deadline = Instant::now() + s.response_timeout;
+        let mut response = std::pin::pin!(conn.sender.try_send_request(req));
+        let driven = std::future::poll_fn(|cx| {
+            conn.poll_io(cx);
+            match response.as_mut().poll(cx) {
+                Poll::Ready(r) => Poll::Ready(Ok(r)),
+                Poll::Pending if conn.poll_deadline(deadline, cx) => Poll::Ready(Err(())),
+                Poll::Pending => Poll::Pending,
+            }
+        });
+        match driven.await {
             Ok(Ok(resp)) => {
                 self.stats.requests.fetch_add(1, Relaxed);
-                lease.sender = Some(sender);
+                lease.conn = Some(conn);
                 Ok((resp, lease))
             }
             Ok(Err(mut e)) => match e.take_message() {
@@ -330,7 +443,7 @@ impl Settings {
     }
 }
 
-async fn connect(addr: SocketAddr, timeout: Duration) -> Result<SendRequest<RequestBody>, String> {
+async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Conn, String> {
     let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return Err(e.to_string()),
@@ -342,14 +455,14 @@ async fn connect(addr: SocketAddr, timeout: Duration) -> Result<SendRequest<Requ
         }
     };
     let _ = stream.set_nodelay(true);
-    let (sender, conn) = hyper::client::conn::http1::Builder::new()
+    let (sender, driver) = hyper::client::conn::http1::Builder::new()
+        .writev(false)
         .handshake(TokioIo::new(stream))
         .await
         .map_err(|e| e.to_string())?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!(error = %e, "back-end connection ended");
-        }
-    });
-    Ok(sender)
+    Ok(Conn {
+        sender,
+        driver: Some(Box::pin(driver)),
+        timer: Box::pin(tokio::time::sleep(timeout)),
+    })
 }

@@ -40,6 +40,9 @@ pub(crate) struct Peer {
     xff: HeaderValue,
     /// The address as a `Forwarded` node (`for=…`).
     forwarded_for: String,
+    /// The last request's `Host` and the `Forwarded` element made with it: clients send
+    /// the same `Host` on every request of a connection.
+    last_forwarded: std::sync::Mutex<Option<(HeaderValue, HeaderValue)>>,
 }
 
 impl Peer {
@@ -56,7 +59,35 @@ impl Peer {
             xff: HeaderValue::from_maybe_shared(bytes::Bytes::from(ip.to_string()))
                 .unwrap_or_else(|_| HeaderValue::from_static("unknown")),
             forwarded_for,
+            last_forwarded: std::sync::Mutex::new(None),
         }
+    }
+
+    /// This client's `Forwarded` element for a request with `host` (already checked to be
+    /// usable in a quoted string).
+    fn forwarded_element(&self, host: Option<&HeaderValue>) -> Option<HeaderValue> {
+        let mut last = self
+            .last_forwarded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let (Some((h, element)), Some(host)) = (last.as_ref(), host) {
+            if h == host {
+                return Some(element.clone());
+            }
+        }
+        let mut element = Vec::with_capacity(self.forwarded_for.len() + 64);
+        element.extend_from_slice(self.forwarded_for.as_bytes());
+        if let Some(h) = host {
+            element.extend_from_slice(b";host=\"");
+            element.extend_from_slice(h.as_bytes());
+            element.push(b'"');
+        }
+        element.extend_from_slice(b";proto=http");
+        let element = HeaderValue::from_maybe_shared(bytes::Bytes::from(element)).ok()?;
+        if let Some(h) = host {
+            *last = Some((h.clone(), element.clone()));
+        }
+        Some(element)
     }
 }
 
@@ -352,6 +383,8 @@ pub(crate) fn reply(
     resp
 }
 
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1).
 const HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
@@ -392,34 +425,34 @@ fn upstream_request(
     peer: &Peer,
 ) -> Request<RequestBody> {
     strip_hop_by_hop(&mut parts.headers);
-    let xff = match parts.headers.get("x-forwarded-for") {
+    // Room for the two headers added below, in one step.
+    parts.headers.reserve(2);
+    let xff = match parts.headers.get(&X_FORWARDED_FOR) {
         Some(prev) => joined(prev.as_bytes(), peer.xff.as_bytes()),
         None => Some(peer.xff.clone()),
     };
     if let Some(v) = xff {
-        parts.headers.insert("x-forwarded-for", v);
+        parts.headers.insert(X_FORWARDED_FOR, v);
     }
-    let mut element = peer.forwarded_for.clone().into_bytes();
-    if let Some(h) = parts.headers.get(header::HOST).filter(|h| {
+    let host = parts.headers.get(header::HOST).filter(|h| {
         h.as_bytes()
             .iter()
             .all(|b| b.is_ascii_graphic() && *b != b'"')
-    }) {
-        element.extend_from_slice(b";host=\"");
-        element.extend_from_slice(h.as_bytes());
-        element.push(b'"');
-    }
-    element.extend_from_slice(b";proto=http");
-    let forwarded = match parts.headers.get(header::FORWARDED) {
-        Some(prev) => joined(prev.as_bytes(), &element),
-        None => HeaderValue::from_maybe_shared(bytes::Bytes::from(element)).ok(),
-    };
-    if let Some(v) = forwarded {
-        parts.headers.insert(header::FORWARDED, v);
+    });
+    if let Some(element) = peer.forwarded_element(host) {
+        let forwarded = match parts.headers.get(header::FORWARDED) {
+            Some(prev) => joined(prev.as_bytes(), element.as_bytes()),
+            None => Some(element),
+        };
+        if let Some(v) = forwarded {
+            parts.headers.insert(header::FORWARDED, v);
+        }
     }
     // Origin form towards the back end.
-    if let Some(pq) = parts.uri.path_and_query().cloned() {
-        parts.uri = http::Uri::from(pq);
+    if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
+        if let Some(pq) = parts.uri.path_and_query().cloned() {
+            parts.uri = http::Uri::from(pq);
+        }
     }
     Request::from_parts(parts, body)
 }

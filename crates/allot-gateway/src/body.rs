@@ -188,11 +188,16 @@ impl Proxied {
                 return Poll::Ready(Some(Ok(frame)));
             }
         }
-        // The back-end connection has no task of its own: reading this body drives it.
-        if let Some(lease) = self.lease.as_mut() {
-            lease.poll_io(cx);
+        // The back-end connection has no task of its own: reading this body drives it,
+        // when what it already read is used up.
+        let mut frame = Pin::new(&mut self.inner).poll_frame(cx);
+        if frame.is_pending() {
+            if let Some(lease) = self.lease.as_mut() {
+                lease.poll_io(cx);
+                frame = Pin::new(&mut self.inner).poll_frame(cx);
+            }
         }
-        match ready!(Pin::new(&mut self.inner).poll_frame(cx)) {
+        match ready!(frame) {
             Some(Ok(frame)) => {
                 if let Some(data) = frame.data_ref() {
                     let n = data.len() as u64;

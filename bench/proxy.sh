@@ -4,6 +4,8 @@
 # worker (nginx worker_processes 1, HAProxy nbthread 1, allot --threads 1); wrk uses one
 # thread and 50 connections. Runs alternate between targets, ROUNDS times, and the medians
 # are printed with their ratios to nginx. allot is built with the `dist` profile.
+# Besides req/s and p99, each proxy's own CPU time per request (user + system, from
+# /proc/PID/stat) is printed: on a shared, noisy machine it varies far less than req/s.
 #
 #   bench/proxy.sh                 # ROUNDS=3 DURATION=10s by default
 #   ROUNDS=5 DURATION=20s bench/proxy.sh
@@ -40,6 +42,7 @@ free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",
 # The back end: allot's synthetic server, one thread, answering a small body at once.
 $ALLOT backend --listen 127.0.0.1:0 --workers 100000 --threads 1 > "$work/backend.out" &
 pids+=($!)
+BACKEND_PID=$!
 for _ in $(seq 100); do grep -q listening "$work/backend.out" 2>/dev/null && break; sleep 0.05; done
 BACKEND=$(sed -n 's/^listening backend=//p' "$work/backend.out")
 
@@ -67,6 +70,7 @@ http {
 CONF
 "$NGINX" -c "$work/nginx.conf" -p "$work" -g 'daemon off;' 2>>"$work/nginx-error.log" &
 pids+=($!)
+NGINX_MASTER=$!
 
 cat > "$work/haproxy.cfg" <<CONF
 global
@@ -87,6 +91,7 @@ backend be
 CONF
 "$HAPROXY" -f "$work/haproxy.cfg" -db >"$work/haproxy.log" 2>&1 &
 pids+=($!)
+HAPROXY_PID=$!
 
 cat > "$work/allot.toml" <<CONF
 [listener]
@@ -119,6 +124,7 @@ target = { class = "premium" }
 CONF
 $ALLOT gateway --config "$work/allot.toml" --threads 1 > "$work/allot.out" 2>"$work/allot.err" &
 pids+=($!)
+ALLOT_PID=$!
 
 wait_port() { for _ in $(seq 200); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 never opened" >&2; return 1; }
 for p in "${BACKEND##*:}" "$NGINX_PORT" "$HAPROXY_PORT" "$ALLOT_PORT"; do wait_port "$p"; done
@@ -129,29 +135,40 @@ declare -A url=(
   [haproxy]="http://127.0.0.1:$HAPROXY_PORT/"
   [allot]="http://127.0.0.1:$ALLOT_PORT/"
 )
+# The process doing each proxy's work (nginx: its one worker); direct: the back end.
+NGINX_WORKER=$(pgrep -P "$NGINX_MASTER" | head -1)
+declare -A proc=([direct]=$BACKEND_PID [nginx]=${NGINX_WORKER:-$NGINX_MASTER} [haproxy]=$HAPROXY_PID [allot]=$ALLOT_PID)
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+TICK=$(getconf CLK_TCK)
 order=(direct nginx haproxy allot)
-declare -A rps p99
+declare -A rps p99 cpu
 for t in "${order[@]}"; do wrk -t1 -c"$CONNS" -d2s "${url[$t]}" >/dev/null; done   # warm up
 for r in $(seq "$ROUNDS"); do
   for t in "${order[@]}"; do
+    c0=$(cpu_ticks "${proc[$t]}")
     out=$(wrk -t1 -c"$CONNS" -d"$DURATION" --latency "${url[$t]}")
+    c1=$(cpu_ticks "${proc[$t]}")
     n=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
+    total=$(awk '/requests in/ {print $1}' <<<"$out")
+    us=$(awk -v a="$c0" -v b="$c1" -v n="$total" -v hz="$TICK" 'BEGIN{printf "%.2f", (b-a)*1e6/hz/n}')
     l=$(awk '$1=="99%" {v=$2; if (v ~ /us$/) {sub(/us/,"",v); v=v/1000} else if (v ~ /ms$/) {sub(/ms/,"",v)} else if (v ~ /s$/) {sub(/s/,"",v); v=v*1000}; print v}' <<<"$out")
     errs=$(awk '/Non-2xx|Socket errors/ {print}' <<<"$out")
     [ -n "$errs" ] && echo "round $r $t: $errs" >&2
-    rps[$t]+="$n "; p99[$t]+="$l "
-    echo "round $r $t: $n req/s, p99 $l ms" >&2
+    rps[$t]+="$n "; p99[$t]+="$l "; cpu[$t]+="$us "
+    echo "round $r $t: $n req/s, p99 $l ms, $us µs CPU per request" >&2
   done
 done
 
 median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
-base_rps=$(median <<<"${rps[nginx]}"); base_p99=$(median <<<"${p99[nginx]}")
+base_rps=$(median <<<"${rps[nginx]}"); base_p99=$(median <<<"${p99[nginx]}"); base_cpu=$(median <<<"${cpu[nginx]}")
 echo
 echo "medians of $ROUNDS rounds, wrk -t1 -c$CONNS -d$DURATION, one worker per proxy"
-printf '| %-8s | %10s | %8s | %13s | %13s |\n' target "req/s" "p99 ms" "req/s ÷ nginx" "p99 ÷ nginx"
-printf '|%s|%s|%s|%s|%s|\n' ---------- ------------ ---------- --------------- ---------------
+echo "(CPU: the proxy's own user + system time per request; for direct, the back end's)"
+printf '| %-8s | %10s | %8s | %10s | %13s | %13s | %13s |\n' target "req/s" "p99 ms" "CPU µs/req" "req/s ÷ nginx" "p99 ÷ nginx" "CPU ÷ nginx"
+printf '|%s|%s|%s|%s|%s|%s|%s|\n' ---------- ------------ ---------- ------------ --------------- --------------- ---------------
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN{print a/b}'; }
 for t in "${order[@]}"; do
-  m=$(median <<<"${rps[$t]}"); l=$(median <<<"${p99[$t]}")
-  printf '| %-8s | %10.0f | %8.2f | %13.2f | %13.2f |\n' "$t" "$m" "$l" \
-    "$(awk -v a="$m" -v b="$base_rps" 'BEGIN{print a/b}')" "$(awk -v a="$l" -v b="$base_p99" 'BEGIN{print a/b}')"
+  m=$(median <<<"${rps[$t]}"); l=$(median <<<"${p99[$t]}"); c=$(median <<<"${cpu[$t]}")
+  printf '| %-8s | %10.0f | %8.2f | %10.2f | %13.2f | %13.2f | %13.2f |\n' "$t" "$m" "$l" "$c" \
+    "$(ratio "$m" "$base_rps")" "$(ratio "$l" "$base_p99")" "$(ratio "$c" "$base_cpu")"
 done

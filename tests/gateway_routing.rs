@@ -320,3 +320,66 @@ async fn a_back_end_that_does_not_answer_in_time_gets_504() {
         s["backends"][0]
     );
 }
+
+/// A keep-alive back end on a raw socket that answers every request after `delay_ms` and
+/// reports each connection the gateway closes.
+async fn keep_alive_backend(
+    delay_ms: u64,
+) -> (
+    std::net::SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<()>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (closed_tx, closed_rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let closed_tx = closed_tx.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                    if let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+                        head.drain(..end + 4);
+                        tokio::time::sleep(std::time::Duration::from_millis(delay_ms)).await;
+                        let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n";
+                        if s.write_all(reply).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+                let _ = closed_tx.send(());
+            });
+        }
+    });
+    (addr, closed_rx)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_connection_idle_past_the_timeout_is_closed() {
+    let (backend, mut closed) = keep_alive_backend(200).await;
+    let cfg = one_backend_config(backend, "pool_idle_timeout_ms = 300");
+    let (_g, gw, _, _) = gateway(&cfg, &[], &[]);
+    // Two requests at once: two back-end connections, both pooled afterwards.
+    let (a, b) = tokio::join!(get_once(gw, "/a", &[]), get_once(gw, "/b", &[]));
+    assert_eq!((a.status, b.status), (200, 200));
+    let pooled_at = std::time::Instant::now();
+    // One of them carries requests until the other has been idle past the timeout; the
+    // pool then closes the idle one (the back end sees it go) and keeps the busy one.
+    let mut c = Client::connect(gw, None).await;
+    while pooled_at.elapsed() < std::time::Duration::from_millis(700) {
+        assert_eq!(c.get("/again", &[]).await.expect("response").status, 200);
+    }
+    tokio::time::timeout(std::time::Duration::from_secs(5), closed.recv())
+        .await
+        .expect("the idle connection was closed");
+    assert!(
+        closed.try_recv().is_err(),
+        "only the idle connection was closed"
+    );
+}

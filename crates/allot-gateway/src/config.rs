@@ -307,6 +307,9 @@ pub struct BackendConfig {
     /// Idle pooled connections kept per address.
     #[serde(default = "default_max_idle_per_address")]
     pub max_idle_per_address: usize,
+    /// A pooled connection unused this long is closed (checked as connections return).
+    #[serde(default = "default_pool_idle_timeout_ms")]
+    pub pool_idle_timeout_ms: u64,
 }
 
 fn default_connect_timeout_ms() -> u64 {
@@ -323,6 +326,9 @@ fn default_eject_for_ms() -> u64 {
 }
 fn default_max_idle_per_address() -> usize {
     256
+}
+fn default_pool_idle_timeout_ms() -> u64 {
+    60_000
 }
 
 /// An accept-rate actuator: a token bucket on admissions.

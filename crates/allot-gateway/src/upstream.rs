@@ -11,6 +11,7 @@
 //! is not polled; one the server closed meanwhile is found closed when next used, before
 //! anything is written, and the request goes on a fresh connection.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -91,6 +92,8 @@ struct Conn {
     /// before the current deadline, so a busy connection keeps the timer wheel out of its
     /// per-request path.
     timer: Pin<Box<Sleep>>,
+    /// When it last went back to the pool (`clock::now()`, ns).
+    idle_since_ns: u64,
 }
 
 impl std::fmt::Debug for Conn {
@@ -144,7 +147,8 @@ impl Conn {
 #[derive(Debug)]
 pub struct Address {
     addr: SocketAddr,
-    idle: Mutex<Vec<Conn>>,
+    /// Idle connections, oldest first; the newest is reused first.
+    idle: Mutex<VecDeque<Conn>>,
     in_flight: AtomicUsize,
     consecutive_failures: AtomicU32,
     /// While `clock::now()` is before this (ns), the address is out.
@@ -155,7 +159,7 @@ impl Address {
     fn new(addr: SocketAddr) -> Arc<Address> {
         Arc::new(Address {
             addr,
-            idle: Mutex::new(Vec::new()),
+            idle: Mutex::new(VecDeque::new()),
             in_flight: AtomicUsize::new(0),
             consecutive_failures: AtomicU32::new(0),
             ejected_until_ns: AtomicU64::new(0),
@@ -168,7 +172,7 @@ impl Address {
 
     fn take_idle(&self) -> Option<Conn> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        while let Some(c) = idle.pop() {
+        while let Some(c) = idle.pop_back() {
             if !c.sender.is_closed() && c.sender.is_ready() {
                 return Some(c);
             }
@@ -186,6 +190,7 @@ struct Settings {
     eject_after_failures: u32,
     eject_for: Duration,
     max_idle_per_address: usize,
+    pool_idle_timeout_ns: u64,
 }
 
 /// A back end: a named set of addresses of one unmodified server.
@@ -207,6 +212,7 @@ pub struct Lease {
     address: Arc<Address>,
     conn: Option<Conn>,
     max_idle: usize,
+    pool_idle_timeout_ns: u64,
     stats: Arc<BackendStats>,
 }
 
@@ -220,12 +226,21 @@ impl Lease {
     }
 
     /// The response body ended cleanly: the connection can carry another request.
+    /// Connections left unused in the pool past the idle timeout are closed here: an idle
+    /// connection is not polled, so one the server closed would otherwise linger.
     pub fn release_clean(mut self) {
         if let Some(mut conn) = self.conn.take() {
             if conn.reusable() {
+                let now = crate::clock::now().0;
+                conn.idle_since_ns = now;
                 let mut idle = self.address.idle.lock().unwrap_or_else(|p| p.into_inner());
+                while idle.front().is_some_and(|c| {
+                    now.saturating_sub(c.idle_since_ns) > self.pool_idle_timeout_ns
+                }) {
+                    idle.pop_front();
+                }
                 if idle.len() < self.max_idle {
-                    idle.push(conn);
+                    idle.push_back(conn);
                 }
             }
         }
@@ -369,6 +384,7 @@ impl Backend {
             address: Arc::clone(address),
             conn: None,
             max_idle: s.max_idle_per_address,
+            pool_idle_timeout_ns: s.pool_idle_timeout_ns,
             stats: Arc::clone(&self.stats),
         };
         let deadline = Instant::now() + s.response_timeout;
@@ -439,6 +455,7 @@ impl Settings {
             eject_after_failures: config.eject_after_failures.max(1),
             eject_for: Duration::from_millis(config.eject_for_ms),
             max_idle_per_address: config.max_idle_per_address,
+            pool_idle_timeout_ns: config.pool_idle_timeout_ms.saturating_mul(1_000_000),
         }
     }
 }
@@ -464,5 +481,6 @@ async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Conn, String> {
         sender,
         driver: Some(Box::pin(driver)),
         timer: Box::pin(tokio::time::sleep(timeout)),
+        idle_since_ns: 0,
     })
 }

@@ -93,35 +93,9 @@ CONF
 pids+=($!)
 HAPROXY_PID=$!
 
-cat > "$work/allot.toml" <<CONF
-[listener]
-address = "127.0.0.1:$ALLOT_PORT"
-[admin]
-address = "127.0.0.1:$ADMIN_PORT"
-[gateway]
-max_running = 100000
-[[backend]]
-name = "app"
-addresses = ["$BACKEND"]
-[[class]]
-name = "premium"
-backend = "app"
-priority = 10
-[[class]]
-name = "basic"
-backend = "app"
-[[chain]]
-name = "main"
-default = { class = "basic" }
-[[chain.rule]]
-id = "office"
-source = ["10.0.0.0/8"]
-target = { class = "premium" }
-[[chain.rule]]
-id = "api-key"
-header = { name = "X-Plan", contains = "gold" }
-target = { class = "premium" }
-CONF
+# shellcheck source=bench/proxy_allot_config.sh
+source "bench/proxy_allot_config.sh"
+proxy_allot_config "$ALLOT_PORT" "$ADMIN_PORT" "$BACKEND" > "$work/allot.toml"
 $ALLOT gateway --config "$work/allot.toml" --threads 1 > "$work/allot.out" 2>"$work/allot.err" &
 pids+=($!)
 ALLOT_PID=$!

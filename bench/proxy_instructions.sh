@@ -35,35 +35,9 @@ pids+=($!)
 for _ in $(seq 100); do grep -q listening "$work/backend.out" 2>/dev/null && break; sleep 0.05; done
 BACKEND=$(sed -n 's/^listening backend=//p' "$work/backend.out")
 PORT=$(free_port); ADMIN=$(free_port)
-cat > "$work/allot.toml" <<CONF
-[listener]
-address = "127.0.0.1:$PORT"
-[admin]
-address = "127.0.0.1:$ADMIN"
-[gateway]
-max_running = 100000
-[[backend]]
-name = "app"
-addresses = ["$BACKEND"]
-[[class]]
-name = "premium"
-backend = "app"
-priority = 10
-[[class]]
-name = "basic"
-backend = "app"
-[[chain]]
-name = "main"
-default = { class = "basic" }
-[[chain.rule]]
-id = "office"
-source = ["10.0.0.0/8"]
-target = { class = "premium" }
-[[chain.rule]]
-id = "api-key"
-header = { name = "X-Plan", contains = "gold" }
-target = { class = "premium" }
-CONF
+# shellcheck source=bench/proxy_allot_config.sh
+source "bench/proxy_allot_config.sh"
+proxy_allot_config "$PORT" "$ADMIN" "$BACKEND" > "$work/allot.toml"
 valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$work/callgrind.out" \
   "$ALLOT" gateway --config "$work/allot.toml" --threads 1 >/dev/null 2>"$work/valgrind.err" &
 VG=$!

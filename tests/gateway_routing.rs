@@ -224,11 +224,21 @@ async fn forwarded_headers_are_added_and_hop_by_hop_removed() {
     );
 }
 
-/// A back end on a raw socket: answers the first request of each connection, then
-/// (`close_after_one`) closes it without a `Connection: close`, as a server does when its
-/// keep-alive timeout passes, and reports the close; or (`!close_after_one`) never answers.
+/// How a raw-socket back end treats each connection.
+#[derive(Clone, Copy)]
+enum Raw {
+    /// Answers the first request, then closes without a `Connection: close`, as a server
+    /// does when its keep-alive timeout passes.
+    CloseAfterOne,
+    /// Reads requests and never answers.
+    Silent,
+    /// Answers every request after this many milliseconds.
+    KeepAlive(u64),
+}
+
+/// A back end on a raw socket, reporting each connection that ends (closed by either side).
 async fn raw_backend(
-    close_after_one: bool,
+    mode: Raw,
 ) -> (
     std::net::SocketAddr,
     tokio::sync::mpsc::UnboundedReceiver<()>,
@@ -238,25 +248,38 @@ async fn raw_backend(
     let addr = listener.local_addr().unwrap();
     let (closed_tx, closed_rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
-        let mut held = Vec::new();
         while let Ok((mut s, _)) = listener.accept().await {
-            let mut head = Vec::new();
-            let mut buf = [0u8; 4096];
-            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                match s.read(&mut buf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => head.extend_from_slice(&buf[..n]),
+            let closed_tx = closed_tx.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                    let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        continue;
+                    };
+                    head.drain(..end + 4);
+                    let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n";
+                    match mode {
+                        Raw::Silent => continue,
+                        Raw::CloseAfterOne => {
+                            let _ = s.write_all(reply).await;
+                            break;
+                        }
+                        Raw::KeepAlive(delay_ms) => {
+                            tokio::time::sleep(std::time::Duration::from_millis(delay_ms)).await;
+                            if s.write_all(reply).await.is_err() {
+                                break;
+                            }
+                        }
+                    }
                 }
-            }
-            if close_after_one {
-                let _ = s
-                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n")
-                    .await;
                 drop(s);
                 let _ = closed_tx.send(());
-            } else {
-                held.push(s);
-            }
+            });
         }
     });
     (addr, closed_rx)
@@ -270,7 +293,7 @@ fn one_backend_config(backend: std::net::SocketAddr, extra: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pooled_connection_the_server_closed_is_replaced_unseen() {
-    let (backend, mut closed) = raw_backend(true).await;
+    let (backend, mut closed) = raw_backend(Raw::CloseAfterOne).await;
     let (_g, gw, admin, _) = gateway(&one_backend_config(backend, ""), &[], &[]);
     let mut c = Client::connect(gw, None).await;
     for i in 0..5 {
@@ -293,7 +316,7 @@ async fn a_pooled_connection_the_server_closed_is_replaced_unseen() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_back_end_that_does_not_answer_in_time_gets_504() {
-    let (backend, _closed) = raw_backend(false).await;
+    let (backend, _closed) = raw_backend(Raw::Silent).await;
     let cfg = one_backend_config(backend, "response_timeout_ms = 300");
     let (_g, gw, admin, _) = gateway(&cfg, &[], &[]);
     let mut c = Client::connect(gw, None).await;
@@ -321,48 +344,9 @@ async fn a_back_end_that_does_not_answer_in_time_gets_504() {
     );
 }
 
-/// A keep-alive back end on a raw socket that answers every request after `delay_ms` and
-/// reports each connection the gateway closes.
-async fn keep_alive_backend(
-    delay_ms: u64,
-) -> (
-    std::net::SocketAddr,
-    tokio::sync::mpsc::UnboundedReceiver<()>,
-) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (closed_tx, closed_rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            let closed_tx = closed_tx.clone();
-            tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = [0u8; 4096];
-                loop {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                    if let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
-                        head.drain(..end + 4);
-                        tokio::time::sleep(std::time::Duration::from_millis(delay_ms)).await;
-                        let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n";
-                        if s.write_all(reply).await.is_err() {
-                            break;
-                        }
-                    }
-                }
-                let _ = closed_tx.send(());
-            });
-        }
-    });
-    (addr, closed_rx)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pooled_connection_idle_past_the_timeout_is_closed() {
-    let (backend, mut closed) = keep_alive_backend(200).await;
+    let (backend, mut closed) = raw_backend(Raw::KeepAlive(200)).await;
     let cfg = one_backend_config(backend, "pool_idle_timeout_ms = 300");
     let (_g, gw, _, _) = gateway(&cfg, &[], &[]);
     // Two requests at once: two back-end connections, both pooled afterwards.

@@ -23,7 +23,7 @@ done
 plot() { target/release/examples/plot_series "$@"; echo "wrote $2"; }
 plot "$csv/delay.csv" "$img/delay.svg" \
     "delay: premium's mean queueing delay held at 50 ms by basic's accept rate" \
-    setpoint_ms,premium_delay_ms basic_rate_per_sec,basic_offered_per_sec
+    setpoint_ms,premium_delay_500ms basic_rate_per_sec,basic_offered_per_sec
 plot "$csv/utilisation.csv" "$img/utilisation.svg" \
     "utilisation: CPU held at 30% (load x2 at 20 s, /2 at 40 s)" \
     setpoint_percent,cpu_percent divert

@@ -197,13 +197,13 @@ pub struct AdaptiveConfig {
 }
 
 fn default_delay_period_ms() -> u64 {
-    500
+    100
 }
 fn default_delay_kp() -> f64 {
     0.2
 }
 fn default_delay_ki() -> f64 {
-    0.5
+    2.0
 }
 fn default_min_rate() -> f64 {
     1.0

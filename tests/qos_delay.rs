@@ -139,7 +139,7 @@ async fn delay_controller_holds_premium_delay_and_releases_basic() {
             rate,
             state(r, "offered_per_sec:basic").unwrap_or(f64::NAN),
         ]);
-        rate
+        (rate, now)
     };
 
     // 15 s to settle, then three 5 s windows judged on their mean.
@@ -148,7 +148,7 @@ async fn delay_controller_holds_premium_delay_and_releases_basic() {
     let mut before = None;
     while t0.elapsed() < Duration::from_secs(30) {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let rate = sample(&mut series).await;
+        let (rate, now) = sample(&mut series).await;
         let t = t0.elapsed().as_secs_f64();
         if t >= 15.0 {
             settled_rates.push(rate);
@@ -156,7 +156,6 @@ async fn delay_controller_holds_premium_delay_and_releases_basic() {
         // Window edges at 15, 20, 25, 30 s.
         let edge = (t / 5.0).floor() as u64;
         if t >= 15.0 && before.as_ref().is_none_or(|(e, _)| *e != edge) {
-            let now = status(admin).await;
             if let Some((_, b)) = before.take() {
                 windows.push(window_delay_ms(&b, &now, "premium"));
             }
@@ -171,7 +170,7 @@ async fn delay_controller_holds_premium_delay_and_releases_basic() {
     let mut last_rate = settled;
     while t0.elapsed().as_secs_f64() < drop_at + 10.0 {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        last_rate = sample(&mut series).await;
+        last_rate = sample(&mut series).await.0;
     }
     let refused_before = class_field(&status(admin).await, "basic", "refused_rate");
     tokio::time::sleep(Duration::from_secs(2)).await;

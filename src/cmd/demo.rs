@@ -101,7 +101,7 @@ async fn demo(length: Duration) -> anyhow::Result<()> {
     let gw = Gateway::new(config)?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut stop = stop_rx.clone();
-    let serving = tokio::spawn(server::serve(gw.clone(), listener, async move {
+    let serving = tokio::spawn(server::run(gw.clone(), listener, None, async move {
         let _ = stop.wait_for(|s| *s).await;
     }));
 

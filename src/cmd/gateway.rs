@@ -40,6 +40,11 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
 }
 
 async fn serve(config: Config, path: PathBuf) -> anyhow::Result<()> {
+    // Signal handlers first: from the moment the gateway says it listens, SIGHUP reloads
+    // and SIGTERM stops it gracefully, never the signals' default (ending the process).
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let listener = server::bind(config.listener.address).await?;
     let admin = server::bind(config.admin.address).await?;
     let gateway_addr = listener.local_addr()?;
@@ -50,41 +55,24 @@ async fn serve(config: Config, path: PathBuf) -> anyhow::Result<()> {
         );
     }
     let gw = Gateway::new(config).context("starting the gateway")?;
+    let reload = tokio::spawn(reload_on_hangup(gw.clone(), path, hup));
     // One machine-readable line, so scripts and tests learn ports chosen at run time.
     println!("listening gateway={gateway_addr} admin={admin_addr}");
     tracing::info!(%gateway_addr, %admin_addr, "gateway listening");
-
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
+    let stop = async move {
+        tokio::select! {
+            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        }
     };
-    let admin_task = tokio::spawn(server::serve_admin(
-        gw.clone(),
-        admin,
-        stopped(stop_rx.clone()),
-    ));
-    let reload_task = tokio::spawn(reload_on_hangup(gw.clone(), path));
-    let serve_task = tokio::spawn(server::serve(gw.clone(), listener, stopped(stop_rx)));
-
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
-        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-    }
-    let _ = stop_tx.send(true);
-    reload_task.abort();
-    let _ = serve_task.await;
-    let _ = admin_task.await;
-    Ok(())
+    let served = server::run(gw, listener, Some(admin), stop).await;
+    reload.abort();
+    served.context("the gateway stopped")
 }
 
 /// SIGHUP: read the file again; a valid one takes effect at once, a broken one is logged
 /// and the configuration in force is kept.
-async fn reload_on_hangup(gw: Gateway, path: PathBuf) {
-    let Ok(mut hup) = signal(SignalKind::hangup()) else {
-        tracing::warn!("cannot install the SIGHUP handler: reload is unavailable");
-        return;
-    };
+async fn reload_on_hangup(gw: Gateway, path: PathBuf, mut hup: tokio::signal::unix::Signal) {
     while hup.recv().await.is_some() {
         match Config::load(&path).and_then(|c| gw.apply(c)) {
             Ok(()) => tracing::info!(config = %path.display(), "configuration reloaded"),

@@ -3,34 +3,39 @@
 //! Listeners accept and parse request heads (registration), the model's rule chains
 //! classify them, the class's actuators admit, queue or refuse, a dispatcher sends
 //! queued requests to back-end pools within the caps on running requests, and responses
-//! pass through bandwidth groups on their way back. Sensors record every step.
+//! pass through bandwidth groups on their way back. Sensors record every step. It decides
+//! nothing itself that the model can decide: the model's code is called with the time
+//! passed in.
 //!
-//! Layout, one job per module:
-//! - [`config`]: the TOML configuration, validated with file/line/key errors;
-//! - [`state`]: the live gateway and the one way it changes ([`Gateway::apply`]);
-//! - `service`: one request's path; `sched`: queues, caps and permits;
-//! - `upstream`: back-end pools, balancing, passive health; `body`: streamed bodies,
-//!   shaping; `conn`: head and idle timeouts on client sockets;
-//! - [`server`]: accept loops with graceful shutdown; `admin`, `metrics`: the admin API;
+//! Layout, one job per module, each importing only those above it:
+//! - [`clock`]: the one clock, as the model's time;
+//! - [`config`]: the file's schema and its validation (the leaf: imports nothing here);
 //! - [`stats`]: sensors and their snapshots;
-//! - [`qos`]: the QoS manager's feedback loops (`[[controller]]`).
-//! - [`agreements`]: sharing agreements, planned every window and enforced as credits.
+//! - [`sched`]: class queues, the caps on running requests, and service permits;
+//! - [`shape`]: bandwidth groups;
+//! - [`credit`]: sharing agreements as credit per principal;
+//! - [`upstream`]: back-end pools, balancing, passive health, the request body sent on;
+//! - [`runtime`]: the live state as one snapshot, swapped whole on every change;
+//! - [`http`]: the L7 path as small steps, and the one map from answers to responses;
+//! - [`control`]: the supervisor of every loop (agreement windows, QoS controllers);
+//! - [`gateway`]: the gateway as the binary holds it (live state and supervisor);
+//! - [`admin`]: the admin API and the metrics;
+//! - [`server`]: the listeners, their caps and graceful shutdown.
 #![deny(missing_docs)]
 
-mod admin;
-pub mod agreements;
-mod body;
-mod clock;
+pub mod admin;
+pub mod clock;
 pub mod config;
-mod conn;
-mod metrics;
-pub mod qos;
-mod sched;
+pub mod control;
+pub mod credit;
+pub mod gateway;
+pub mod http;
+pub mod runtime;
+pub mod sched;
 pub mod server;
-mod service;
-pub mod state;
+pub mod shape;
 pub mod stats;
-mod upstream;
+pub mod upstream;
 
 pub use config::{Config, ConfigError};
-pub use state::Gateway;
+pub use gateway::Gateway;

@@ -1,127 +1,366 @@
-//! Accept loops: the client listener and the admin listener, each with graceful shutdown.
+//! The listeners: accept loops for clients and for the admin API, under caps on open
+//! connections, with graceful shutdown.
+//!
+//! [`run`] serves until its `shutdown` future resolves or a listener fails for good, then
+//! stops accepting, gives requests in flight the configured grace, stops the loops, and
+//! says whether everything drained. A listener that runs out of descriptors (EMFILE)
+//! backs off and accepts again when some free, logging once per episode; the client
+//! listener never takes the last descriptors, so the admin API keeps answering.
 
 use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
 
-use crate::conn::{ConnState, TimedIo};
-use crate::state::Gateway;
+use crate::gateway::Gateway;
+use crate::http::conn::{ConnState, TimedIo, Timeouts};
+use crate::http::forward::Peer;
 
-/// How long connections get to finish after shutdown is asked for.
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// Most admin connections open at once.
+const MAX_ADMIN_CONNECTIONS: usize = 64;
 
-/// Serves clients on `listener` until `shutdown` resolves, then stops accepting, lets
-/// requests in flight finish (bounded by [`SHUTDOWN_GRACE`]) and returns.
-pub async fn serve(gw: Gateway, listener: TcpListener, shutdown: impl Future<Output = ()>) {
-    let graceful = GracefulShutdown::new();
-    tokio::pin!(shutdown);
-    let (stop_windows, windows_stopped) = tokio::sync::oneshot::channel::<()>();
-    let windows = tokio::spawn(crate::agreements::run_loop(gw.clone(), async move {
-        let _ = windows_stopped.await;
-    }));
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let (stream, peer) = match accepted {
-                    Ok(x) => x,
-                    Err(e) => {
-                        // Out of descriptors or similar: back off briefly rather than spin.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                        continue;
-                    }
-                };
-                let _ = stream.set_nodelay(true);
-                let settings = gw.settings();
-                let l = &settings.config.listener;
-                let state = ConnState::default();
-                let io = TokioIo::new(TimedIo::new(
-                    stream,
-                    state.clone(),
-                    Duration::from_millis(l.head_timeout_ms),
-                    Duration::from_millis(l.idle_timeout_ms),
-                ));
-                let gw = gw.clone();
-                let client = std::sync::Arc::new(crate::service::Peer::new(peer));
-                let svc = service_fn(move |req| {
-                    crate::service::handle(gw.clone(), client.clone(), state.clone(), req)
-                });
-                let conn = http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    // TimedIo times heads (with a 408); hyper's own timer would arm and
-                    // drop a sleep on every request of a keep-alive connection.
-                    .header_read_timeout(None)
-                    // Heads and small bodies go out in one buffer and one write.
-                    .writev(false)
-                    .keep_alive(true)
-                    // hyper answers 431 past this; it needs at least 8 KiB.
-                    .max_buf_size(l.max_head_bytes.max(8192))
-                    .serve_connection(io, svc);
-                let conn = graceful.watch(conn);
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(%peer, error = %e, "client connection ended");
-                    }
-                });
-            }
-            () = &mut shutdown => break,
-        }
-    }
-    drop(listener);
-    drain(graceful, "gateway").await;
-    let _ = stop_windows.send(());
-    let _ = windows.await;
-}
+/// Descriptors kept back from client connections: back-end connections, the admin
+/// listener and its connections, files.
+const RESERVED_DESCRIPTORS: u64 = 128;
 
-/// Serves the admin API on `listener` until `shutdown` resolves.
-pub async fn serve_admin(gw: Gateway, listener: TcpListener, shutdown: impl Future<Output = ()>) {
-    let graceful = GracefulShutdown::new();
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let Ok((stream, peer)) = accepted else {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    continue;
-                };
-                let gw = gw.clone();
-                let svc = service_fn(move |req| crate::admin::handle(gw.clone(), req));
-                let conn = http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(Duration::from_secs(10))
-                    .serve_connection(TokioIo::new(stream), svc);
-                let conn = graceful.watch(conn);
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(%peer, error = %e, "admin connection ended");
-                    }
-                });
-            }
-            () = &mut shutdown => break,
-        }
-    }
-    drop(listener);
-    drain(graceful, "admin").await;
-}
+/// Longest pause between accept attempts while descriptors are short.
+const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 
-async fn drain(graceful: GracefulShutdown, what: &str) {
-    tokio::select! {
-        () = graceful.shutdown() => tracing::debug!(listener = what, "all connections drained"),
-        () = tokio::time::sleep(SHUTDOWN_GRACE) => {
-            tracing::warn!(listener = what, grace_s = SHUTDOWN_GRACE.as_secs(), "connections still open after the grace period; closing them")
-        }
-    }
+/// Why the gateway stopped other than by being asked to.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// A listener failed in a way retrying cannot mend.
+    #[error("the {listener} listener failed: {source}")]
+    Listener {
+        /// Which listener.
+        listener: &'static str,
+        /// Why.
+        source: io::Error,
+    },
+    /// A listener's task panicked.
+    #[error("the {listener} listener stopped unexpectedly: {detail}")]
+    Panicked {
+        /// Which listener.
+        listener: &'static str,
+        /// What the panic said.
+        detail: String,
+    },
 }
 
 /// Binds a listener, naming the address in the error.
-pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+pub async fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     TcpListener::bind(addr)
         .await
-        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))
+}
+
+/// Raises the soft limit on open descriptors to the hard limit (as nginx's
+/// `worker_rlimit_nofile` or Go's runtime do) and returns the limit in force.
+pub fn raise_descriptor_limit() -> u64 {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) => {
+            if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+                hard
+            } else {
+                soft
+            }
+        }
+        Err(_) => 1024,
+    }
+}
+
+/// The default cap on client connections for a process that may open `descriptors`:
+/// half of what is left after a reserve (each client may hold a back-end connection), at
+/// most 16384.
+pub fn default_max_connections(descriptors: u64) -> usize {
+    let usable = descriptors.saturating_sub(RESERVED_DESCRIPTORS) / 2;
+    usable.clamp(16, 16_384) as usize
+}
+
+/// Serves clients on `client` and the admin API on `admin` until `shutdown` resolves or a
+/// listener fails for good; then stops accepting and lets requests in flight finish
+/// within the configured grace.
+pub async fn run(
+    gw: Gateway,
+    client: TcpListener,
+    admin: Option<TcpListener>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServeError> {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let client_graceful = Arc::new(GracefulShutdown::new());
+    let admin_graceful = Arc::new(GracefulShutdown::new());
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut names = Vec::new();
+    {
+        let gw = gw.clone();
+        let graceful = Arc::clone(&client_graceful);
+        let stop = stop_rx.clone();
+        let task = tasks.spawn(async move { serve_clients(gw, client, graceful, stop).await });
+        names.push((task.id(), "client"));
+    }
+    if let Some(admin) = admin {
+        let gw = gw.clone();
+        let graceful = Arc::clone(&admin_graceful);
+        let stop = stop_rx.clone();
+        let task = tasks.spawn(async move { serve_admin(gw, admin, graceful, stop).await });
+        names.push((task.id(), "admin"));
+    }
+    let name_of = |id| {
+        names
+            .iter()
+            .find(|(i, _)| *i == id)
+            .map_or("a", |(_, n)| *n)
+    };
+    tokio::pin!(shutdown);
+    let mut failure = None;
+    tokio::select! {
+        () = &mut shutdown => {}
+        Some(ended) = tasks.join_next_with_id() => {
+            failure = listener_failure(ended, name_of).err();
+            if let Some(e) = &failure {
+                tracing::error!(error = %e, "stopping the gateway");
+            }
+        }
+    }
+    let _ = stop_tx.send(true);
+    // The accept loops end at once; wait for them so no new connection slips in.
+    while let Some(ended) = tasks.join_next_with_id().await {
+        if let Err(e) = listener_failure(ended, name_of) {
+            tracing::error!(error = %e, "stopping the gateway");
+            failure.get_or_insert(e);
+        }
+    }
+    let grace = gw.shutdown_grace();
+    let drained = tokio::time::timeout(grace, async {
+        let client = Arc::try_unwrap(client_graceful).ok();
+        let admin = Arc::try_unwrap(admin_graceful).ok();
+        tokio::join!(
+            async {
+                if let Some(g) = client {
+                    g.shutdown().await
+                }
+            },
+            async {
+                if let Some(g) = admin {
+                    g.shutdown().await
+                }
+            }
+        );
+    })
+    .await
+    .is_ok();
+    gw.supervisor().stop();
+    let open = gw.live().connections.load(Relaxed);
+    if drained {
+        tracing::info!("gateway stopped: every request in flight finished");
+    } else {
+        tracing::warn!(
+            grace_ms = grace.as_millis() as u64,
+            connections_open = open,
+            "gateway stopped: connections still open after the grace period were closed"
+        );
+    }
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// What a finished listener task means: its error, or its panic as an error.
+fn listener_failure(
+    ended: Result<(tokio::task::Id, io::Result<()>), tokio::task::JoinError>,
+    name_of: impl Fn(tokio::task::Id) -> &'static str,
+) -> Result<(), ServeError> {
+    match ended {
+        Ok((_, Ok(()))) => Ok(()),
+        Ok((id, Err(source))) => Err(ServeError::Listener {
+            listener: name_of(id),
+            source,
+        }),
+        Err(e) => {
+            let listener = name_of(e.id());
+            let detail = match e.try_into_panic() {
+                Ok(p) => p
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| p.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a panic".into()),
+                Err(e) => e.to_string(),
+            };
+            Err(ServeError::Panicked { listener, detail })
+        }
+    }
+}
+
+/// Accepts until `stop`, one connection slot from `slots` per connection; back-end
+/// descriptor shortages back off and retry. Returns an error only for failures retrying
+/// cannot mend.
+async fn accept_loop(
+    listener: TcpListener,
+    what: &'static str,
+    slots: Arc<Semaphore>,
+    mut stop: watch::Receiver<bool>,
+    mut serve: impl FnMut(TcpStream, SocketAddr, tokio::sync::OwnedSemaphorePermit),
+) -> io::Result<()> {
+    let mut backoff = Duration::ZERO;
+    let mut short_since: Option<tokio::time::Instant> = None;
+    loop {
+        let slot = tokio::select! {
+            slot = Arc::clone(&slots).acquire_owned() => match slot {
+                Ok(s) => s,
+                Err(_) => return Ok(()),
+            },
+            _ = stop.wait_for(|s| *s) => return Ok(()),
+        };
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = stop.wait_for(|s| *s) => return Ok(()),
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                if let Some(since) = short_since.take() {
+                    tracing::info!(
+                        listener = what,
+                        short_ms = since.elapsed().as_millis() as u64,
+                        "accepting again"
+                    );
+                }
+                backoff = Duration::ZERO;
+                serve(stream, peer, slot);
+            }
+            Err(e) if fatal(&e) => return Err(e),
+            Err(e) => {
+                // Out of descriptors or memory, or one connection failed: serve what is
+                // open, try again shortly. One line per episode, not per attempt.
+                if short_since.is_none() {
+                    short_since = Some(tokio::time::Instant::now());
+                    tracing::warn!(listener = what, error = %e,
+                        "cannot accept connections; backing off until descriptors free");
+                }
+                backoff = (backoff * 2).clamp(Duration::from_millis(5), MAX_ACCEPT_BACKOFF);
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    _ = stop.wait_for(|s| *s) => return Ok(()),
+                }
+            }
+        }
+    }
+}
+
+/// Accept errors that retrying cannot mend (the socket itself is broken).
+fn fatal(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(nix::libc::EBADF) | Some(nix::libc::EINVAL) | Some(nix::libc::ENOTSOCK)
+    )
+}
+
+/// Counts a client connection open while alive.
+struct OpenConnection(Gateway);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.live().connections.fetch_sub(1, Relaxed);
+    }
+}
+
+async fn serve_clients(
+    gw: Gateway,
+    listener: TcpListener,
+    graceful: Arc<GracefulShutdown>,
+    stop: watch::Receiver<bool>,
+) -> io::Result<()> {
+    let local = listener.local_addr()?;
+    let config = gw.runtime().config.listener.clone();
+    let max = config
+        .max_connections
+        .unwrap_or_else(|| default_max_connections(raise_descriptor_limit()));
+    tracing::debug!(max_connections = max, "client listener");
+    let slots = Arc::new(Semaphore::new(max));
+    accept_loop(
+        listener,
+        "client",
+        slots,
+        stop,
+        move |stream, peer, slot| {
+            let _ = stream.set_nodelay(true);
+            let live = Arc::clone(gw.live());
+            live.connections.fetch_add(1, Relaxed);
+            live.accepted.fetch_add(1, Relaxed);
+            let open = OpenConnection(gw.clone());
+            // Read per connection: a reload changes the settings of new connections.
+            let l = &live.load().config.listener;
+            let timeouts = Timeouts {
+                first_byte: Duration::from_millis(l.first_byte_timeout_ms),
+                head: Duration::from_millis(l.head_timeout_ms),
+                idle: Duration::from_millis(l.idle_timeout_ms),
+                send: Duration::from_millis(l.send_timeout_ms),
+            };
+            let (max_head, max_headers) = (l.max_head_bytes, l.max_headers);
+            let state = ConnState::default();
+            let io = TokioIo::new(TimedIo::new(stream, state.clone(), timeouts));
+            let client = Arc::new(Peer::new(peer, local));
+            let svc = service_fn(move |req| {
+                crate::http::handle(Arc::clone(&live), Arc::clone(&client), state.clone(), req)
+            });
+            let mut builder = http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                // TimedIo times heads (with a 408); hyper's own timer would arm and drop a
+                // sleep on every request of a keep-alive connection.
+                .header_read_timeout(None)
+                // Heads and small bodies go out in one buffer and one write.
+                .writev(false)
+                .keep_alive(true)
+                // hyper answers 431 past this; it needs at least 8 KiB.
+                .max_buf_size(max_head.max(8192));
+            if max_headers != 100 {
+                // hyper's default; any other value costs an allocation per request.
+                builder.max_headers(max_headers);
+            }
+            let conn = graceful.watch(builder.serve_connection(io, svc));
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(%peer, error = %e, "client connection ended");
+                }
+                drop((slot, open));
+            });
+        },
+    )
+    .await
+}
+
+async fn serve_admin(
+    gw: Gateway,
+    listener: TcpListener,
+    graceful: Arc<GracefulShutdown>,
+    stop: watch::Receiver<bool>,
+) -> io::Result<()> {
+    let slots = Arc::new(Semaphore::new(MAX_ADMIN_CONNECTIONS));
+    accept_loop(listener, "admin", slots, stop, move |stream, peer, slot| {
+        let gw = gw.clone();
+        let svc = service_fn(move |req| crate::admin::handle(gw.clone(), req));
+        let conn = http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(Duration::from_secs(10))
+            .serve_connection(TokioIo::new(stream), svc);
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%peer, error = %e, "admin connection ended");
+            }
+            drop(slot);
+        });
+    })
+    .await
 }

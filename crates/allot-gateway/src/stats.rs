@@ -5,7 +5,6 @@
 //! (differences of snapshots).
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
-use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -13,16 +12,30 @@ use serde::{Deserialize, Serialize};
 /// Upper bounds of the latency buckets, in seconds: 100 µs doubling up to about 105 s.
 pub fn bucket_bounds_s() -> [f64; BUCKETS] {
     let mut b = [0.0; BUCKETS];
-    let mut v = 0.0001;
-    for slot in b.iter_mut() {
-        *slot = v;
-        v *= 2.0;
+    for (i, slot) in b.iter_mut().enumerate() {
+        *slot = bound_ns(i) as f64 / 1e9;
     }
     b
 }
 
+/// Upper bound of bucket `i`, in nanoseconds.
+fn bound_ns(i: usize) -> u64 {
+    FIRST_BOUND_NS << i
+}
+
 /// Number of finite latency buckets.
 pub const BUCKETS: usize = 21;
+
+/// The first bucket's upper bound, in nanoseconds.
+const FIRST_BOUND_NS: u64 = 100_000;
+
+/// The bucket of an observation of `ns` nanoseconds: the smallest `i` with
+/// `ns ≤ 100 µs · 2^i`, or [`BUCKETS`] (+Inf) past the last bound. No float, no search.
+fn bucket_of(ns: u64) -> usize {
+    let q = ns.div_ceil(FIRST_BOUND_NS).max(1);
+    let i = (u64::BITS - (q - 1).leading_zeros()) as usize;
+    i.min(BUCKETS)
+}
 
 /// A latency histogram updated without locks.
 #[derive(Debug, Default)]
@@ -34,14 +47,9 @@ pub struct Histogram {
 impl Histogram {
     /// Records one observation.
     pub fn observe(&self, d: Duration) {
-        let s = d.as_secs_f64();
-        let idx = bucket_bounds_s()
-            .iter()
-            .position(|&b| s <= b)
-            .unwrap_or(BUCKETS);
-        self.counts[idx].fetch_add(1, Relaxed);
-        self.sum_ns
-            .fetch_add(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX), Relaxed);
+        let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        self.counts[bucket_of(ns)].fetch_add(1, Relaxed);
+        self.sum_ns.fetch_add(ns, Relaxed);
     }
 
     /// A copy of the current counts.
@@ -144,6 +152,51 @@ impl RefuseReason {
     }
 }
 
+/// Why a request in service was cut off before its response ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AbortReason {
+    /// The client paused its request body past `listener.request_body_timeout_ms`.
+    RequestBodyTimeout,
+    /// The client's request body was malformed or cut short.
+    RequestBodyBroken,
+    /// The client left the response unread past `listener.send_timeout_ms`.
+    ClientSendTimeout,
+    /// The back end paused its response body past `backend.body_timeout_ms`.
+    BackendBodyTimeout,
+    /// The back end broke off its response body.
+    BackendBodyBroken,
+    /// The request took longer than its class's `request_timeout_ms`.
+    RequestTimeout,
+    /// The client went away before the response ended.
+    ClientGone,
+}
+
+impl AbortReason {
+    /// All reasons, in metric order.
+    pub const ALL: [AbortReason; 7] = [
+        AbortReason::RequestBodyTimeout,
+        AbortReason::RequestBodyBroken,
+        AbortReason::ClientSendTimeout,
+        AbortReason::BackendBodyTimeout,
+        AbortReason::BackendBodyBroken,
+        AbortReason::RequestTimeout,
+        AbortReason::ClientGone,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AbortReason::RequestBodyTimeout => "request_body_timeout",
+            AbortReason::RequestBodyBroken => "request_body_broken",
+            AbortReason::ClientSendTimeout => "client_send_timeout",
+            AbortReason::BackendBodyTimeout => "backend_body_timeout",
+            AbortReason::BackendBodyBroken => "backend_body_broken",
+            AbortReason::RequestTimeout => "request_timeout",
+            AbortReason::ClientGone => "client_gone",
+        }
+    }
+}
+
 /// Sensors of one class.
 #[derive(Debug, Default)]
 pub struct ClassStats {
@@ -167,12 +220,19 @@ pub struct ClassStats {
     pub bytes_out: AtomicU64,
     /// Responses with status ≥ 500 produced by the gateway for back-end failures.
     pub failed: AtomicU64,
+    /// Requests cut off in service, by [`AbortReason`] (indexed as [`AbortReason::ALL`]).
+    pub aborted: [AtomicU64; 7],
 }
 
 impl ClassStats {
     /// Counts one refusal.
     pub fn refuse(&self, reason: RefuseReason) {
         self.refused[reason as usize].fetch_add(1, Relaxed);
+    }
+
+    /// Counts one request cut off in service.
+    pub fn abort(&self, reason: AbortReason) {
+        self.aborted[reason as usize].fetch_add(1, Relaxed);
     }
 
     /// A serialisable copy.
@@ -190,6 +250,15 @@ impl ClassStats {
             bytes_in: self.bytes_in.load(Relaxed),
             bytes_out: self.bytes_out.load(Relaxed),
             failed: self.failed.load(Relaxed),
+            aborted: AbortReason::ALL
+                .iter()
+                .map(|r| {
+                    (
+                        r.as_str().to_string(),
+                        self.aborted[*r as usize].load(Relaxed),
+                    )
+                })
+                .collect(),
             queue_delay: self.queue_delay.snapshot(),
             service_time: self.service_time.snapshot(),
         }
@@ -223,6 +292,9 @@ pub struct ClassSnapshot {
     pub bytes_out: u64,
     /// 502/504 answers for back-end failures.
     pub failed: u64,
+    /// Requests cut off in service, by reason (`request_body_timeout`, …).
+    #[serde(default)]
+    pub aborted: std::collections::BTreeMap<String, u64>,
     /// Queueing delay histogram.
     pub queue_delay: HistogramSnapshot,
     /// Service time histogram.
@@ -245,6 +317,28 @@ pub enum BackendFailure {
     Timeout,
     /// The connection broke during the exchange.
     Protocol,
+    /// The response body paused past `body_timeout_ms`.
+    BodyTimeout,
+}
+
+impl BackendFailure {
+    /// All kinds, in metric order.
+    pub const ALL: [BackendFailure; 4] = [
+        BackendFailure::Connect,
+        BackendFailure::Timeout,
+        BackendFailure::Protocol,
+        BackendFailure::BodyTimeout,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendFailure::Connect => "connect",
+            BackendFailure::Timeout => "timeout",
+            BackendFailure::Protocol => "protocol",
+            BackendFailure::BodyTimeout => "body_timeout",
+        }
+    }
 }
 
 /// Sensors of one back end.
@@ -254,8 +348,8 @@ pub struct BackendStats {
     pub requests: AtomicU64,
     /// Requests in flight now.
     pub in_flight: AtomicI64,
-    /// Failures by [`BackendFailure`] (connect, timeout, protocol).
-    pub failures: [AtomicU64; 3],
+    /// Failures by [`BackendFailure`] (indexed as [`BackendFailure::ALL`]).
+    pub failures: [AtomicU64; 4],
     /// Time from sending to the end of the response body.
     pub service_time: Histogram,
     /// Response body bytes received from it.
@@ -272,6 +366,7 @@ impl BackendStats {
             failures_connect: self.failures[0].load(Relaxed),
             failures_timeout: self.failures[1].load(Relaxed),
             failures_protocol: self.failures[2].load(Relaxed),
+            failures_body_timeout: self.failures[3].load(Relaxed),
             healthy_addresses,
             bytes_out: self.bytes_out.load(Relaxed),
             service_time: self.service_time.snapshot(),
@@ -294,6 +389,9 @@ pub struct BackendSnapshot {
     pub failures_timeout: u64,
     /// Broken exchanges.
     pub failures_protocol: u64,
+    /// Response bodies that paused past `body_timeout_ms`.
+    #[serde(default)]
+    pub failures_body_timeout: u64,
     /// Addresses not ejected now.
     pub healthy_addresses: usize,
     /// Response body bytes received.
@@ -311,17 +409,38 @@ pub struct Status {
     pub running: u64,
     /// The overall cap on requests in service.
     pub max_running: u64,
+    /// Client connections open now.
+    #[serde(default)]
+    pub connections: u64,
     /// Per class.
     pub classes: Vec<ClassSnapshot>,
     /// Per back end.
     pub backends: Vec<BackendSnapshot>,
     /// Per principal under `[agreements]` (empty without).
     #[serde(default)]
-    pub principals: Vec<crate::agreements::PrincipalSnapshot>,
+    pub principals: Vec<PrincipalSnapshot>,
 }
 
-/// Shared handle to a class's sensors.
-pub type ClassStatsRef = Arc<ClassStats>;
+/// A principal's sensors and plan, as `/status` and `/metrics` show them (units per second).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PrincipalSnapshot {
+    /// Principal name.
+    pub name: String,
+    /// `MC`: guaranteed units per second.
+    pub mandatory: f64,
+    /// `OC`: units per second it may use beyond that when others leave them.
+    pub optional: f64,
+    /// Smoothed demand, units per second.
+    pub demand: f64,
+    /// This window's allocation, units per second.
+    pub allocation: f64,
+    /// Requests admitted within credit (at once or after waiting).
+    pub admitted: u64,
+    /// Requests that had to wait for credit (or, in redirect mode, were sent back).
+    pub deferred: u64,
+    /// Requests refused: no credit within `max_wait_ms`.
+    pub refused: u64,
+}
 
 #[cfg(test)]
 mod tests {
@@ -341,6 +460,17 @@ mod tests {
         assert!(s.quantile_ms(1.0) > 500.0 && s.quantile_ms(1.0) <= 1638.4);
         let later = h.snapshot();
         assert_eq!(later.since(&s).count(), 0);
+    }
+
+    #[test]
+    fn observations_land_in_the_bucket_whose_bound_they_do_not_pass() {
+        for i in 0..BUCKETS {
+            let b = bound_ns(i);
+            assert_eq!(bucket_of(b), i, "at the bound {b} ns");
+            assert_eq!(bucket_of(b + 1), i + 1, "past the bound {b} ns");
+        }
+        assert_eq!(bucket_of(0), 0);
+        assert_eq!(bucket_of(u64::MAX), BUCKETS);
     }
 
     #[test]

@@ -130,6 +130,16 @@ impl TokenBucket {
         }
     }
 
+    /// Returns `n` tokens taken earlier and not used after all (the request they were
+    /// taken for was refused later), capped at `burst`: never more than was there.
+    pub fn give_back(&mut self, n: f64, now: Nanos) {
+        if n.is_nan() || n <= 0.0 || !self.rate_per_sec.is_finite() || self.rate_per_sec == 0.0 {
+            return;
+        }
+        self.refill(now);
+        self.tokens = (self.tokens + n).min(self.burst);
+    }
+
     /// Tokens available at `now`; negative while a reservation's debt is being repaid.
     /// Infinite when the rate is.
     pub fn available(&mut self, now: Nanos) -> f64 {
@@ -298,5 +308,20 @@ mod tests {
                     "taken {} > allowed {}", taken, allowed);
             }
         }
+    }
+
+    #[test]
+    fn tokens_given_back_are_taken_again_but_never_past_the_burst() {
+        let mut b = TokenBucket::new(10.0, 2.0, Nanos(0));
+        assert!(b.try_take(2.0, Nanos(0)));
+        assert!(!b.try_take(1.0, Nanos(0)));
+        b.give_back(1.0, Nanos(0));
+        assert!(b.try_take(1.0, Nanos(0)));
+        assert!(!b.try_take(1.0, Nanos(0)));
+        b.give_back(5.0, Nanos(0));
+        assert_eq!(b.available(Nanos(0)), 2.0);
+        let mut closed = TokenBucket::new(0.0, 2.0, Nanos(0));
+        closed.give_back(1.0, Nanos(0));
+        assert_eq!(closed.available(Nanos(0)), 0.0);
     }
 }

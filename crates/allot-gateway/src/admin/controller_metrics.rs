@@ -5,7 +5,7 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 
-use super::Readout;
+use crate::control::qos::Readout;
 
 /// A collector over a copy of the readouts.
 #[derive(Debug)]

@@ -1,6 +1,8 @@
-//! A client connection's I/O, timed: a request head that has started must be complete
-//! within the head timeout (else 408 and close), and an idle keep-alive connection is
-//! closed after the idle timeout.
+//! A client connection's I/O, timed: a new connection must send its first byte within the
+//! first-byte timeout, a request head that has started must be complete within the head
+//! timeout (else 408 and close), an idle keep-alive connection is closed after the idle
+//! timeout, and a client that stops reading its response is cut off after the send
+//! timeout (so a slot is never held by a client that does not read).
 //!
 //! hyper's own header timeout closes the connection without a word; clients and
 //! operators expect nginx's 408, so the timing lives here, around the socket.
@@ -17,22 +19,46 @@ use tokio::time::{Instant, Sleep};
 
 const REQUEST_TIMEOUT: &[u8] = b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-type: text/plain\r\ncontent-length: 47\r\n\r\nallot: request head not received in time (408)\n";
 
-/// Whether the connection is between requests (awaiting a head) or serving one.
+/// What the connection's service and bodies share with its socket.
 #[derive(Debug, Clone, Default)]
-pub struct ConnState {
-    in_request: Arc<AtomicBool>,
+pub struct ConnState(Arc<Shared>);
+
+#[derive(Debug, Default)]
+struct Shared {
+    /// Between a parsed head and the end of its response (awaiting a head otherwise).
+    in_request: AtomicBool,
+    /// The client left a response unread past the send timeout.
+    send_timed_out: AtomicBool,
 }
 
 impl ConnState {
     /// A request head was parsed: body and response follow, untimed here.
     pub fn request_started(&self) {
-        self.in_request.store(true, Relaxed);
+        self.0.in_request.store(true, Relaxed);
     }
 
     /// The response is over: the next bytes start a new head.
     pub fn response_done(&self) {
-        self.in_request.store(false, Relaxed);
+        self.0.in_request.store(false, Relaxed);
     }
+
+    /// Whether the connection was cut off because the client stopped reading.
+    pub fn send_timed_out(&self) -> bool {
+        self.0.send_timed_out.load(Relaxed)
+    }
+}
+
+/// The timeouts of one client connection.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    /// For a new connection's first byte.
+    pub first_byte: Duration,
+    /// For a whole request head once it has started.
+    pub head: Duration,
+    /// Between requests of a keep-alive connection.
+    pub idle: Duration,
+    /// For the client's socket to take another byte of a response.
+    pub send: Duration,
 }
 
 enum Phase {
@@ -55,23 +81,48 @@ pub struct TimedIo<T> {
     phase: Phase,
     timer: Pin<Box<Sleep>>,
     armed: bool,
-    head_timeout: Duration,
-    idle_timeout: Duration,
+    /// No byte of a head has come yet on this connection.
+    fresh: bool,
+    timeouts: Timeouts,
+    /// Times a write the client's socket does not take; made on the first such write.
+    send_timer: Option<Pin<Box<Sleep>>>,
+    /// Since when writes have been waiting (None: the last write went through).
+    send_waiting_since: Option<Instant>,
 }
 
 impl<T> TimedIo<T> {
     /// Wraps `inner`; `state` is shared with the connection's service and bodies.
-    pub fn new(inner: T, state: ConnState, head_timeout: Duration, idle_timeout: Duration) -> Self {
+    pub fn new(inner: T, state: ConnState, timeouts: Timeouts) -> Self {
         let now = Instant::now();
         TimedIo {
             inner,
             state,
             phase: Phase::Idle(now),
-            timer: Box::pin(tokio::time::sleep_until(now + idle_timeout)),
+            timer: Box::pin(tokio::time::sleep_until(now + timeouts.first_byte)),
             armed: false,
-            head_timeout,
-            idle_timeout,
+            fresh: true,
+            timeouts,
+            send_timer: None,
+            send_waiting_since: None,
         }
+    }
+
+    /// A write is waiting on the client: whether it has waited past the send timeout
+    /// (then the connection is cut off); arranges a wake-up at the deadline otherwise.
+    fn send_stalled(&mut self, cx: &mut Context<'_>) -> bool {
+        let since = *self.send_waiting_since.get_or_insert_with(Instant::now);
+        let deadline = since + self.timeouts.send;
+        let timer = self
+            .send_timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if timer.deadline() != deadline {
+            timer.as_mut().reset(deadline);
+        }
+        if timer.as_mut().poll(cx).is_ready() {
+            self.state.0.send_timed_out.store(true, Relaxed);
+            return true;
+        }
+        false
     }
 }
 
@@ -83,7 +134,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for TimedIo<T> {
     ) -> Poll<std::io::Result<()>> {
         let this = self.get_mut();
         // Follow the service's view of the connection.
-        let in_request = this.state.in_request.load(Relaxed);
+        let in_request = this.state.0.in_request.load(Relaxed);
         match (&this.phase, in_request) {
             (Phase::Busy, false) => this.phase = Phase::Idle(Instant::now()),
             (Phase::Idle(_) | Phase::Head(_), true) => this.phase = Phase::Busy,
@@ -94,8 +145,9 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for TimedIo<T> {
         let got_bytes = buf.filled().len() > before;
         if let Poll::Ready(Ok(())) = &result {
             if got_bytes {
+                this.fresh = false;
                 if let Phase::Idle(_) = this.phase {
-                    this.phase = Phase::Head(Instant::now() + this.head_timeout);
+                    this.phase = Phase::Head(Instant::now() + this.timeouts.head);
                 }
             }
             if got_bytes || buf.remaining() == 0 {
@@ -107,7 +159,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for TimedIo<T> {
         }
         // Pending: make sure the timer wakes us by the phase's deadline, then check it.
         let deadline = match this.phase {
-            Phase::Idle(since) => since + this.idle_timeout,
+            Phase::Idle(since) if this.fresh => since + this.timeouts.first_byte,
+            Phase::Idle(since) => since + this.timeouts.idle,
             Phase::Head(deadline) => deadline,
             Phase::Busy => return Poll::Pending,
         };
@@ -140,17 +193,46 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for TimedIo<T> {
     }
 }
 
+fn send_timeout() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        "the client did not read its response within the send timeout",
+    )
+}
+
+impl<T> TimedIo<T> {
+    /// A write's outcome, timed: pending past the send timeout becomes an error.
+    fn timed<R>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<std::io::Result<R>>,
+    ) -> Poll<std::io::Result<R>> {
+        match polled {
+            Poll::Pending if self.send_stalled(cx) => Poll::Ready(Err(send_timeout())),
+            Poll::Pending => Poll::Pending,
+            ready => {
+                self.send_waiting_since = None;
+                ready
+            }
+        }
+    }
+}
+
 impl<T: AsyncWrite + Unpin> AsyncWrite for TimedIo<T> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.timed(cx, polled)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_flush(cx);
+        this.timed(cx, polled)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -162,7 +244,9 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for TimedIo<T> {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.timed(cx, polled)
     }
 
     fn is_write_vectored(&self) -> bool {

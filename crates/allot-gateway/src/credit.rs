@@ -1,12 +1,12 @@
-//! Sharing agreements at the gateway: every window, estimate each principal's demand,
-//! solve the planner, and turn allocations into credits spread across the next window.
+//! Sharing agreements at the gateway: each principal's credit, planned every window and
+//! handed out as requests arrive.
 //!
 //! After distributed-sharing-agreements §3–4: a request within its principal's credit goes
 //! straight on (implicit queuing); the rest wait for credit in a later window, up to
 //! `max_wait_ms`, then get 503. In redirect mode the answer is a 307 instead of a proxied
-//! response. The loop has the one shape every loop here has: sensor (cost units arriving,
-//! and waiting, per principal) → controller (smoothed demand, the model's planner) →
-//! actuator (each principal's credit rate).
+//! response. Credit taken by a request that is then refused (its class queue is full, it
+//! timed out waiting for a slot, its client left) is given back by the [`Charge`]'s drop.
+//! The window loop that plans and pumps lives in `control`.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -18,39 +18,18 @@ use allot_model::bucket::TokenBucket;
 use allot_model::ewma::Ewma;
 use allot_model::planner::Planner;
 use allot_model::Nanos;
-use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
 use crate::config::{AgreementMode, AgreementsConfig};
+use crate::stats::PrincipalSnapshot;
 
 /// How many times per window waiting requests are offered the credit that accrued.
-const PUMPS_PER_WINDOW: u32 = 10;
+pub const PUMPS_PER_WINDOW: u32 = 10;
 
 /// How many pump steps of credit a principal's bucket holds (plus one request): a pump
 /// that runs up to two steps late (a busy gateway, a loaded machine) still hands out
 /// everything that accrued, and an idle principal saves at most this much.
 const CREDIT_ROOM_STEPS: f64 = 3.0;
-
-/// A principal's sensors and plan, as `/status` and `/metrics` show them (units per second).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct PrincipalSnapshot {
-    /// Principal name.
-    pub name: String,
-    /// `MC`: guaranteed units per second.
-    pub mandatory: f64,
-    /// `OC`: units per second it may use beyond that when others leave them.
-    pub optional: f64,
-    /// Smoothed demand, units per second.
-    pub demand: f64,
-    /// This window's allocation, units per second.
-    pub allocation: f64,
-    /// Requests admitted within credit (at once or after waiting).
-    pub admitted: u64,
-    /// Requests that had to wait for credit (or, in redirect mode, were sent back).
-    pub deferred: u64,
-    /// Requests refused: no credit within `max_wait_ms`.
-    pub refused: u64,
-}
 
 #[derive(Debug, Default)]
 struct Counters {
@@ -61,7 +40,7 @@ struct Counters {
 
 struct Waiter {
     cost: f64,
-    tx: oneshot::Sender<()>,
+    tx: oneshot::Sender<Charge>,
 }
 
 struct PrincipalState {
@@ -76,18 +55,81 @@ struct PrincipalState {
     owners: Vec<(usize, f64)>,
 }
 
+#[derive(Debug)]
 struct Principal {
     name: String,
     state: Mutex<PrincipalState>,
     counters: Counters,
 }
 
+impl std::fmt::Debug for PrincipalState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PrincipalState")
+            .field("allocation", &self.allocation)
+            .field("waiting", &self.waiting.len())
+            .finish()
+    }
+}
+
 /// The outcome of asking for credit.
 pub enum Credit {
     /// Within credit: go on.
-    Now,
-    /// Wait for the receiver (credit granted) up to `max_wait`.
-    Wait(oneshot::Receiver<()>),
+    Now(Charge),
+    /// Over credit: wait for a later window's ([`CreditWait::wait`]).
+    Wait(CreditWait),
+    /// Over credit in redirect mode: send the client back to try again later.
+    Deferred,
+}
+
+/// Credit taken for one request. Dropped before [`Charge::keep`] (the request was refused
+/// or abandoned before service), it goes back to its principal.
+#[derive(Debug)]
+pub struct Charge {
+    principal: Option<Arc<Principal>>,
+    cost: f64,
+}
+
+impl Charge {
+    /// The request went into service: the credit is spent.
+    pub fn keep(mut self) {
+        self.principal = None;
+    }
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        if let Some(p) = self.principal.take() {
+            lock(&p.state)
+                .credit
+                .give_back(self.cost, crate::clock::now());
+        }
+    }
+}
+
+/// A request waiting for its principal's credit. Dropping it (the client left) gives up
+/// its turn; credit granted meanwhile goes back.
+pub struct CreditWait {
+    rx: oneshot::Receiver<Charge>,
+    principal: Arc<Principal>,
+}
+
+impl CreditWait {
+    /// Waits at most `max_wait` for credit; counts the request as admitted or refused.
+    pub async fn wait(mut self, max_wait: Duration) -> Option<Charge> {
+        let charge = match tokio::time::timeout(max_wait, &mut self.rx).await {
+            Ok(Ok(charge)) => Some(charge),
+            Ok(Err(_)) => None,
+            // Granted just as time ran out: use it.
+            Err(_) => self.rx.try_recv().ok(),
+        };
+        let counter = if charge.is_some() {
+            &self.principal.counters.admitted
+        } else {
+            &self.principal.counters.refused
+        };
+        counter.fetch_add(1, Relaxed);
+        charge
+    }
 }
 
 /// The enforcer of one agreement set.
@@ -95,19 +137,25 @@ pub struct Enforcer {
     config: AgreementsConfig,
     planner: Planner,
     principals: Vec<Arc<Principal>>,
-    /// Principal of each run-time class index (None: not under an agreement).
-    class_principal: Vec<Option<usize>>,
     /// Redirect mode: location of each principal's capacity.
     locations: Vec<Option<String>>,
     window: Duration,
 }
 
+impl std::fmt::Debug for Enforcer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Enforcer")
+            .field("principals", &self.principals.len())
+            .field("window", &self.window)
+            .finish()
+    }
+}
+
 impl Enforcer {
-    /// Builds an enforcer; `class_index` maps class names to run-time indices. State of
-    /// principals with the same names in `previous` is kept (demand, credit, waiters).
+    /// Builds an enforcer. State of principals with the same names in `previous` is kept
+    /// (demand, credit, waiters).
     pub fn new(
         config: &AgreementsConfig,
-        class_index: &std::collections::HashMap<String, usize>,
         previous: Option<&Enforcer>,
         now: Nanos,
     ) -> Result<Enforcer, String> {
@@ -137,12 +185,6 @@ impl Enforcer {
                     })
             })
             .collect();
-        let mut class_principal = vec![None; class_index.values().max().map_or(0, |m| m + 1)];
-        for (class, principal) in &config.classes {
-            if let (Some(&ci), Some(pi)) = (class_index.get(class), set.index_of(principal)) {
-                class_principal[ci] = Some(pi);
-            }
-        }
         let locations = set
             .principals()
             .iter()
@@ -158,7 +200,6 @@ impl Enforcer {
             config: config.clone(),
             planner,
             principals,
-            class_principal,
             locations,
             window: Duration::from_millis(config.window_ms),
         };
@@ -184,43 +225,52 @@ impl Enforcer {
         Duration::from_millis(self.config.max_wait_ms)
     }
 
-    /// The principal a class is charged to, if any.
-    pub fn principal_of(&self, class: usize) -> Option<usize> {
-        self.class_principal.get(class).copied().flatten()
+    /// The run-time index of the principal named `name`.
+    pub fn index_of(&self, name: &str) -> Option<usize> {
+        self.principals.iter().position(|p| p.name == name)
     }
 
-    /// A request of `principal` for `path` arrives: count its cost as demand and take
+    /// The principal the requests of class `class` are charged to, if any.
+    pub fn principal_of_class(&self, class: &str) -> Option<usize> {
+        self.config
+            .classes
+            .get(class)
+            .and_then(|p| self.index_of(p))
+    }
+
+    /// The cost of a request for `path`, in units.
+    pub fn cost_of(&self, path: &str) -> f64 {
+        self.config.cost_of(path)
+    }
+
+    /// A request of `principal` costing `cost` arrives: count it as demand and take
     /// credit if there is some and nobody of the same principal waits before it.
-    pub fn arrive(&self, principal: usize, path: &str, now: Nanos) -> Credit {
-        let cost = self.config.cost_of(path);
+    pub fn arrive(&self, principal: usize, cost: f64, now: Nanos) -> Credit {
         let Some(p) = self.principals.get(principal) else {
-            return Credit::Now;
+            return Credit::Now(Charge {
+                principal: None,
+                cost,
+            });
         };
         let mut s = lock(&p.state);
         s.arrived += cost;
         if s.waiting.is_empty() && s.credit.try_take(cost, now) {
             p.counters.admitted.fetch_add(1, Relaxed);
-            return Credit::Now;
+            return Credit::Now(Charge {
+                principal: Some(Arc::clone(p)),
+                cost,
+            });
         }
         p.counters.deferred.fetch_add(1, Relaxed);
         if self.redirect() {
-            return Credit::Wait(oneshot::channel().1);
+            return Credit::Deferred;
         }
         let (tx, rx) = oneshot::channel();
         s.waiting.push_back(Waiter { cost, tx });
-        Credit::Wait(rx)
-    }
-
-    /// A waiting request got its credit (counted) or gave up (counted as refused).
-    pub fn settle(&self, principal: usize, granted: bool) {
-        if let Some(p) = self.principals.get(principal) {
-            let c = if granted {
-                &p.counters.admitted
-            } else {
-                &p.counters.refused
-            };
-            c.fetch_add(1, Relaxed);
-        }
+        Credit::Wait(CreditWait {
+            rx,
+            principal: Arc::clone(p),
+        })
     }
 
     /// Redirect mode: where a request of `principal` goes, drawing among the owners whose
@@ -307,7 +357,16 @@ impl Enforcer {
                     break;
                 }
                 if let Some(w) = s.waiting.pop_front() {
-                    let _ = w.tx.send(());
+                    let charge = Charge {
+                        principal: Some(Arc::clone(p)),
+                        cost,
+                    };
+                    if let Err(back) = w.tx.send(charge) {
+                        // Gone between the check and the send: the credit goes back
+                        // here, under the lock this loop holds.
+                        back.keep();
+                        s.credit.give_back(cost, now);
+                    }
                 }
             }
         }
@@ -338,43 +397,4 @@ impl Enforcer {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// The window loop: plans at every window's end and hands out credit in between. Runs
-/// until the gateway is dropped or `shutdown` resolves.
-pub async fn run_loop(gw: crate::Gateway, shutdown: impl std::future::Future<Output = ()>) {
-    tokio::pin!(shutdown);
-    let mut pumps = 0u32;
-    let mut ticks: Option<(Duration, tokio::time::Interval)> = None;
-    loop {
-        let Some(enforcer) = gw.enforcer() else {
-            // No agreements now; look again later (a reload may add them).
-            ticks = None;
-            tokio::select! {
-                () = tokio::time::sleep(Duration::from_millis(200)) => continue,
-                () = &mut shutdown => return,
-            }
-        };
-        // Ticks on absolute deadlines, so windows do not stretch by the work done in them.
-        let step = enforcer.window() / PUMPS_PER_WINDOW;
-        let interval = match &mut ticks {
-            Some((s, i)) if *s == step => i,
-            _ => {
-                let mut i = tokio::time::interval(step);
-                i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-                &mut ticks.insert((step, i)).1
-            }
-        };
-        tokio::select! {
-            _ = interval.tick() => {}
-            () = &mut shutdown => return,
-        }
-        let now = crate::clock::now();
-        pumps += 1;
-        if pumps >= PUMPS_PER_WINDOW {
-            pumps = 0;
-            enforcer.end_window(now);
-        }
-        enforcer.pump(now);
-    }
 }

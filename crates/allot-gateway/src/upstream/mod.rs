@@ -10,13 +10,21 @@
 //! connection pulls it), so a request never hops between tasks. An idle pooled connection
 //! is not polled; one the server closed meanwhile is found closed when next used, before
 //! anything is written, and the request goes on a fresh connection.
+//!
+//! What lasts across reloads (sensors, pools, health, the adaptive limit's gate) is in a
+//! [`BackendCore`]; each configuration snapshot has its own [`Backend`] with that
+//! snapshot's settings over the same core. Health is logged on changes only (an address
+//! ejected, restored), and failed requests at most once per [`FAILURE_LOG_PERIOD`] with a
+//! count, never once per request.
+
+pub mod body;
 
 use std::collections::VecDeque;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -27,9 +35,13 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 
-use crate::body::RequestBody;
 use crate::config::{BackendConfig, Balance};
+use crate::sched::BackendGate;
 use crate::stats::{BackendFailure, BackendStats};
+pub use body::{BodyError, BodyFailure, BodyVerdict, RequestBody};
+
+/// Failed requests of one back end are logged at most this often, with their count.
+pub const FAILURE_LOG_PERIOD: Duration = Duration::from_secs(10);
 
 /// Why forwarding failed.
 #[derive(Debug, thiserror::Error)]
@@ -153,6 +165,8 @@ pub struct Address {
     consecutive_failures: AtomicU32,
     /// While `clock::now()` is before this (ns), the address is out.
     ejected_until_ns: AtomicU64,
+    /// Ejected and not yet seen working again: changes of it are what gets logged.
+    out: AtomicBool,
 }
 
 impl Address {
@@ -163,6 +177,7 @@ impl Address {
             in_flight: AtomicUsize::new(0),
             consecutive_failures: AtomicU32::new(0),
             ejected_until_ns: AtomicU64::new(0),
+            out: AtomicBool::new(false),
         })
     }
 
@@ -183,25 +198,38 @@ impl Address {
 
 #[derive(Debug, Clone)]
 struct Settings {
-    addresses: Vec<Arc<Address>>,
     balance: Balance,
     connect_timeout: Duration,
     response_timeout: Duration,
+    body_timeout: Duration,
     eject_after_failures: u32,
     eject_for: Duration,
     max_idle_per_address: usize,
     pool_idle_timeout_ns: u64,
 }
 
-/// A back end: a named set of addresses of one unmodified server.
+/// What lasts of a back end across reloads: its sensors, its addresses' pools and health,
+/// the gate of its adaptive limit, and the turn of its balancing.
 #[derive(Debug)]
-pub struct Backend {
+pub struct BackendCore {
     /// Name, from the configuration.
     pub name: String,
     /// Its sensors.
     pub stats: Arc<BackendStats>,
-    settings: RwLock<Arc<Settings>>,
+    /// Its adaptive concurrency limit, as the scheduler counts it.
+    pub gate: Arc<BackendGate>,
     next: AtomicUsize,
+    failures: FailureLog,
+}
+
+/// A back end as one configuration snapshot has it: a named set of addresses of one
+/// unmodified server, and how to reach them.
+#[derive(Debug)]
+pub struct Backend {
+    /// What lasts across reloads.
+    pub core: Arc<BackendCore>,
+    addresses: Vec<Arc<Address>>,
+    settings: Settings,
 }
 
 /// A connection lent to one exchange; returned to the pool if the response ends cleanly.
@@ -228,10 +256,10 @@ impl Lease {
     /// The response body ended cleanly: the connection can carry another request.
     /// Connections left unused in the pool past the idle timeout are closed here: an idle
     /// connection is not polled, so one the server closed would otherwise linger.
-    pub fn release_clean(mut self) {
+    pub fn release_clean(mut self, now: allot_model::Nanos) {
         if let Some(mut conn) = self.conn.take() {
             if conn.reusable() {
-                let now = crate::clock::now().0;
+                let now = now.0;
                 conn.idle_since_ns = now;
                 let mut idle = self.address.idle.lock().unwrap_or_else(|p| p.into_inner());
                 while idle.front().is_some_and(|c| {
@@ -255,82 +283,132 @@ impl Drop for Lease {
 }
 
 impl Backend {
-    /// A back end from its configuration.
-    pub fn new(config: &BackendConfig) -> Arc<Backend> {
-        Arc::new(Backend {
-            name: config.name.clone(),
-            stats: Arc::new(BackendStats::default()),
-            settings: RwLock::new(Arc::new(Settings::from_config(config, &[]))),
-            next: AtomicUsize::new(0),
-        })
-    }
-
-    /// Applies a changed configuration, keeping the pools of addresses that stay.
-    pub fn reconfigure(&self, config: &BackendConfig) {
-        let mut s = self.settings.write().unwrap_or_else(|p| p.into_inner());
-        *s = Arc::new(Settings::from_config(config, &s.addresses));
-    }
-
-    /// Addresses not ejected now.
-    pub fn healthy_addresses(&self) -> usize {
-        let now = crate::clock::now().0;
-        self.settings()
+    /// The back end `config` describes, keeping what lasts (sensors, pools, health) from
+    /// `previous`, the same back end in the configuration before.
+    pub fn build(config: &BackendConfig, previous: Option<&Backend>) -> Backend {
+        let core = match previous {
+            Some(p) => Arc::clone(&p.core),
+            None => Arc::new(BackendCore {
+                name: config.name.clone(),
+                stats: Arc::new(BackendStats::default()),
+                gate: Arc::new(BackendGate::default()),
+                next: AtomicUsize::new(0),
+                failures: FailureLog::default(),
+            }),
+        };
+        let old: &[Arc<Address>] = previous.map_or(&[], |p| &p.addresses);
+        let addresses = config
             .addresses
             .iter()
-            .filter(|a| a.healthy(now))
-            .count()
+            .map(|a| {
+                old.iter()
+                    .find(|o| o.addr == *a)
+                    .cloned()
+                    .unwrap_or_else(|| Address::new(*a))
+            })
+            .collect();
+        Backend {
+            core,
+            addresses,
+            settings: Settings {
+                balance: config.balance,
+                connect_timeout: Duration::from_millis(config.connect_timeout_ms),
+                response_timeout: Duration::from_millis(config.response_timeout_ms),
+                body_timeout: Duration::from_millis(config.body_timeout_ms),
+                eject_after_failures: config.eject_after_failures.max(1),
+                eject_for: Duration::from_millis(config.eject_for_ms),
+                max_idle_per_address: config.max_idle_per_address,
+                pool_idle_timeout_ns: config.pool_idle_timeout_ms.saturating_mul(1_000_000),
+            },
+        }
     }
 
-    fn settings(&self) -> Arc<Settings> {
-        Arc::clone(&self.settings.read().unwrap_or_else(|p| p.into_inner()))
+    /// Its name.
+    pub fn name(&self) -> &str {
+        &self.core.name
     }
 
-    /// Sends `req` to one of the addresses, trying the next while nothing was sent.
-    /// Returns the response head and the lease of its connection.
+    /// Its sensors.
+    pub fn stats(&self) -> &Arc<BackendStats> {
+        &self.core.stats
+    }
+
+    /// Longest pause allowed in a response body it sends.
+    pub fn body_timeout(&self) -> Duration {
+        self.settings.body_timeout
+    }
+
+    /// Addresses not ejected at `now`.
+    pub fn healthy_addresses(&self, now: allot_model::Nanos) -> usize {
+        self.addresses.iter().filter(|a| a.healthy(now.0)).count()
+    }
+
+    /// Counts a request that failed here and logs the failures now and then, with their
+    /// count, never once per request.
+    pub fn note_failure(&self, err: &ForwardError, now: allot_model::Nanos) {
+        // Connect failures were counted per address as they happened.
+        if err.kind() != BackendFailure::Connect {
+            self.core.stats.failures[err.kind() as usize].fetch_add(1, Relaxed);
+        }
+        if let Some(n) = self.core.failures.record(now) {
+            tracing::warn!(backend = %self.core.name, failed = n, last_error = %err,
+                period_s = FAILURE_LOG_PERIOD.as_secs(), "requests to the back end failed");
+        }
+    }
+
+    /// Sends `req` to one of the addresses, trying the next while nothing was sent. The
+    /// response head must come within the response timeout from `started`. Returns the
+    /// response head and the lease of its connection.
     pub async fn send(
         &self,
         mut req: Request<RequestBody>,
+        started: Instant,
+        now: allot_model::Nanos,
     ) -> Result<(Response<Incoming>, Lease), ForwardError> {
-        let s = self.settings();
+        let deadline = started + self.settings.response_timeout;
         let mut last = String::from("no addresses");
-        let now = crate::clock::now().0;
         // Ejected addresses only as a last resort, so a back end whose every address was
         // ejected is still probed rather than failing forever.
         let mut ejected = Vec::new();
-        for address in self.order(&s) {
-            if !address.healthy(now) {
+        for address in self.order() {
+            if !address.healthy(now.0) {
                 ejected.push(address);
                 continue;
             }
-            req = match self.attempt(address, req, &s, &mut last).await {
+            req = match self.attempt(address, req, deadline, &mut last).await {
                 Ok(done) => return done,
                 Err(back) => back,
             };
         }
         for address in ejected {
-            req = match self.attempt(address, req, &s, &mut last).await {
+            req = match self.attempt(address, req, deadline, &mut last).await {
                 Ok(done) => return done,
                 Err(back) => back,
             };
         }
         Err(ForwardError::Connect {
-            backend: self.name.clone(),
+            backend: self.core.name.clone(),
             detail: last,
         })
     }
 
     /// The addresses in the balancing order for one request.
-    fn order<'s>(&self, s: &'s Settings) -> impl Iterator<Item = &'s Arc<Address>> {
-        let n = s.addresses.len();
-        let start = self.next.fetch_add(1, Relaxed) % n.max(1);
+    fn order(&self) -> impl Iterator<Item = &Arc<Address>> {
+        let addresses = &self.addresses;
+        let n = addresses.len();
+        let start = if n > 1 {
+            self.core.next.fetch_add(1, Relaxed) % n
+        } else {
+            0
+        };
         let mut by_load: Vec<usize> = Vec::new();
-        if s.balance == Balance::LeastInFlight && n > 1 {
+        if self.settings.balance == Balance::LeastInFlight && n > 1 {
             by_load = (0..n).map(|i| (start + i) % n).collect(); // ties go round-robin
-            by_load.sort_by_key(|&i| s.addresses[i].in_flight.load(Relaxed));
+            by_load.sort_by_key(|&i| addresses[i].in_flight.load(Relaxed));
         }
         (0..n).map(move |i| match by_load.get(i) {
-            Some(&k) => &s.addresses[k],
-            None => &s.addresses[(start + i) % n],
+            Some(&k) => &addresses[k],
+            None => &addresses[(start + i) % n],
         })
     }
 
@@ -340,18 +418,18 @@ impl Backend {
         &self,
         address: &Arc<Address>,
         mut req: Request<RequestBody>,
-        s: &Settings,
+        deadline: Instant,
         last: &mut String,
     ) -> Result<Result<(Response<Incoming>, Lease), ForwardError>, Request<RequestBody>> {
         if let Some(conn) = address.take_idle() {
-            match self.exchange(conn, address, req, s).await {
+            match self.exchange(conn, address, req, deadline).await {
                 Ok(done) => return Ok(Ok(done)),
                 Err(Exchange::NotSent(back)) => req = *back,
                 Err(Exchange::Failed(e)) => return Ok(Err(e)),
             }
         }
-        match connect(address.addr, s.connect_timeout).await {
-            Ok(conn) => match self.exchange(conn, address, req, s).await {
+        match connect(address.addr, self.settings.connect_timeout).await {
+            Ok(conn) => match self.exchange(conn, address, req, deadline).await {
                 Ok(done) => Ok(Ok(done)),
                 Err(Exchange::NotSent(back)) => {
                     *last = format!("{}: connection closed before sending", address.addr);
@@ -360,7 +438,7 @@ impl Backend {
                 Err(Exchange::Failed(e)) => Ok(Err(e)),
             },
             Err(detail) => {
-                self.connect_failed(address, s);
+                self.connect_failed(address, &detail);
                 *last = format!("{}: {detail}", address.addr);
                 Err(req)
             }
@@ -374,20 +452,20 @@ impl Backend {
         mut conn: Conn,
         address: &Arc<Address>,
         req: Request<RequestBody>,
-        s: &Settings,
+        deadline: Instant,
     ) -> Result<(Response<Incoming>, Lease), Exchange> {
-        address.consecutive_failures.store(0, Relaxed);
-        address.ejected_until_ns.store(0, Relaxed);
+        self.connected(address);
         address.in_flight.fetch_add(1, Relaxed);
-        self.stats.in_flight.fetch_add(1, Relaxed);
+        let stats = &self.core.stats;
+        stats.in_flight.fetch_add(1, Relaxed);
+        let s = &self.settings;
         let mut lease = Lease {
             address: Arc::clone(address),
             conn: None,
             max_idle: s.max_idle_per_address,
             pool_idle_timeout_ns: s.pool_idle_timeout_ns,
-            stats: Arc::clone(&self.stats),
+            stats: Arc::clone(stats),
         };
-        let deadline = Instant::now() + s.response_timeout;
         let mut response = std::pin::pin!(conn.sender.try_send_request(req));
         let driven = std::future::poll_fn(|cx| {
             conn.poll_io(cx);
@@ -399,64 +477,82 @@ impl Backend {
         });
         match driven.await {
             Ok(Ok(resp)) => {
-                self.stats.requests.fetch_add(1, Relaxed);
+                stats.requests.fetch_add(1, Relaxed);
                 lease.conn = Some(conn);
                 Ok((resp, lease))
             }
             Ok(Err(mut e)) => match e.take_message() {
                 Some(back) => Err(Exchange::NotSent(Box::new(back))),
                 None => {
-                    self.stats.requests.fetch_add(1, Relaxed);
+                    stats.requests.fetch_add(1, Relaxed);
                     Err(Exchange::Failed(ForwardError::Protocol {
-                        backend: self.name.clone(),
+                        backend: self.core.name.clone(),
                         detail: e.into_error().to_string(),
                     }))
                 }
             },
             Err(_) => {
-                self.stats.requests.fetch_add(1, Relaxed);
+                stats.requests.fetch_add(1, Relaxed);
                 Err(Exchange::Failed(ForwardError::Timeout {
-                    backend: self.name.clone(),
+                    backend: self.core.name.clone(),
                     timeout_ms: s.response_timeout.as_millis() as u64,
                 }))
             }
         }
     }
 
-    fn connect_failed(&self, address: &Address, s: &Settings) {
-        self.stats.failures[BackendFailure::Connect as usize].fetch_add(1, Relaxed);
+    /// A connection to `address` is open: it is healthy again, and if it was ejected that
+    /// is worth one line.
+    fn connected(&self, address: &Address) {
+        let failures = address.consecutive_failures.swap(0, Relaxed);
+        if failures == 0 && !address.out.load(Relaxed) {
+            return;
+        }
+        address.ejected_until_ns.store(0, Relaxed);
+        if address.out.swap(false, Relaxed) {
+            tracing::info!(backend = %self.core.name, address = %address.addr,
+                failures, "address restored");
+        }
+    }
+
+    fn connect_failed(&self, address: &Address, detail: &str) {
+        let s = &self.settings;
+        self.core.stats.failures[BackendFailure::Connect as usize].fetch_add(1, Relaxed);
         let n = address.consecutive_failures.fetch_add(1, Relaxed) + 1;
         if n >= s.eject_after_failures {
             let until = crate::clock::now().after(s.eject_for);
             address.ejected_until_ns.store(until.0, Relaxed);
-            tracing::warn!(backend = %self.name, address = %address.addr, failures = n,
-                eject_for_ms = s.eject_for.as_millis() as u64, "address ejected");
+            // Logged when it goes out, not at every failed probe while it is out.
+            if !address.out.swap(true, Relaxed) {
+                tracing::warn!(backend = %self.core.name, address = %address.addr, failures = n,
+                    eject_for_ms = s.eject_for.as_millis() as u64, error = %detail,
+                    "address ejected");
+            }
         }
     }
 }
 
-impl Settings {
-    fn from_config(config: &BackendConfig, old: &[Arc<Address>]) -> Settings {
-        let addresses = config
-            .addresses
-            .iter()
-            .map(|a| {
-                old.iter()
-                    .find(|o| o.addr == *a)
-                    .cloned()
-                    .unwrap_or_else(|| Address::new(*a))
-            })
-            .collect();
-        Settings {
-            addresses,
-            balance: config.balance,
-            connect_timeout: Duration::from_millis(config.connect_timeout_ms),
-            response_timeout: Duration::from_millis(config.response_timeout_ms),
-            eject_after_failures: config.eject_after_failures.max(1),
-            eject_for: Duration::from_millis(config.eject_for_ms),
-            max_idle_per_address: config.max_idle_per_address,
-            pool_idle_timeout_ns: config.pool_idle_timeout_ms.saturating_mul(1_000_000),
+/// Counts failures and says when it is time to log them (at most once a period).
+#[derive(Debug, Default)]
+struct FailureLog {
+    count: AtomicU64,
+    /// When the last line was logged (`clock::now()`, ns); 0: never.
+    last_ns: AtomicU64,
+}
+
+impl FailureLog {
+    /// Counts one failure at `now`; returns the count to log when a line is due.
+    fn record(&self, now: allot_model::Nanos) -> Option<u64> {
+        self.count.fetch_add(1, Relaxed);
+        let last = self.last_ns.load(Relaxed);
+        let period = FAILURE_LOG_PERIOD.as_nanos() as u64;
+        if last != 0 && now.0.saturating_sub(last) < period {
+            return None;
         }
+        self.last_ns
+            .compare_exchange(last, now.0.max(1), Relaxed, Relaxed)
+            .ok()?;
+        Some(self.count.swap(0, Relaxed))
     }
 }
 

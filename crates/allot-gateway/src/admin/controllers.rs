@@ -8,12 +8,12 @@ use http::{Method, StatusCode};
 use serde_json::Value;
 use toml::Spanned;
 
-use super::ControllerConfig;
-use crate::config::ConfigError;
-use crate::state::Gateway;
+use super::AdminError;
+use crate::config::{ConfigError, ControllerConfig};
+use crate::gateway::Gateway;
 
 /// A reply: status and one line of text.
-pub(crate) type Reply = Result<(StatusCode, String), (StatusCode, String)>;
+pub(crate) type Reply = Result<(StatusCode, String), AdminError>;
 
 fn invalid(key: String, message: String) -> ConfigError {
     ConfigError::Invalid {
@@ -24,15 +24,12 @@ fn invalid(key: String, message: String) -> ConfigError {
     }
 }
 
-fn bad(e: impl std::fmt::Display) -> (StatusCode, String) {
-    (StatusCode::BAD_REQUEST, format!("allot: {e}"))
+fn bad(e: impl std::fmt::Display) -> AdminError {
+    AdminError::BadRequest(format!("allot: {e}"))
 }
 
-fn not_found(name: &str) -> (StatusCode, String) {
-    (
-        StatusCode::NOT_FOUND,
-        format!("allot: no controller is named {name:?}"),
-    )
+fn not_found(name: &str) -> AdminError {
+    AdminError::NotFound(format!("allot: no controller is named {name:?}"))
 }
 
 /// A write under `/controllers`; `rest` are the path segments after it.
@@ -92,16 +89,13 @@ pub(crate) fn write(gw: &Gateway, method: &Method, rest: &[&str], body: &[u8]) -
             Ok((StatusCode::OK, format!("controller {name} removed")))
         }
         (&Method::POST, [name, action @ ("pause" | "resume")]) => {
-            if gw.inner.qos.set_paused(name, *action == "pause") {
+            if gw.supervisor().set_paused(name, *action == "pause") {
                 Ok((StatusCode::OK, format!("controller {name} {action}d")))
             } else {
                 Err(not_found(name))
             }
         }
-        _ => Err((
-            StatusCode::NOT_FOUND,
-            "allot: no such admin endpoint".into(),
-        )),
+        _ => Err(super::no_such_endpoint()),
     }
 }
 

@@ -1,7 +1,14 @@
-//! The gateway's configuration file: TOML, validated at load.
+//! The gateway's configuration file: TOML, validated at load. The leaf of the crate: it
+//! imports nothing else of it.
 //!
 //! Parsing works from a string so it is testable; [`Config::load`] adds the path. Every
 //! error names the file, the line and the key, and says what is allowed.
+
+pub mod controller;
+mod secret;
+
+pub use controller::ControllerConfig;
+pub use secret::Secret;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -81,9 +88,9 @@ pub struct Config {
     /// Rule chains that classify requests; the entry chain is `gateway.entry_chain`.
     #[serde(default)]
     pub chain: Vec<Spanned<ChainSpec>>,
-    /// Feedback loops of the QoS manager (see `crate::qos`).
+    /// Feedback loops of the QoS manager.
     #[serde(default)]
-    pub controller: Vec<Spanned<crate::qos::ControllerConfig>>,
+    pub controller: Vec<Spanned<ControllerConfig>>,
     /// Sharing agreements enforced on the classes mapped to principals.
     pub agreements: Option<Spanned<AgreementsConfig>>,
 }
@@ -191,14 +198,29 @@ impl AgreementsConfig {
 pub struct ListenerConfig {
     /// Address to listen on.
     pub address: SocketAddr,
-    /// Largest request head accepted; larger gets 431.
+    /// Largest request head accepted, in bytes; larger gets 431.
     pub max_head_bytes: usize,
-    /// Time allowed to receive a whole request head once it has started; then 408.
+    /// Most header fields in one request head; more get 431.
+    pub max_headers: usize,
+    /// Time allowed for a new connection's first byte, in milliseconds; then it is closed.
+    pub first_byte_timeout_ms: u64,
+    /// Time allowed to receive a whole request head once it has started, in
+    /// milliseconds; then 408.
     pub head_timeout_ms: u64,
-    /// An idle keep-alive connection is closed after this long.
+    /// An idle keep-alive connection is closed after this long, in milliseconds.
     pub idle_timeout_ms: u64,
-    /// Largest request body accepted; larger gets 413.
+    /// Longest pause in a request body the client is sending, in milliseconds; then 408
+    /// (or, once the response has started, the exchange is cut off).
+    pub request_body_timeout_ms: u64,
+    /// Longest the client may leave a response unread (no byte accepted by its socket),
+    /// in milliseconds; then the connection is closed.
+    pub send_timeout_ms: u64,
+    /// Largest request body accepted, in bytes; larger gets 413.
     pub max_body_bytes: u64,
+    /// Most client connections open at once; past it the gateway stops accepting until
+    /// one closes (they wait in the kernel's backlog). Default: half of the descriptors
+    /// the process may open, less a reserve, at most 16384.
+    pub max_connections: Option<usize>,
 }
 
 impl Default for ListenerConfig {
@@ -206,9 +228,14 @@ impl Default for ListenerConfig {
         ListenerConfig {
             address: SocketAddr::from(([127, 0, 0, 1], 8080)),
             max_head_bytes: 16 * 1024,
+            max_headers: 100,
+            first_byte_timeout_ms: 10_000,
             head_timeout_ms: 10_000,
             idle_timeout_ms: 60_000,
+            request_body_timeout_ms: 30_000,
+            send_timeout_ms: 30_000,
             max_body_bytes: 10 * 1024 * 1024,
+            max_connections: None,
         }
     }
 }
@@ -220,8 +247,8 @@ pub struct AdminConfig {
     /// Address of the admin API; loopback unless you mean otherwise.
     pub address: SocketAddr,
     /// Bearer token for write endpoints. Without a token (here or in `token_env`) the
-    /// write endpoints are disabled.
-    pub token: Option<String>,
+    /// write endpoints are disabled. Never shown in any output.
+    pub token: Option<Secret>,
     /// Name of an environment variable holding the token (used when `token` is unset).
     pub token_env: Option<String>,
 }
@@ -238,12 +265,13 @@ impl Default for AdminConfig {
 
 impl AdminConfig {
     /// The effective token: `token`, else the variable named by `token_env`.
-    pub fn resolved_token(&self) -> Option<String> {
-        self.token.clone().or_else(|| {
+    pub fn resolved_token(&self) -> Option<Secret> {
+        self.token.clone().filter(|t| !t.is_empty()).or_else(|| {
             self.token_env
                 .as_deref()
                 .and_then(|name| std::env::var(name).ok())
                 .filter(|t| !t.is_empty())
+                .map(Secret::from)
         })
     }
 }
@@ -258,6 +286,8 @@ pub struct GatewaySettings {
     pub entry_chain: Option<String>,
     /// Seconds put in `Retry-After` on a 503.
     pub retry_after_s: u64,
+    /// On SIGTERM or SIGINT, how long requests in flight get to finish, in milliseconds.
+    pub shutdown_grace_ms: u64,
 }
 
 impl Default for GatewaySettings {
@@ -266,6 +296,7 @@ impl Default for GatewaySettings {
             max_running: 256,
             entry_chain: None,
             retry_after_s: 1,
+            shutdown_grace_ms: 10_000,
         }
     }
 }
@@ -295,9 +326,14 @@ pub struct BackendConfig {
     /// Time allowed to open a connection.
     #[serde(default = "default_connect_timeout_ms")]
     pub connect_timeout_ms: u64,
-    /// Time allowed for the response head once the request is sent; then 504.
+    /// Time allowed for the response head once the request is sent, in milliseconds;
+    /// then 504.
     #[serde(default = "default_response_timeout_ms")]
     pub response_timeout_ms: u64,
+    /// Longest pause in a response body the back end is sending, in milliseconds; then
+    /// the exchange is cut off and counted as a `body_timeout` failure.
+    #[serde(default = "default_body_timeout_ms")]
+    pub body_timeout_ms: u64,
     /// Consecutive connect failures after which an address is taken out.
     #[serde(default = "default_eject_after_failures")]
     pub eject_after_failures: u32,
@@ -316,6 +352,9 @@ fn default_connect_timeout_ms() -> u64 {
     1_000
 }
 fn default_response_timeout_ms() -> u64 {
+    30_000
+}
+fn default_body_timeout_ms() -> u64 {
     30_000
 }
 fn default_eject_after_failures() -> u32 {
@@ -379,6 +418,10 @@ pub struct ClassConfig {
     pub accept_rate: Option<AcceptRate>,
     /// Optional output-bandwidth group.
     pub bandwidth_group: Option<String>,
+    /// Longest a request may take from the start of its service to the last byte of its
+    /// response, in milliseconds; then it is cut off. None: no whole-request limit (each
+    /// phase still has its own timeout).
+    pub request_timeout_ms: Option<u64>,
 }
 
 fn default_ratio() -> f64 {
@@ -509,6 +552,43 @@ impl Config {
                 "expected an integer ≥ 1, got 0".into(),
             ));
         }
+        let l = &self.listener;
+        for (key, v) in [
+            ("first_byte_timeout_ms", l.first_byte_timeout_ms),
+            ("head_timeout_ms", l.head_timeout_ms),
+            ("idle_timeout_ms", l.idle_timeout_ms),
+            ("request_body_timeout_ms", l.request_body_timeout_ms),
+            ("send_timeout_ms", l.send_timeout_ms),
+        ] {
+            if v == 0 {
+                return Err(invalid(
+                    find_key(text, key),
+                    format!("listener.{key}"),
+                    "expected a timeout ≥ 1 ms, got 0".into(),
+                ));
+            }
+        }
+        if l.max_headers == 0 {
+            return Err(invalid(
+                find_key(text, "max_headers"),
+                "listener.max_headers".into(),
+                "expected an integer ≥ 1, got 0".into(),
+            ));
+        }
+        if l.max_connections == Some(0) {
+            return Err(invalid(
+                find_key(text, "max_connections"),
+                "listener.max_connections".into(),
+                "expected an integer ≥ 1, got 0".into(),
+            ));
+        }
+        if self.admin.token.as_ref().is_some_and(|t| t.is_empty()) {
+            return Err(invalid(
+                find_key(text, "token"),
+                "admin.token".into(),
+                "expected a non-empty token (or leave it out to use admin.token_env)".into(),
+            ));
+        }
         if self.class.is_empty() {
             return Err(invalid(
                 0..0,
@@ -533,12 +613,18 @@ impl Config {
                     "expected at least one `ip:port` address".into(),
                 ));
             }
-            if b.connect_timeout_ms == 0 || b.response_timeout_ms == 0 {
-                return Err(invalid(
-                    span,
-                    format!("backend.{}", b.name),
-                    "timeouts must be ≥ 1 ms".into(),
-                ));
+            for (key, v) in [
+                ("connect_timeout_ms", b.connect_timeout_ms),
+                ("response_timeout_ms", b.response_timeout_ms),
+                ("body_timeout_ms", b.body_timeout_ms),
+            ] {
+                if v == 0 {
+                    return Err(invalid(
+                        span.clone(),
+                        format!("backend.{}.{key}", b.name),
+                        "expected a timeout ≥ 1 ms, got 0".into(),
+                    ));
+                }
             }
         }
         let mut group_names = HashSet::new();
@@ -595,6 +681,13 @@ impl Config {
                     "expected an integer ≥ 1, got 0".into(),
                 ));
             }
+            if c.request_timeout_ms == Some(0) {
+                return Err(invalid(
+                    span,
+                    key("request_timeout_ms"),
+                    "expected a timeout ≥ 1 ms, got 0 (leave it out for no limit)".into(),
+                ));
+            }
             if !(c.ratio.is_finite() && c.ratio > 0.0) {
                 return Err(invalid(
                     span,
@@ -646,7 +739,7 @@ impl Config {
             let span = self.chain.first().map(|c| c.span()).unwrap_or(0..0);
             return Err(invalid(span, "chain".into(), e.to_string()));
         }
-        crate::qos::validate(self, &invalid)?;
+        controller::validate(self, &invalid)?;
         Ok(())
     }
 

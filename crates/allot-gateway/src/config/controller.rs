@@ -13,7 +13,7 @@ use allot_model::slowdown::{SlowdownConfig, SlowdownError, SlowdownSignal};
 use allot_model::utilisation::{Utilisation, UtilisationConfig};
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Config, ConfigError};
+use super::{Config, ConfigError};
 
 /// One controller: sensor → controller → actuator on a period.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -531,7 +531,7 @@ fn join(names: &HashSet<&str>) -> String {
 
 #[cfg(test)]
 mod tests {
-    use crate::config::Config;
+    use super::super::Config;
 
     const BASE: &str = r#"
 [[backend]]

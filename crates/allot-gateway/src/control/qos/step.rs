@@ -10,9 +10,11 @@ use allot_model::slowdown::SlowdownSignal;
 use allot_model::utilisation::{Level, Utilisation, UtilisationSample};
 use allot_model::Nanos;
 
-use super::config::{AdaptiveConfig, AdaptiveRule, ControllerConfig, DelayConfig};
 use super::cpu::CpuSensor;
-use crate::state::Gateway;
+use crate::config::controller::{
+    AdaptiveConfig, AdaptiveRule, ControllerConfig, DelayConfig, UtilisationControllerConfig,
+};
+use crate::runtime::Live;
 use crate::stats::HistogramSnapshot;
 
 /// A rate above what a class offers times this refuses nothing: the delay loop jumps
@@ -82,10 +84,24 @@ enum Rule {
     Invalid,
 }
 
-fn class_stats(gw: &Gateway, name: &str) -> Option<std::sync::Arc<crate::stats::ClassStats>> {
-    gw.class_index(name)
-        .and_then(|i| gw.class(i))
-        .map(|c| std::sync::Arc::clone(&c.stats))
+fn class_stats(gw: &Live, name: &str) -> Option<std::sync::Arc<crate::stats::ClassStats>> {
+    gw.load()
+        .class(name)
+        .map(|c| std::sync::Arc::clone(&c.core.stats))
+}
+
+/// Actuator: sets the accept rate of the class named `name` (`None`: as configured).
+fn set_accept_rate(gw: &Live, name: &str, rate: Option<(f64, f64)>, now: Nanos) {
+    if let Some(c) = gw.load().class(name) {
+        c.core.set_accept_rate(rate, now);
+    }
+}
+
+/// Actuator: sets the adaptive limit of the back end named `name` (`None`: no limit).
+fn set_backend_limit(gw: &Live, name: &str, limit: Option<usize>) {
+    if let Some(b) = gw.load().backend(name) {
+        gw.scheduler().set_backend_limit(&b.core.gate, limit);
+    }
 }
 
 impl State {
@@ -93,7 +109,7 @@ impl State {
     /// the knobs do not jump.
     pub(crate) fn new(
         config: &ControllerConfig,
-        gw: &Gateway,
+        gw: &Live,
         now: Nanos,
         previous: Option<&State>,
     ) -> State {
@@ -145,7 +161,7 @@ impl State {
                 })
             }
         };
-        s.skip(gw, now);
+        s.skip(now);
         if let (State::Adaptive(st), ControllerConfig::Adaptive(a)) = (&s, config) {
             st.apply(gw, a);
         }
@@ -153,7 +169,7 @@ impl State {
     }
 
     /// Takes fresh sensor baselines without acting (first tick, or paused).
-    pub(crate) fn skip(&mut self, gw: &Gateway, now: Nanos) {
+    pub(crate) fn skip(&mut self, now: Nanos) {
         // Each kind's own baselines are refreshed by a step that does not act; the
         // simplest faithful way is to read and throw away.
         match self {
@@ -172,11 +188,10 @@ impl State {
                 s.service = None;
             }
         }
-        let _ = gw;
     }
 
     /// One tick.
-    pub(crate) fn step(&mut self, config: &ControllerConfig, gw: &Gateway, now: Nanos) -> Outcome {
+    pub(crate) fn step(&mut self, config: &ControllerConfig, gw: &Live, now: Nanos) -> Outcome {
         match (self, config) {
             (State::Delay(s), ControllerConfig::Delay(c)) => s.step(c, gw, now),
             (State::Utilisation(s), ControllerConfig::Utilisation(c)) => s.step(c, gw, now),
@@ -188,7 +203,7 @@ impl State {
 }
 
 impl DelayState {
-    fn step(&mut self, c: &DelayConfig, gw: &Gateway, now: Nanos) -> Outcome {
+    fn step(&mut self, c: &DelayConfig, gw: &Live, now: Nanos) -> Outcome {
         let mut out = Outcome {
             signal: "queue_delay_ms",
             setpoint: c.setpoint_ms,
@@ -257,9 +272,7 @@ impl DelayState {
             .collect();
         let rates = split_ordered(total, &throttled, HEADROOM);
         for (name, rate) in c.throttle.iter().zip(&rates) {
-            if let Some(i) = gw.class_index(name) {
-                gw.set_accept_rate(i, Some((*rate, c.burst)));
-            }
+            set_accept_rate(gw, name, Some((*rate, c.burst)), now);
             out.outputs.push((format!("rate_per_sec:{name}"), *rate));
         }
         for (name, o) in c.throttle.iter().zip(&offered) {
@@ -274,12 +287,7 @@ impl DelayState {
 }
 
 impl UtilState {
-    fn step(
-        &mut self,
-        c: &super::UtilisationControllerConfig,
-        gw: &Gateway,
-        now: Nanos,
-    ) -> Outcome {
+    fn step(&mut self, c: &UtilisationControllerConfig, gw: &Live, now: Nanos) -> Outcome {
         let mut out = Outcome {
             signal: "cpu_percent",
             setpoint: c.setpoint_percent,
@@ -305,13 +313,13 @@ impl UtilState {
             offered_per_sec: offered,
             dt_s: dt,
         });
-        if let Some(class) = gw.class_index(&c.class) {
-            if let Some(rt) = gw.class(class) {
-                rt.divert
-                    .set(gw.backend_index(&c.degraded_backend), o.divert);
-            }
+        if let Some(class) = gw.load().class(&c.class) {
+            class
+                .core
+                .divert
+                .set(Some(c.degraded_backend.as_str()), o.divert);
             let rate = (o.level == Level::Throttle).then_some((o.rate_per_sec, c.burst));
-            gw.set_accept_rate(class, rate);
+            class.core.set_accept_rate(rate, now);
         }
         out.outputs.push(("divert".into(), o.divert));
         out.outputs.push(("rate_per_sec".into(), o.rate_per_sec));
@@ -348,22 +356,21 @@ impl AdaptiveState {
         }
     }
 
-    fn apply(&self, gw: &Gateway, c: &AdaptiveConfig) {
-        if let (Some(limit), Some(b)) = (self.limit(), gw.backend_index(&c.backend)) {
-            gw.inner
-                .sched
-                .set_backend_limit(b, Some(limit.floor().max(1.0) as usize));
+    fn apply(&self, gw: &Live, c: &AdaptiveConfig) {
+        if let Some(limit) = self.limit() {
+            set_backend_limit(gw, &c.backend, Some(limit.floor().max(1.0) as usize));
         }
     }
 
-    fn step(&mut self, c: &AdaptiveConfig, gw: &Gateway, now: Nanos) -> Outcome {
+    fn step(&mut self, c: &AdaptiveConfig, gw: &Live, now: Nanos) -> Outcome {
         let mut out = Outcome::default();
         let dt = self.prev.dt_s(now);
-        let Some(backend) = gw.backend_index(&c.backend).and_then(|b| gw.backend(b)) else {
+        let rt = gw.load();
+        let Some(backend) = rt.backend(&c.backend) else {
             return out;
         };
         // Sensor: mean service time of the requests that completed in the period.
-        let snap = backend.stats.service_time.snapshot();
+        let snap = backend.stats().service_time.snapshot();
         let sample = match (&self.service, dt) {
             (Some(before), Some(_)) => {
                 let d = snap.since(before);
@@ -372,9 +379,7 @@ impl AdaptiveState {
             _ => None,
         };
         self.service = Some(snap);
-        let in_flight = gw
-            .backend_index(&c.backend)
-            .map_or(0, |b| gw.inner.sched.backend_running(b).0) as f64;
+        let in_flight = backend.core.gate.running().0 as f64;
         match &mut self.rule {
             Rule::Aimd { signal, aimd } => {
                 out.signal = "slowdown";
@@ -425,43 +430,34 @@ impl AdaptiveState {
 }
 
 /// Sets a new loop's actuators to their starting values before it first ticks.
-pub(crate) fn prime(gw: &Gateway, config: &ControllerConfig) {
+pub(crate) fn prime(gw: &Live, config: &ControllerConfig) {
     if let ControllerConfig::Adaptive(a) = config {
         let limit = match a.rule {
             AdaptiveRule::Aimd => a.initial_limit.clamp(a.min_limit, a.max_limit),
             // The gradient rule starts by measuring minRTT at its pinned concurrency.
             AdaptiveRule::Gradient => a.min_concurrency.min(a.max_limit),
         };
-        if let (Some(b), true) = (gw.backend_index(&a.backend), limit.is_finite()) {
-            gw.inner
-                .sched
-                .set_backend_limit(b, Some(limit.floor().max(1.0) as usize));
+        if limit.is_finite() {
+            set_backend_limit(gw, &a.backend, Some(limit.floor().max(1.0) as usize));
         }
     }
 }
 
 /// Puts a loop's actuators back as the configuration says (the loop is going away).
-pub(crate) fn release(gw: &Gateway, config: &ControllerConfig) {
+pub(crate) fn release(gw: &Live, config: &ControllerConfig) {
+    let now = crate::clock::now();
     match config {
         ControllerConfig::Delay(d) => {
             for t in &d.throttle {
-                if let Some(i) = gw.class_index(t) {
-                    gw.set_accept_rate(i, None);
-                }
+                set_accept_rate(gw, t, None, now);
             }
         }
         ControllerConfig::Utilisation(u) => {
-            if let Some(i) = gw.class_index(&u.class) {
-                if let Some(rt) = gw.class(i) {
-                    rt.divert.set(None, 0.0);
-                }
-                gw.set_accept_rate(i, None);
+            if let Some(class) = gw.load().class(&u.class) {
+                class.core.divert.set(None, 0.0);
+                class.core.set_accept_rate(None, now);
             }
         }
-        ControllerConfig::Adaptive(a) => {
-            if let Some(b) = gw.backend_index(&a.backend) {
-                gw.inner.sched.set_backend_limit(b, None);
-            }
-        }
+        ControllerConfig::Adaptive(a) => set_backend_limit(gw, &a.backend, None),
     }
 }

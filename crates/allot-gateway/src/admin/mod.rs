@@ -1,12 +1,18 @@
 //! The admin API, on its own listener (loopback by default).
 //!
-//! Reads: `GET /metrics` (Prometheus text), `GET /status` (JSON sensors), `GET /config`,
+//! Reads: `GET /metrics` (Prometheus text, in the format the scraper asks for),
+//! `GET /status` (JSON sensors), `GET /config` (secrets shown as `<redacted>`),
 //! `GET /rules`. Writes, which need `Authorization: Bearer <token>`:
 //! `POST /rules` (`{"chain", "position"?, "rule"}`), `DELETE /rules/<chain>/<id>`,
 //! `PATCH /classes/<name>`, `PATCH /bandwidth_groups/<name>`, `PATCH /gateway` (a JSON
 //! object of the keys to change, as in the configuration file). Every write is validated
 //! like a configuration file and either applies whole or changes nothing.
-//! `/controllers` (the QoS manager's loops) is routed to `crate::qos::admin`.
+//! `/controllers` (the QoS manager's loops) is routed to [`controllers`].
+//! Every failure is an [`AdminError`], turned into its response in one place.
+
+pub(crate) mod controller_metrics;
+pub(crate) mod controllers;
+pub(crate) mod metrics;
 
 use std::convert::Infallible;
 
@@ -20,24 +26,78 @@ use serde_json::Value;
 use toml::Spanned;
 
 use crate::config::{Config, ConfigError};
-use crate::state::Gateway;
+use crate::gateway::Gateway;
 
 /// Largest admin request body.
 const MAX_ADMIN_BODY_BYTES: usize = 64 * 1024;
 
 type AdminResponse = Response<Full<Bytes>>;
 
+/// Why an admin request failed.
+#[derive(Debug)]
+pub(crate) enum AdminError {
+    /// No such endpoint or object (404).
+    NotFound(String),
+    /// The request or the change it asks for is invalid (400); nothing changed.
+    BadRequest(String),
+    /// No `Authorization: Bearer` header (401).
+    MissingToken,
+    /// A bearer token that is not the admin token (401).
+    WrongToken,
+    /// Writes are disabled: no token is configured (403).
+    WritesDisabled,
+    /// The gateway could not produce the answer (500).
+    Internal(String),
+}
+
+impl From<ConfigError> for AdminError {
+    fn from(e: ConfigError) -> AdminError {
+        AdminError::BadRequest(format!("allot: {e}"))
+    }
+}
+
+/// The one map from admin errors to responses.
+fn error_response(e: AdminError) -> AdminResponse {
+    let (status, msg) = match e {
+        AdminError::NotFound(m) => (StatusCode::NOT_FOUND, m),
+        AdminError::BadRequest(m) => (StatusCode::BAD_REQUEST, m),
+        AdminError::MissingToken => (
+            StatusCode::UNAUTHORIZED,
+            "allot: write endpoints need `Authorization: Bearer <token>`".into(),
+        ),
+        AdminError::WrongToken => (
+            StatusCode::UNAUTHORIZED,
+            "allot: the bearer token given is not the admin token".into(),
+        ),
+        AdminError::WritesDisabled => (
+            StatusCode::FORBIDDEN,
+            "allot: write endpoints are disabled: set admin.token or admin.token_env".into(),
+        ),
+        AdminError::Internal(m) => (StatusCode::INTERNAL_SERVER_ERROR, m),
+    };
+    let mut resp = text(status, msg);
+    if status == StatusCode::UNAUTHORIZED {
+        resp.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Bearer"),
+        );
+    }
+    resp
+}
+
 /// hyper's entry point for one admin request.
 pub(crate) async fn handle(
     gw: Gateway,
     req: Request<Incoming>,
 ) -> Result<AdminResponse, Infallible> {
-    Ok(route(&gw, req)
-        .await
-        .unwrap_or_else(|(status, msg)| text(status, msg)))
+    Ok(route(&gw, req).await.unwrap_or_else(error_response))
 }
 
-type Routed = Result<AdminResponse, (StatusCode, String)>;
+type Routed = Result<AdminResponse, AdminError>;
+
+fn no_such_endpoint() -> AdminError {
+    AdminError::NotFound("allot: no such admin endpoint".into())
+}
 
 async fn route(gw: &Gateway, req: Request<Incoming>) -> Routed {
     let path = req.uri().path().trim_end_matches('/').to_string();
@@ -45,37 +105,38 @@ async fn route(gw: &Gateway, req: Request<Incoming>) -> Routed {
     let method = req.method().clone();
     if method == Method::GET {
         return match segments.as_slice() {
-            ["metrics"] => Ok(Response::builder()
-                .header(
-                    header::CONTENT_TYPE,
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                )
-                .body(Full::new(Bytes::from(crate::metrics::render(gw))))
-                .unwrap_or_default()),
+            ["metrics"] => {
+                let format = metrics::Format::for_accept(
+                    req.headers()
+                        .get(header::ACCEPT)
+                        .and_then(|v| v.to_str().ok()),
+                );
+                Ok(Response::builder()
+                    .header(header::CONTENT_TYPE, format.content_type())
+                    .body(Full::new(Bytes::from(metrics::render(gw, format))))
+                    .unwrap_or_default())
+            }
             ["status"] => json(&gw.status()),
-            ["controllers"] => json(&gw.inner.qos.readouts()),
-            ["config"] => json(&gw.settings().config),
+            ["controllers"] => json(&gw.readouts()),
+            ["config"] => json(&gw.runtime().config),
             ["rules"] => {
-                let rules = gw.rules();
-                let chains: Vec<ChainSpec> = rules
-                    .set
+                let rt = gw.runtime();
+                let chains: Vec<ChainSpec> = rt
+                    .rules
                     .chains()
                     .iter()
                     .cloned()
                     .map(ChainSpec::from)
                     .collect();
-                json(&serde_json::json!({ "entry": rules.set.entry(), "chains": chains }))
+                json(&serde_json::json!({ "entry": rt.rules.entry(), "chains": chains }))
             }
-            _ => Err((
-                StatusCode::NOT_FOUND,
-                "allot: no such admin endpoint".into(),
-            )),
+            _ => Err(no_such_endpoint()),
         };
     }
     authorize(gw, &req)?;
     let body = read_body(req).await?;
     if let ["controllers", rest @ ..] = segments.as_slice() {
-        let (status, msg) = crate::qos::admin::write(gw, &method, rest, &body)?;
+        let (status, msg) = controllers::write(gw, &method, rest, &body)?;
         return Ok(text(status, msg));
     }
     match (method, segments.as_slice()) {
@@ -90,8 +151,8 @@ async fn route(gw: &Gateway, req: Request<Incoming>) -> Routed {
             let add: AddRule = parse_json(&body)?;
             let rule = Rule::try_from(add.rule).map_err(bad)?;
             let set = gw
-                .rules()
-                .set
+                .runtime()
+                .rules
                 .with_rule_added(&add.chain, add.position, rule)
                 .map_err(bad)?;
             set_chains(gw, &set)?;
@@ -99,23 +160,21 @@ async fn route(gw: &Gateway, req: Request<Incoming>) -> Routed {
         }
         (Method::DELETE, ["rules", chain, id]) => {
             let set = gw
-                .rules()
-                .set
+                .runtime()
+                .rules
                 .with_rule_removed(chain, id)
-                .map_err(|e| (StatusCode::NOT_FOUND, format!("allot: {e}")))?;
+                .map_err(|e| AdminError::NotFound(format!("allot: {e}")))?;
             set_chains(gw, &set)?;
             Ok(text(StatusCode::OK, "rule removed".into()))
         }
         (Method::PATCH, ["classes", name]) => {
             let patch = parse_json::<Value>(&body)?;
-            gw.change(|c| patch_named(&mut c.class, name, &patch, "class"))
-                .map_err(config_error)?;
+            gw.change(|c| patch_named(&mut c.class, name, &patch, "class"))?;
             Ok(text(StatusCode::OK, format!("class {name} changed")))
         }
         (Method::PATCH, ["bandwidth_groups", name]) => {
             let patch = parse_json::<Value>(&body)?;
-            gw.change(|c| patch_named(&mut c.bandwidth_group, name, &patch, "bandwidth_group"))
-                .map_err(config_error)?;
+            gw.change(|c| patch_named(&mut c.bandwidth_group, name, &patch, "bandwidth_group"))?;
             Ok(text(
                 StatusCode::OK,
                 format!("bandwidth group {name} changed"),
@@ -126,73 +185,49 @@ async fn route(gw: &Gateway, req: Request<Incoming>) -> Routed {
             gw.change(|c| {
                 c.gateway = merged(&c.gateway, &patch, "gateway")?;
                 Ok(())
-            })
-            .map_err(config_error)?;
+            })?;
             Ok(text(StatusCode::OK, "gateway changed".into()))
         }
-        _ => Err((
-            StatusCode::NOT_FOUND,
-            "allot: no such admin endpoint".into(),
-        )),
+        _ => Err(no_such_endpoint()),
     }
 }
 
-fn authorize(gw: &Gateway, req: &Request<Incoming>) -> Result<(), (StatusCode, String)> {
-    let Some(token) = gw.settings().admin_token.clone() else {
-        return Err((
-            StatusCode::FORBIDDEN,
-            "allot: write endpoints are disabled: set admin.token or admin.token_env".into(),
-        ));
+fn authorize(gw: &Gateway, req: &Request<Incoming>) -> Result<(), AdminError> {
+    let rt = gw.runtime();
+    let Some(token) = rt.admin_token.as_ref() else {
+        return Err(AdminError::WritesDisabled);
     };
     let given = req
         .headers()
         .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    if given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.as_bytes())) {
+        .map(|v| v.as_bytes())
+        .and_then(|v| v.strip_prefix(b"Bearer "))
+        .ok_or(AdminError::MissingToken)?;
+    if token.matches(given) {
         Ok(())
     } else {
-        Err((
-            StatusCode::UNAUTHORIZED,
-            "allot: write endpoints need `Authorization: Bearer <token>`".into(),
-        ))
+        Err(AdminError::WrongToken)
     }
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-async fn read_body(req: Request<Incoming>) -> Result<Bytes, (StatusCode, String)> {
+async fn read_body(req: Request<Incoming>) -> Result<Bytes, AdminError> {
     Limited::new(req.into_body(), MAX_ADMIN_BODY_BYTES)
         .collect()
         .await
         .map(|b| b.to_bytes())
-        .map_err(|e| {
-            (
-                StatusCode::BAD_REQUEST,
-                format!("allot: cannot read body: {e}"),
-            )
-        })
+        .map_err(|e| AdminError::BadRequest(format!("allot: cannot read body: {e}")))
 }
 
-fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, (StatusCode, String)> {
+fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, AdminError> {
     serde_json::from_slice(body)
-        .map_err(|e| (StatusCode::BAD_REQUEST, format!("allot: bad JSON: {e}")))
+        .map_err(|e| AdminError::BadRequest(format!("allot: bad JSON: {e}")))
 }
 
-fn bad(e: impl std::fmt::Display) -> (StatusCode, String) {
-    (StatusCode::BAD_REQUEST, format!("allot: {e}"))
+fn bad(e: impl std::fmt::Display) -> AdminError {
+    AdminError::BadRequest(format!("allot: {e}"))
 }
 
-fn config_error(e: ConfigError) -> (StatusCode, String) {
-    bad(e)
-}
-
-fn set_chains(
-    gw: &Gateway,
-    set: &allot_model::classify::RuleSet,
-) -> Result<(), (StatusCode, String)> {
+fn set_chains(gw: &Gateway, set: &allot_model::classify::RuleSet) -> Result<(), AdminError> {
     let chains: Vec<Spanned<ChainSpec>> = set
         .chains()
         .iter()
@@ -202,8 +237,8 @@ fn set_chains(
     gw.change(|c: &mut Config| {
         c.chain = chains;
         Ok(())
-    })
-    .map_err(config_error)
+    })?;
+    Ok(())
 }
 
 /// `current` with the keys of `patch` replaced, re-read through serde so unknown keys and
@@ -275,8 +310,7 @@ where
 }
 
 fn json(v: &impl serde::Serialize) -> Routed {
-    let body = serde_json::to_vec_pretty(v)
-        .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let body = serde_json::to_vec_pretty(v).map_err(|e| AdminError::Internal(e.to_string()))?;
     Ok(Response::builder()
         .header(header::CONTENT_TYPE, "application/json")
         .body(Full::new(Bytes::from(body)))

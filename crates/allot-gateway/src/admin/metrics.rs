@@ -1,13 +1,42 @@
-//! `/metrics`: the sensors in Prometheus text, through a `prometheus_client` collector that
-//! reads the same counters `/status` does (names `allot_<area>_<what>_<unit>`).
+//! `/metrics`: the sensors through a `prometheus_client` collector that reads the same
+//! counters `/status` does (names `allot_<area>_<what>_<unit>`), in the format the scraper
+//! asks for: OpenMetrics when its `Accept` names it (as Prometheus does), else the classic
+//! Prometheus text format (what `curl` and `promtool check metrics` read).
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
 
-use crate::state::Gateway;
-use crate::stats::{bucket_bounds_s, HistogramSnapshot, Status};
+use crate::gateway::Gateway;
+use crate::stats::{bucket_bounds_s, AbortReason, BackendFailure, HistogramSnapshot, Status};
+
+/// The two text formats `/metrics` speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// OpenMetrics 1.0 text.
+    OpenMetrics,
+    /// The classic Prometheus text format, version 0.0.4.
+    Classic,
+}
+
+impl Format {
+    /// The format an `Accept` header asks for.
+    pub fn for_accept(accept: Option<&str>) -> Format {
+        match accept {
+            Some(a) if a.contains("application/openmetrics-text") => Format::OpenMetrics,
+            _ => Format::Classic,
+        }
+    }
+
+    /// The `Content-Type` of a response in this format.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Format::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            Format::Classic => "text/plain; version=0.0.4; charset=utf-8",
+        }
+    }
+}
 
 #[derive(Debug)]
 struct StatusCollector(Status);
@@ -63,12 +92,13 @@ fn histogram(
     let mut m = e.encode_descriptor(name, help, Some(&Unit::Seconds), MetricType::Histogram)?;
     let bounds = bucket_bounds_s();
     for (labels, h) in rows {
-        let mut cumulative = 0;
-        let mut buckets: Vec<(f64, u64)> = Vec::with_capacity(h.counts.len());
-        for (i, c) in h.counts.iter().enumerate() {
-            cumulative += c;
-            buckets.push((bounds.get(i).copied().unwrap_or(f64::MAX), cumulative));
-        }
+        // Per-bucket counts: the encoder makes them cumulative. The last is +Inf.
+        let buckets: Vec<(f64, u64)> = h
+            .counts
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (bounds.get(i).copied().unwrap_or(f64::INFINITY), *c))
+            .collect();
         m.encode_family(labels)?.encode_histogram::<NoLabelSet>(
             h.sum_ns as f64 / 1e9,
             h.count(),
@@ -127,6 +157,27 @@ impl Collector for StatusCollector {
             "allot_class_failed",
             "Requests answered 502/504 for back-end failures.",
             &rows(|c| c.failed),
+        )?;
+        let aborted: Vec<(Labels, u64)> = s
+            .classes
+            .iter()
+            .flat_map(|c| {
+                AbortReason::ALL.map(|r| {
+                    (
+                        vec![
+                            ("class", c.name.clone()),
+                            ("reason", r.as_str().to_string()),
+                        ],
+                        c.aborted.get(r.as_str()).copied().unwrap_or(0),
+                    )
+                })
+            })
+            .collect();
+        counter(
+            &mut e,
+            "allot_class_aborted",
+            "Requests cut off in service, by reason.",
+            &aborted,
         )?;
         counter(
             &mut e,
@@ -197,17 +248,22 @@ impl Collector for StatusCollector {
             .backends
             .iter()
             .flat_map(|b| {
-                [
-                    ("connect", b.failures_connect),
-                    ("timeout", b.failures_timeout),
-                    ("protocol", b.failures_protocol),
-                ]
-                .map(|(kind, v)| {
-                    (
-                        vec![("backend", b.name.clone()), ("kind", kind.to_string())],
-                        v,
-                    )
-                })
+                BackendFailure::ALL
+                    .map(|k| {
+                        let v = match k {
+                            BackendFailure::Connect => b.failures_connect,
+                            BackendFailure::Timeout => b.failures_timeout,
+                            BackendFailure::Protocol => b.failures_protocol,
+                            BackendFailure::BodyTimeout => b.failures_body_timeout,
+                        };
+                        (k.as_str(), v)
+                    })
+                    .map(|(kind, v)| {
+                        (
+                            vec![("backend", b.name.clone()), ("kind", kind.to_string())],
+                            v,
+                        )
+                    })
             })
             .collect();
         counter(
@@ -261,7 +317,7 @@ impl Collector for StatusCollector {
             &b,
         )?;
         let principal = |name: &str| vec![("principal", name.to_string())];
-        type Field = fn(&crate::agreements::PrincipalSnapshot) -> f64;
+        type Field = fn(&crate::stats::PrincipalSnapshot) -> f64;
         let levels: [(&str, &str, Field); 4] = [
             (
                 "allot_principal_mandatory_units_per_second",
@@ -292,7 +348,7 @@ impl Collector for StatusCollector {
                 .collect();
             gauge_f64(&mut e, name, help, &rows)?;
         }
-        type Count = fn(&crate::agreements::PrincipalSnapshot) -> u64;
+        type Count = fn(&crate::stats::PrincipalSnapshot) -> u64;
         let counts: [(&str, &str, Count); 3] = [
             (
                 "allot_principal_admitted",
@@ -330,20 +386,95 @@ impl Collector for StatusCollector {
             "The overall cap on requests in service.",
             &[(vec![], s.max_running as i64)],
         )?;
+        gauge(
+            &mut e,
+            "allot_gateway_connections",
+            "Client connections open now.",
+            &[(vec![], s.connections as i64)],
+        )?;
         Ok(())
     }
 }
 
-/// The gateway's metrics in the Prometheus/OpenMetrics text format.
-pub fn render(gw: &Gateway) -> String {
+/// The gateway's metrics in `format`.
+pub fn render(gw: &Gateway, format: Format) -> String {
     let mut registry = Registry::default();
     registry.register_collector(Box::new(StatusCollector(gw.status())));
-    registry.register_collector(Box::new(crate::qos::metrics::ControllerCollector(
-        gw.inner.qos.readouts(),
+    registry.register_collector(Box::new(super::controller_metrics::ControllerCollector(
+        gw.readouts(),
     )));
     let mut out = String::new();
     if prometheus_client::encoding::text::encode(&mut out, &registry).is_err() {
         out.clear();
     }
+    match format {
+        Format::OpenMetrics => out,
+        Format::Classic => classic(&out),
+    }
+}
+
+/// OpenMetrics text as the classic Prometheus text format: a counter family is named
+/// with its samples' `_total` suffix, and the `# UNIT` and `# EOF` lines go.
+fn classic(open: &str) -> String {
+    let mut out = String::with_capacity(open.len());
+    let mut lines = open.lines().peekable();
+    while let Some(line) = lines.next() {
+        if line.starts_with("# UNIT ") || line == "# EOF" {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            // The family's TYPE line follows its HELP line.
+            let (name, help) = rest.split_once(' ').unwrap_or((rest, ""));
+            let is_counter = lines
+                .peek()
+                .is_some_and(|t| *t == format!("# TYPE {name} counter"));
+            let name = if is_counter {
+                format!("{name}_total")
+            } else {
+                name.to_string()
+            };
+            out.push_str(&format!("# HELP {name} {help}\n"));
+            if let Some(t) = lines.next() {
+                let kind = t.rsplit(' ').next().unwrap_or("untyped");
+                out.push_str(&format!("# TYPE {name} {kind}\n"));
+            }
+            continue;
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classic_format_names_counters_with_total_and_drops_units_and_eof() {
+        let open = "# HELP a_x Things.\n# TYPE a_x counter\na_x_total{c=\"1\"} 3\n\
+                    # HELP d_seconds Delay.\n# TYPE d_seconds histogram\n# UNIT d_seconds seconds\n\
+                    d_seconds_bucket{le=\"+Inf\"} 1\n# EOF\n";
+        let c = classic(open);
+        assert_eq!(
+            c,
+            "# HELP a_x_total Things.\n# TYPE a_x_total counter\na_x_total{c=\"1\"} 3\n\
+             # HELP d_seconds Delay.\n# TYPE d_seconds histogram\nd_seconds_bucket{le=\"+Inf\"} 1\n"
+        );
+    }
+
+    #[test]
+    fn accept_picks_the_format() {
+        assert_eq!(Format::for_accept(None), Format::Classic);
+        assert_eq!(
+            Format::for_accept(Some("text/plain;version=0.0.4")),
+            Format::Classic
+        );
+        assert_eq!(
+            Format::for_accept(Some(
+                "application/openmetrics-text;version=1.0.0;q=0.5,text/plain;q=0.3"
+            )),
+            Format::OpenMetrics
+        );
+    }
 }

@@ -12,86 +12,26 @@
 //! The controllers are the model's pure ones; this module only reads sensors, passes the
 //! time in (read once per tick from the gateway's clock), and applies the outputs
 //! idempotently every tick, so a reload that resets an actuator is corrected one period
-//! later. Loops are started, retuned and stopped by [`reconcile`], which runs at the end
-//! of every [`Gateway::apply`]: the configuration stays the one source of truth, and a
-//! controller added, changed or removed through the admin API is checked exactly like a
-//! file. Pausing freezes a loop's outputs where they are. Removing a loop puts its
-//! actuators back as configured.
+//! later. Loops are started, retuned and stopped by [`Controllers::reconcile`], which the
+//! supervisor runs after every change of the configuration: the configuration stays the
+//! one source of truth, and a controller added, changed or removed through the admin API
+//! is checked exactly like a file. Pausing freezes a loop's outputs where they are.
+//! Removing a loop puts its actuators back as configured.
 
-pub(crate) mod admin;
-mod config;
 mod cpu;
-pub(crate) mod metrics;
 mod step;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use serde::Serialize;
 
-pub use config::{
-    validate, AdaptiveConfig, AdaptiveRule, ControllerConfig, DelayConfig,
-    UtilisationControllerConfig,
-};
-
-use crate::state::{Gateway, Inner};
+use crate::config::ControllerConfig;
+use crate::runtime::Live;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// The divert actuator of a class: with probability `p`, a request goes to another back
-/// end (the degraded variant) instead of the class's own.
-#[derive(Debug)]
-pub struct Divert {
-    to: AtomicUsize,
-    p_bits: AtomicU64,
-}
-
-impl Default for Divert {
-    fn default() -> Self {
-        Divert {
-            to: AtomicUsize::new(usize::MAX),
-            p_bits: AtomicU64::new(0f64.to_bits()),
-        }
-    }
-}
-
-impl Divert {
-    /// Diverts to back end `to` with probability `p` (clamped to [0, 1]); `None` stops.
-    pub fn set(&self, to: Option<usize>, p: f64) {
-        let p = if p.is_finite() {
-            p.clamp(0.0, 1.0)
-        } else {
-            0.0
-        };
-        self.p_bits.store(p.to_bits(), Relaxed);
-        self.to.store(to.unwrap_or(usize::MAX), Relaxed);
-    }
-
-    /// The probability in force (0 when not diverting).
-    pub fn probability(&self) -> f64 {
-        if self.to.load(Relaxed) == usize::MAX {
-            0.0
-        } else {
-            f64::from_bits(self.p_bits.load(Relaxed))
-        }
-    }
-
-    /// The back end for one request whose class's own back end is `primary`.
-    pub fn pick(&self, primary: usize) -> usize {
-        let to = self.to.load(Relaxed);
-        if to == usize::MAX {
-            return primary;
-        }
-        let p = f64::from_bits(self.p_bits.load(Relaxed));
-        if p >= 1.0 || (p > 0.0 && rand::random::<f64>() < p) {
-            to
-        } else {
-            primary
-        }
-    }
 }
 
 /// What a loop last saw and did: served at `/controllers`, exported in `/metrics`.
@@ -136,13 +76,13 @@ pub(crate) struct Loop {
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
-/// Every loop of one gateway.
+/// Every controller loop of one gateway.
 #[derive(Debug, Default)]
-pub struct Manager {
+pub struct Controllers {
     loops: Mutex<Vec<Arc<Loop>>>,
 }
 
-impl Manager {
+impl Controllers {
     /// A copy of every loop's readout, in configuration order.
     pub fn readouts(&self) -> Vec<Readout> {
         lock(&self.loops)
@@ -168,78 +108,89 @@ impl Manager {
     }
 }
 
-/// Starts, retunes and stops loops to match the configuration in force.
-pub(crate) fn reconcile(gw: &Gateway) {
-    let configs: Vec<ControllerConfig> = gw
-        .settings()
-        .config
-        .controller
-        .iter()
-        .map(|c| c.get_ref().clone())
-        .collect();
-    let mut loops = lock(&gw.inner.qos.loops);
-    // Gone, or changed kind: stop and put the actuators back.
-    loops.retain(|l| {
-        let keep = configs
+impl Controllers {
+    /// Starts, retunes and stops loops to match the configuration in force.
+    pub(crate) fn reconcile(&self, live: &Arc<Live>) {
+        let rt = live.load();
+        let configs: Vec<ControllerConfig> = rt
+            .config
+            .controller
             .iter()
-            .any(|c| c.name() == l.name && c.kind() == lock(&l.config).kind());
-        if !keep {
+            .map(|c| c.get_ref().clone())
+            .collect();
+        let mut loops = lock(&self.loops);
+        // Gone, or changed kind: stop and put the actuators back.
+        loops.retain(|l| {
+            let keep = configs
+                .iter()
+                .any(|c| c.name() == l.name && c.kind() == lock(&l.config).kind());
+            if !keep {
+                if let Some(task) = lock(&l.task).take() {
+                    task.abort();
+                }
+                step::release(live, &lock(&l.config));
+                tracing::info!(controller = %l.name, "controller stopped");
+            }
+            keep
+        });
+        let mut ordered = Vec::with_capacity(configs.len());
+        for c in configs {
+            match loops.iter().position(|l| l.name == c.name()) {
+                Some(i) => {
+                    let l = loops.swap_remove(i);
+                    let mut current = lock(&l.config);
+                    if *current != c {
+                        if let (ControllerConfig::Adaptive(a), ControllerConfig::Adaptive(b)) =
+                            (&*current, &c)
+                        {
+                            if a.backend != b.backend {
+                                step::release(live, &current);
+                            }
+                        }
+                        *current = c;
+                        l.retune.store(true, Relaxed);
+                        tracing::info!(controller = %l.name, "controller retuned");
+                    }
+                    drop(current);
+                    ordered.push(l);
+                }
+                None => {
+                    let l = Arc::new(Loop {
+                        name: c.name().to_string(),
+                        readout: Mutex::new(Readout {
+                            name: c.name().to_string(),
+                            kind: c.kind().to_string(),
+                            period_ms: c.period_ms(),
+                            ..Readout::default()
+                        }),
+                        config: Mutex::new(c),
+                        retune: AtomicBool::new(false),
+                        paused: AtomicBool::new(false),
+                        task: Mutex::new(None),
+                    });
+                    // The initial limit holds from the first request, not the first tick.
+                    step::prime(live, &lock(&l.config));
+                    // Without a runtime (a configuration check) nothing runs.
+                    if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                        let task = handle.spawn(run(Arc::downgrade(live), Arc::clone(&l)));
+                        *lock(&l.task) = Some(task);
+                        tracing::info!(controller = %l.name, "controller started");
+                    }
+                    ordered.push(l);
+                }
+            }
+        }
+        *loops = ordered;
+    }
+
+    /// Stops every loop, leaving the actuators where they are (the gateway is stopping).
+    pub(crate) fn stop(&self) {
+        for l in lock(&self.loops).iter() {
             if let Some(task) = lock(&l.task).take() {
                 task.abort();
             }
-            step::release(gw, &lock(&l.config));
-            tracing::info!(controller = %l.name, "controller stopped");
-        }
-        keep
-    });
-    let mut ordered = Vec::with_capacity(configs.len());
-    for c in configs {
-        match loops.iter().position(|l| l.name == c.name()) {
-            Some(i) => {
-                let l = loops.swap_remove(i);
-                let mut current = lock(&l.config);
-                if *current != c {
-                    if let (ControllerConfig::Adaptive(a), ControllerConfig::Adaptive(b)) =
-                        (&*current, &c)
-                    {
-                        if a.backend != b.backend {
-                            step::release(gw, &current);
-                        }
-                    }
-                    *current = c;
-                    l.retune.store(true, Relaxed);
-                    tracing::info!(controller = %l.name, "controller retuned");
-                }
-                drop(current);
-                ordered.push(l);
-            }
-            None => {
-                let l = Arc::new(Loop {
-                    name: c.name().to_string(),
-                    readout: Mutex::new(Readout {
-                        name: c.name().to_string(),
-                        kind: c.kind().to_string(),
-                        period_ms: c.period_ms(),
-                        ..Readout::default()
-                    }),
-                    config: Mutex::new(c),
-                    retune: AtomicBool::new(false),
-                    paused: AtomicBool::new(false),
-                    task: Mutex::new(None),
-                });
-                // The initial limit holds from the first request, not the first tick.
-                step::prime(gw, &lock(&l.config));
-                // Without a runtime (a configuration check) nothing runs.
-                if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                    let task = rt.spawn(run(Arc::downgrade(&gw.inner), Arc::clone(&l)));
-                    *lock(&l.task) = Some(task);
-                    tracing::info!(controller = %l.name, "controller started");
-                }
-                ordered.push(l);
-            }
         }
     }
-    *loops = ordered;
 }
 
 /// How far each tick may fall from the period, as a fraction of it (both ways).
@@ -259,29 +210,30 @@ fn next_tick(period_ms: u64) -> Duration {
 }
 
 /// One loop: tick on the period, read the clock once, step, publish the readout.
-async fn run(gateway: Weak<Inner>, l: Arc<Loop>) {
+async fn run(live: Weak<Live>, l: Arc<Loop>) {
     let mut period_ms = lock(&l.config).period_ms();
     let mut state: Option<step::State> = None;
     let mut was_saturated = false;
     loop {
         tokio::time::sleep(next_tick(period_ms)).await;
-        let Some(inner) = gateway.upgrade() else {
+        let Some(live) = live.upgrade() else {
             return; // the gateway is gone
         };
-        let gw = Gateway { inner };
+        let gw = &*live;
         let config = lock(&l.config).clone();
         period_ms = config.period_ms();
         let now = crate::clock::now();
         if l.retune.swap(false, Relaxed) {
-            state = Some(step::State::new(&config, &gw, now, state.as_ref()));
+            state = Some(step::State::new(&config, gw, now, state.as_ref()));
         }
-        let state = state.get_or_insert_with(|| step::State::new(&config, &gw, now, None));
+        let state = state.get_or_insert_with(|| step::State::new(&config, gw, now, None));
         if l.paused.load(Relaxed) {
             // Paused: keep the sensors' baselines fresh so resuming starts from now.
-            state.skip(&gw, now);
+            state.skip(now);
             continue;
         }
-        let out = state.step(&config, &gw, now);
+        let out = state.step(&config, gw, now);
+        drop(live);
         let mut r = lock(&l.readout);
         r.kind = config.kind().to_string();
         r.period_ms = period_ms;
@@ -309,28 +261,5 @@ async fn run(gateway: Weak<Inner>, l: Arc<Loop>) {
             tracing::info!(controller = %l.name, "controller no longer saturated");
         }
         was_saturated = out.saturated;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn divert_picks_by_probability() {
-        let d = Divert::default();
-        assert_eq!(d.pick(3), 3);
-        assert_eq!(d.probability(), 0.0);
-        d.set(Some(7), 1.0);
-        assert!((0..100).all(|_| d.pick(3) == 7));
-        d.set(Some(7), 0.0);
-        assert!((0..100).all(|_| d.pick(3) == 3));
-        d.set(Some(7), 0.5);
-        let diverted = (0..4000).filter(|_| d.pick(3) == 7).count();
-        assert!((1700..2300).contains(&diverted), "{diverted}");
-        d.set(None, 0.5);
-        assert_eq!(d.pick(3), 3);
-        d.set(Some(7), f64::NAN);
-        assert_eq!(d.probability(), 0.0);
     }
 }

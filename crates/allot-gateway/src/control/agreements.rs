@@ -1,0 +1,50 @@
+//! The agreement window loop: sensor (cost units arriving, and waiting, per principal) →
+//! controller (smoothed demand, the model's planner) → actuator (each principal's credit
+//! rate), at every window's end; in between, the credit that accrued is offered to the
+//! requests waiting for it, [`PUMPS_PER_WINDOW`] times a window.
+
+use std::sync::Weak;
+use std::time::Duration;
+
+use crate::credit::PUMPS_PER_WINDOW;
+use crate::runtime::Live;
+
+/// Runs while the gateway lives; follows the enforcer in force (a reload may replace it).
+pub(crate) async fn run(live: Weak<Live>) {
+    let mut pumps = 0u32;
+    let mut ticks: Option<(Duration, tokio::time::Interval)> = None;
+    loop {
+        let step = {
+            let Some(live) = live.upgrade() else {
+                return; // the gateway is gone
+            };
+            let Some(enforcer) = live.load().enforcer.clone() else {
+                return; // no agreements now: the supervisor starts the loop again if needed
+            };
+            enforcer.window() / PUMPS_PER_WINDOW
+        };
+        // Ticks on absolute deadlines, so windows do not stretch by the work done in them.
+        let interval = match &mut ticks {
+            Some((s, i)) if *s == step => i,
+            _ => {
+                let mut i = tokio::time::interval(step);
+                i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+                &mut ticks.insert((step, i)).1
+            }
+        };
+        interval.tick().await;
+        let Some(live) = live.upgrade() else {
+            return;
+        };
+        let Some(enforcer) = live.load().enforcer.clone() else {
+            continue;
+        };
+        let now = crate::clock::now();
+        pumps += 1;
+        if pumps >= PUMPS_PER_WINDOW {
+            pumps = 0;
+            enforcer.end_window(now);
+        }
+        enforcer.pump(now);
+    }
+}

@@ -1,0 +1,81 @@
+//! The control plane: one [`Supervisor`] starts and stops every loop of the gateway, each
+//! of the one shape **sensor → controller → actuator** on a period, with the time read
+//! once per tick and passed in:
+//!
+//! - [`agreements`]: every window, demand per principal → the planner → credit rates;
+//!   in between, credit handed to the requests waiting for it;
+//! - [`qos`]: the `[[controller]]` loops (delay, utilisation, adaptive limits).
+//!
+//! Loops follow the configuration in force: the supervisor reconciles them after every
+//! change, and they hold the live state weakly, so none outlives the gateway. There is one
+//! supervisor per gateway, however many listeners it has.
+
+pub mod agreements;
+pub mod qos;
+
+use std::sync::{Arc, Mutex};
+
+use crate::runtime::Live;
+
+/// Starts, follows and stops every loop of one gateway.
+#[derive(Debug, Default)]
+pub struct Supervisor {
+    controllers: qos::Controllers,
+    windows: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Supervisor {
+    /// Makes the running loops match the configuration in force: starts, retunes and
+    /// stops controllers, and runs the agreement windows while there are agreements.
+    /// Outside a tokio runtime (a configuration check) it starts nothing.
+    pub fn reconcile(&self, live: &Arc<Live>) {
+        self.controllers.reconcile(live);
+        let mut windows = self.windows.lock().unwrap_or_else(|p| p.into_inner());
+        let wanted = live.load().enforcer.is_some();
+        if windows.as_ref().is_some_and(|t| t.is_finished()) {
+            *windows = None;
+        }
+        match (wanted, windows.as_ref()) {
+            (true, None) => {
+                if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                    *windows = Some(handle.spawn(agreements::run(Arc::downgrade(live))));
+                }
+            }
+            (false, Some(_)) => {
+                if let Some(task) = windows.take() {
+                    task.abort();
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The controllers' readouts.
+    pub fn readouts(&self) -> Vec<qos::Readout> {
+        self.controllers.readouts()
+    }
+
+    /// Pauses or resumes a controller; false when there is no such controller.
+    pub fn set_paused(&self, name: &str, paused: bool) -> bool {
+        self.controllers.set_paused(name, paused)
+    }
+
+    /// Stops every loop (the gateway is stopping).
+    pub fn stop(&self) {
+        self.controllers.stop();
+        if let Some(task) = self
+            .windows
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            task.abort();
+        }
+    }
+}
+
+impl Drop for Supervisor {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

@@ -1,0 +1,303 @@
+//! The L7 path: one request, in small steps — registration checks ([`forward::target`]),
+//! classification, admission (accept rate, agreement credit, a place and a slot from the
+//! scheduler), service (forward, stream the response back). Each step either goes on or
+//! stops with an [`error::Answer`], which [`error::respond`] turns into the response.
+//!
+//! Everything a request holds is held by a guard that releases it however the request
+//! ends (refused, timed out, client gone mid-wait or mid-body): its place in the waiting
+//! room, its credit until service starts, its slot, the in-flight gauge, the back-end
+//! connection. A request reads the clock three times: on arrival, when service starts,
+//! when its response ends.
+
+pub(crate) mod body;
+pub(crate) mod conn;
+pub(crate) mod error;
+pub(crate) mod forward;
+
+use std::convert::Infallible;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
+use allot_model::classify::{Headers, RequestFacts};
+use allot_model::Nanos;
+use http::header::{self, HeaderMap};
+use http::{Request, Response};
+use hyper::body::Incoming;
+use tokio::time::Instant;
+
+use self::body::{GatewayBody, Held, Proxied};
+use self::conn::ConnState;
+use self::error::Answer;
+use self::forward::{Peer, Target};
+use crate::credit::{Charge, Credit};
+use crate::runtime::{ClassRt, InFlight, Live, Runtime};
+use crate::sched::{Admission, Permit};
+use crate::stats::{AbortReason, RefuseReason};
+use crate::upstream::{BodyFailure, RequestBody};
+
+/// hyper's entry point for one request on one client connection.
+pub(crate) async fn handle(
+    live: Arc<Live>,
+    peer: Arc<Peer>,
+    conn: ConnState,
+    req: Request<Incoming>,
+) -> Result<Response<GatewayBody>, Infallible> {
+    conn.request_started();
+    let rt = live.load();
+    let resp = match serve(&rt, &live, &peer, &conn, req).await {
+        Ok(resp) => resp,
+        Err(answer) => error::respond(answer, rt.config.gateway.retry_after_s),
+    };
+    Ok(resp.map(|b| b.with_conn(conn)))
+}
+
+/// The classifier's view of an `http::HeaderMap`.
+struct HeaderView<'a>(&'a HeaderMap);
+
+impl Headers for HeaderView<'_> {
+    fn for_each_value(&self, name: &str, f: &mut dyn FnMut(&[u8])) {
+        for v in self.0.get_all(name) {
+            f(v.as_bytes());
+        }
+    }
+}
+
+async fn serve(
+    rt: &Runtime,
+    live: &Live,
+    peer: &Peer,
+    conn: &ConnState,
+    req: Request<Incoming>,
+) -> Result<Response<GatewayBody>, Answer> {
+    let arrived = Instant::now();
+    let now = crate::clock::to_nanos(arrived);
+    // Registration: a target the gateway and the back end read alike.
+    let target = forward::target(&req)?;
+    let class = classify(rt, peer, &req, &target)?;
+    class.core.stats.arrivals.fetch_add(1, Relaxed);
+    let max_body = rt.listener.max_body_bytes;
+    if content_length(req.headers()).is_some_and(|n| n > max_body) {
+        return Err(Answer::TooLarge {
+            limit_bytes: max_body,
+        });
+    }
+    let (permit, charge) = match admit(rt, live, class, peer, &req, now).await? {
+        Admitted::Serve(permit, charge) => (permit, charge),
+        Admitted::Redirect(answer) => return Err(answer),
+    };
+    // Service.
+    let started = Instant::now();
+    class
+        .core
+        .stats
+        .queue_delay
+        .observe(started.saturating_duration_since(arrived));
+    class.core.stats.admitted.fetch_add(1, Relaxed);
+    if let Some(charge) = charge {
+        charge.keep();
+    }
+    forward(rt, class, peer, conn, req, target, permit, started).await
+}
+
+fn classify<'r>(
+    rt: &'r Runtime,
+    peer: &Peer,
+    req: &Request<Incoming>,
+    target: &Target,
+) -> Result<&'r ClassRt, Answer> {
+    let facts = RequestFacts {
+        client: peer.addr.ip(),
+        host: target.host_str(),
+        path: req.uri().path(),
+        headers: &HeaderView(req.headers()),
+    };
+    let picked = rt.rules.classify(&facts, &mut || rand::random::<f64>());
+    rt.class_of_rule(picked)
+        .ok_or(Answer::Internal("the rules name no class"))
+}
+
+enum Admitted {
+    /// A slot, and the credit taken for it (under agreements).
+    Serve(Permit, Option<Charge>),
+    /// Agreements in redirect mode answer without a slot.
+    Redirect(Answer),
+}
+
+fn refused(class: &ClassRt, reason: RefuseReason) -> Answer {
+    class.core.stats.refuse(reason);
+    Answer::Refused {
+        text: class.refusal_text(reason),
+    }
+}
+
+/// Admission: the accept-rate actuator, the principal's credit, then a slot or a place in
+/// the queue. A place in the waiting room is taken before waiting for credit, so credit
+/// waiters count against `queue_limit`; credit taken by a request the queue then refuses
+/// goes back with the dropped [`Charge`].
+async fn admit(
+    rt: &Runtime,
+    live: &Live,
+    class: &ClassRt,
+    peer: &Peer,
+    req: &Request<Incoming>,
+    now: Nanos,
+) -> Result<Admitted, Answer> {
+    if !class.core.try_accept(now) {
+        return Err(refused(class, RefuseReason::Rate));
+    }
+    let scheduler = live.scheduler();
+    let mut place = None;
+    let mut charge = None;
+    if let (Some(enforcer), Some(principal)) = (&rt.enforcer, class.principal) {
+        let cost = enforcer.cost_of(req.uri().path());
+        match enforcer.arrive(principal, cost, now) {
+            Credit::Now(c) => {
+                if enforcer.redirect() {
+                    let base = enforcer
+                        .location(principal, rand::random::<f64>())
+                        .ok_or(Answer::Internal("no server location for the principal"))?;
+                    c.keep();
+                    return Ok(Admitted::Redirect(Answer::Redirect {
+                        location: format!("{base}{}", path_and_query(req)),
+                        wait_s: None,
+                    }));
+                }
+                charge = Some(c);
+            }
+            // Back to the gateway itself, later (the paper's layer-7 redirector).
+            Credit::Deferred => {
+                let host = req
+                    .headers()
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .unwrap_or("localhost");
+                return Ok(Admitted::Redirect(Answer::Redirect {
+                    location: format!("http://{host}{}", path_and_query(req)),
+                    wait_s: Some(rt.config.gateway.retry_after_s),
+                }));
+            }
+            Credit::Wait(wait) => {
+                place = Some(
+                    scheduler
+                        .reserve_place(&class.core.sched)
+                        .ok_or_else(|| refused(class, RefuseReason::QueueFull))?,
+                );
+                charge = Some(
+                    wait.wait(enforcer.max_wait())
+                        .await
+                        .ok_or_else(|| refused(class, RefuseReason::Quota))?,
+                );
+            }
+        }
+    }
+    let client = peer.addr.ip();
+    let permit = match scheduler.admit(&class.core.sched, place, req.uri().path(), client, now) {
+        Admission::Now(p) => p,
+        Admission::Refused(reason) => return Err(refused(class, reason)),
+        Admission::Queued(q) => q
+            .wait(class.max_wait)
+            .await
+            .ok_or_else(|| refused(class, RefuseReason::Timeout))?,
+    };
+    Ok(Admitted::Serve(permit, charge))
+}
+
+/// Service: hand the request to a back end and stream its response back, holding the slot
+/// in the response body.
+#[allow(clippy::too_many_arguments)]
+async fn forward(
+    rt: &Runtime,
+    class: &ClassRt,
+    peer: &Peer,
+    conn: &ConnState,
+    req: Request<Incoming>,
+    target: Target,
+    permit: Permit,
+    started: Instant,
+) -> Result<Response<GatewayBody>, Answer> {
+    let backend = rt
+        .backend_for(class)
+        .ok_or(Answer::Internal("the class's back end is not configured"))?;
+    let in_flight = InFlight::new(Arc::clone(&class.core));
+    let learn = class
+        .learn_sizes
+        .then(|| (Arc::clone(&class.core), req.uri().path().to_string()));
+    let (parts, body) = req.into_parts();
+    let body = RequestBody::new(
+        body,
+        rt.listener.max_body_bytes,
+        rt.listener.request_body_timeout,
+        Arc::clone(&class.core.stats),
+    );
+    let verdict = body.verdict();
+    let upstream = forward::upstream_request(parts, body, peer, target);
+    let started_ns = crate::clock::to_nanos(started);
+    match backend.send(upstream, started, started_ns).await {
+        Ok((resp, lease)) => {
+            let (mut parts, body) = resp.into_parts();
+            forward::strip_hop_by_hop(&mut parts.headers);
+            let held = Held {
+                permit,
+                in_flight,
+                backend_stats: Arc::clone(backend.stats()),
+                body_timeout: backend.body_timeout(),
+                started,
+                deadline: class.request_timeout.map(|t| (started + t, t)),
+                shaper: class.bandwidth.clone(),
+                learn,
+            };
+            let body = Proxied::new(body, lease, held, conn.clone());
+            Ok(Response::from_parts(parts, GatewayBody::proxied(body)))
+        }
+        Err(err) => {
+            let stats = &class.core.stats;
+            stats.service_time.observe(started.elapsed());
+            drop((permit, in_flight));
+            match verdict.get() {
+                // The client's body failed, not the back end.
+                Some(BodyFailure::TooLarge) => Err(Answer::TooLarge {
+                    limit_bytes: rt.listener.max_body_bytes,
+                }),
+                Some(BodyFailure::Timeout) => {
+                    stats.abort(AbortReason::RequestBodyTimeout);
+                    Err(Answer::BodyTimeout)
+                }
+                Some(BodyFailure::Broken) => {
+                    stats.abort(AbortReason::RequestBodyBroken);
+                    Err(Answer::BodyBroken)
+                }
+                None => {
+                    stats.failed.fetch_add(1, Relaxed);
+                    backend.note_failure(&err, crate::clock::now());
+                    tracing::debug!(class = %class.name(), error = %err, "forwarding failed");
+                    Err(Answer::Forward(err))
+                }
+            }
+        }
+    }
+}
+
+fn path_and_query<B>(req: &Request<B>) -> &str {
+    req.uri().path_and_query().map_or("/", |pq| pq.as_str())
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    #[test]
+    fn content_length_parses_or_is_absent() {
+        let mut h = HeaderMap::new();
+        assert_eq!(content_length(&h), None);
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("42"));
+        assert_eq!(content_length(&h), Some(42));
+    }
+}

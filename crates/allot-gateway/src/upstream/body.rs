@@ -1,0 +1,197 @@
+//! The client's request body on its way to the back end: streamed, counted, cut off past
+//! the size limit or a pause longer than the body timeout. Why it failed is kept in a
+//! [`BodyVerdict`] the request's handler reads after the exchange, so a client's broken
+//! or stalled upload is answered as the client's fault (400, 408, 413) and never counted
+//! against the back end.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU8, Ordering::Relaxed};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use tokio::time::{Instant, Sleep};
+
+use crate::stats::ClassStats;
+
+/// Errors of the client's body, as the back-end connection sees them.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    /// The client sent more than the limit.
+    #[error("request body larger than {limit_bytes} bytes")]
+    TooLarge {
+        /// The limit.
+        limit_bytes: u64,
+    },
+    /// The client paused longer than the body timeout.
+    #[error("request body paused longer than {timeout_ms} ms")]
+    Timeout {
+        /// The timeout.
+        timeout_ms: u64,
+    },
+    /// The client's body was malformed or cut short.
+    #[error(transparent)]
+    Broken(#[from] hyper::Error),
+}
+
+/// How the client's body ended, when it did not end well.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyFailure {
+    /// Larger than the limit.
+    TooLarge,
+    /// Paused past the timeout.
+    Timeout,
+    /// Malformed or cut short.
+    Broken,
+}
+
+/// Shared between a [`RequestBody`] and its request's handler: why the body failed, if it
+/// did.
+#[derive(Debug, Default, Clone)]
+pub struct BodyVerdict(Arc<AtomicU8>);
+
+impl BodyVerdict {
+    fn set(&self, f: BodyFailure) {
+        let code = match f {
+            BodyFailure::TooLarge => 1,
+            BodyFailure::Timeout => 2,
+            BodyFailure::Broken => 3,
+        };
+        let _ = self.0.compare_exchange(0, code, Relaxed, Relaxed);
+    }
+
+    /// The failure, if the body failed.
+    pub fn get(&self) -> Option<BodyFailure> {
+        match self.0.load(Relaxed) {
+            1 => Some(BodyFailure::TooLarge),
+            2 => Some(BodyFailure::Timeout),
+            3 => Some(BodyFailure::Broken),
+            _ => None,
+        }
+    }
+}
+
+/// The client's request body on its way to the back end.
+#[derive(Debug)]
+pub struct RequestBody {
+    inner: Option<Incoming>,
+    limit_bytes: u64,
+    seen_bytes: u64,
+    stats: Arc<ClassStats>,
+    idle: Duration,
+    /// When the last frame came (or the body was first polled).
+    last_frame: Option<Instant>,
+    timer: Option<Pin<Box<Sleep>>>,
+    verdict: BodyVerdict,
+}
+
+impl RequestBody {
+    /// Wraps the client's body with a size limit and a timeout on pauses.
+    pub fn new(
+        inner: Incoming,
+        limit_bytes: u64,
+        idle: Duration,
+        stats: Arc<ClassStats>,
+    ) -> RequestBody {
+        RequestBody {
+            inner: Some(inner),
+            limit_bytes,
+            seen_bytes: 0,
+            stats,
+            idle,
+            last_frame: None,
+            timer: None,
+            verdict: BodyVerdict::default(),
+        }
+    }
+
+    /// Where this body records why it failed.
+    pub fn verdict(&self) -> BodyVerdict {
+        self.verdict.clone()
+    }
+
+    fn fail(
+        &mut self,
+        f: BodyFailure,
+        e: BodyError,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        self.verdict.set(f);
+        self.inner = None;
+        self.timer = None;
+        Poll::Ready(Some(Err(e)))
+    }
+
+    /// Whether the pause since the last frame has passed the timeout; arranges a wake-up
+    /// at the deadline otherwise.
+    fn paused_too_long(&mut self, cx: &mut Context<'_>) -> bool {
+        let last = *self.last_frame.get_or_insert_with(Instant::now);
+        let deadline = last + self.idle;
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if timer.deadline() != deadline {
+            timer.as_mut().reset(deadline);
+        }
+        timer.as_mut().poll(cx).is_ready()
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let Some(inner) = self.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let polled = Pin::new(inner).poll_frame(cx);
+        let Poll::Ready(frame) = polled else {
+            if self.paused_too_long(cx) {
+                let timeout_ms = self.idle.as_millis() as u64;
+                return self.fail(BodyFailure::Timeout, BodyError::Timeout { timeout_ms });
+            }
+            return Poll::Pending;
+        };
+        match frame {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    let n = data.len() as u64;
+                    self.seen_bytes += n;
+                    self.stats.bytes_in.fetch_add(n, Relaxed);
+                    if self.seen_bytes > self.limit_bytes {
+                        let limit_bytes = self.limit_bytes;
+                        return self
+                            .fail(BodyFailure::TooLarge, BodyError::TooLarge { limit_bytes });
+                    }
+                }
+                if self.timer.is_some() {
+                    self.last_frame = Some(Instant::now());
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Some(Err(e)) => self.fail(BodyFailure::Broken, BodyError::Broken(e)),
+            None => {
+                self.timer = None;
+                Poll::Ready(None)
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.as_ref().is_none_or(|b| b.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner
+            .as_ref()
+            .map(|b| b.size_hint())
+            .unwrap_or_else(|| SizeHint::with_exact(0))
+    }
+}

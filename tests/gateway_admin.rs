@@ -1,7 +1,9 @@
-//! Acceptance (f): rules and actuators changed at run time take effect without a restart,
-//! a write without the token gets 401; SIGHUP with a changed configuration takes effect
-//! without dropping requests in flight, and a broken one is refused, logged, and the old
-//! one kept.
+//! Run-time changes and the gateway's life: rules and actuators changed at run time take
+//! effect without a restart and writes need the token (which no output ever shows);
+//! SIGHUP with a changed configuration takes effect as one swap, without dropping
+//! requests in flight or refusing any, and a broken one is refused, logged, and the old
+//! one kept; signals are handled from the moment the gateway says it listens, and
+//! SIGTERM's grace is a setting.
 
 mod common;
 
@@ -314,4 +316,184 @@ async fn sigterm_stops_accepting_and_lets_requests_in_flight_finish() {
         tokio::net::TcpStream::connect(gw).await.is_err(),
         "no longer accepting"
     );
+}
+
+/// Waits (bounded) for the process to exit; returns its status and how long it took.
+async fn exit_within(
+    g: &mut Proc,
+    limit: Duration,
+) -> Option<(std::process::ExitStatus, Duration)> {
+    let started = std::time::Instant::now();
+    while started.elapsed() < limit {
+        if let Some(s) = g.child.try_wait().expect("wait") {
+            return Some((s, started.elapsed()));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_token_never_appears_in_any_output() {
+    let (_b, backend) = backend(4, 0, &[]);
+    let in_file = "file-token-7f3a9c";
+    let cfg = config(backend, "one").replace(
+        "token_env = \"TEST_ALLOT_TOKEN\"",
+        &format!("token = \"{in_file}\""),
+    );
+    let (g, gw, admin, path) = gateway(&cfg, &[], &[]);
+    let config_json = get_once(admin, "/config", &[]).await.text();
+    assert!(
+        !config_json.contains(in_file),
+        "GET /config shows the token: {config_json}"
+    );
+    assert!(config_json.contains("<redacted>"), "{config_json}");
+    for endpoint in ["/status", "/metrics", "/rules", "/controllers"] {
+        let text = get_once(admin, endpoint, &[]).await.text();
+        assert!(!text.contains(in_file), "{endpoint} shows the token");
+    }
+    let a = admin.to_string();
+    let (_, out, err) = run_allot(&["stat", "--admin", &a], &[]);
+    assert!(
+        !out.contains(in_file) && !err.contains(in_file),
+        "allot stat shows it"
+    );
+    let p = path.to_string_lossy().to_string();
+    let (_, out, err) = run_allot(&["gateway", "--config", &p, "--check"], &[]);
+    assert!(
+        !out.contains(in_file) && !err.contains(in_file),
+        "--check shows it"
+    );
+    get_once(gw, "/x", &[]).await;
+    g.signal("HUP");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !g.stderr().contains(in_file),
+        "the log shows it:\n{}",
+        g.stderr()
+    );
+
+    // A missing token and a wrong one are told apart.
+    let said = |(_, out, err): (i32, String, String)| format!("{out}{err}");
+    let missing = said(ctl(admin, None, &["class", "one", "max_running=2"]));
+    let wrong = said(ctl(
+        admin,
+        Some("guess"),
+        &["class", "one", "max_running=2"],
+    ));
+    assert!(
+        missing.contains("401") && wrong.contains("401"),
+        "{missing} / {wrong}"
+    );
+    assert_ne!(
+        missing, wrong,
+        "the same message for a missing and a wrong token"
+    );
+    assert!(!wrong.contains(in_file) && !missing.contains(in_file));
+    let (code, _, err) = ctl(admin, Some(in_file), &["class", "one", "max_running=2"]);
+    assert_eq!(code, 0, "the right token is taken: {err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_renames_a_class_refuses_no_request() {
+    let (_b, backend) = backend(64, 0, &[]);
+    let named = |class: &str| {
+        format!(
+            "[listener]\naddress = \"127.0.0.1:0\"\n[admin]\naddress = \"127.0.0.1:0\"\n\
+             [[backend]]\nname = \"app\"\naddresses = [\"{backend}\"]\n\
+             [[class]]\nname = \"{class}\"\nbackend = \"app\"\n"
+        )
+    };
+    let (g, gw, _admin, path) = gateway(&named("x0"), &[], &[]);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for _ in 0..6 {
+        let stop = std::sync::Arc::clone(&stop);
+        clients.push(tokio::spawn(async move {
+            let mut c = Client::connect(gw, None).await;
+            let mut statuses = std::collections::BTreeMap::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let s = c.get("/r", &[]).await.map_or(0, |r| r.status);
+                *statuses.entry(s).or_insert(0u64) += 1;
+            }
+            statuses
+        }));
+    }
+    for i in 1..=40 {
+        std::fs::write(&path, named(&format!("x{i}"))).expect("write config");
+        g.signal("HUP");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut all = std::collections::BTreeMap::new();
+    for c in clients {
+        for (s, n) in c.await.expect("client") {
+            *all.entry(s).or_insert(0u64) += n;
+        }
+    }
+    assert!(all.get(&200).copied().unwrap_or(0) > 100, "{all:?}");
+    assert_eq!(
+        all.len(),
+        1,
+        "answers other than 200 across 40 reloads: {all:?}"
+    );
+    assert_eq!(
+        g.stderr().matches("configuration reloaded").count(),
+        40,
+        "{}",
+        g.stderr()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sighup_right_after_the_listening_line_reloads_rather_than_kills() {
+    let (_b, backend) = backend(4, 0, &[]);
+    for _ in 0..10 {
+        let (mut g, gw, _admin, _) = gateway(&config(backend, "one"), &[], &[]);
+        g.signal("HUP");
+        assert!(
+            exit_within(&mut g, Duration::from_millis(300))
+                .await
+                .is_none(),
+            "the gateway died of an early SIGHUP:\n{}",
+            g.stderr()
+        );
+        assert_eq!(get_once(gw, "/x", &[]).await.status, 200);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_waits_the_configured_grace_then_says_it_stopped() {
+    let (_b, backend) = backend(4, 0, &[]);
+    let cfg =
+        config(backend, "one").replace("[admin]", "[gateway]\nshutdown_grace_ms = 500\n[admin]");
+    let (mut g, gw, admin, _) = gateway(&cfg, &[], &[]);
+    // A request that would take 20 s: the grace cuts it short.
+    let slow = tokio::spawn(async move {
+        Client::connect(gw, None)
+            .await
+            .get("/slow/sleep/20000", &[])
+            .await
+    });
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            class_field(&status(admin).await, "one", "in_flight") == 1.0
+        })
+        .await
+    );
+    g.signal("TERM");
+    let (exit, took) = exit_within(&mut g, Duration::from_secs(8))
+        .await
+        .expect("the gateway exits soon after its grace");
+    assert!(exit.success(), "{exit:?}");
+    assert!(
+        took < Duration::from_secs(5),
+        "it took {took:?} with a 500 ms grace"
+    );
+    assert!(
+        g.stderr().contains("gateway stopped"),
+        "no line says it stopped:\n{}",
+        g.stderr()
+    );
+    let _ = slow.await;
 }

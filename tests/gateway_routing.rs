@@ -6,6 +6,7 @@
 
 mod common;
 
+use common::raw::{raw_backend, Raw};
 use common::*;
 use std::net::IpAddr;
 
@@ -222,67 +223,6 @@ async fn forwarded_headers_are_added_and_hop_by_hop_removed() {
         h.get("x-drop").is_none(),
         "headers named in Connection are hop-by-hop"
     );
-}
-
-/// How a raw-socket back end treats each connection.
-#[derive(Clone, Copy)]
-enum Raw {
-    /// Answers the first request, then closes without a `Connection: close`, as a server
-    /// does when its keep-alive timeout passes.
-    CloseAfterOne,
-    /// Reads requests and never answers.
-    Silent,
-    /// Answers every request after this many milliseconds.
-    KeepAlive(u64),
-}
-
-/// A back end on a raw socket, reporting each connection that ends (closed by either side).
-async fn raw_backend(
-    mode: Raw,
-) -> (
-    std::net::SocketAddr,
-    tokio::sync::mpsc::UnboundedReceiver<()>,
-) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (closed_tx, closed_rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            let closed_tx = closed_tx.clone();
-            tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = [0u8; 4096];
-                loop {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                    let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") else {
-                        continue;
-                    };
-                    head.drain(..end + 4);
-                    let reply = b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\nok\n";
-                    match mode {
-                        Raw::Silent => continue,
-                        Raw::CloseAfterOne => {
-                            let _ = s.write_all(reply).await;
-                            break;
-                        }
-                        Raw::KeepAlive(delay_ms) => {
-                            tokio::time::sleep(std::time::Duration::from_millis(delay_ms)).await;
-                            if s.write_all(reply).await.is_err() {
-                                break;
-                            }
-                        }
-                    }
-                }
-                drop(s);
-                let _ = closed_tx.send(());
-            });
-        }
-    });
-    (addr, closed_rx)
 }
 
 fn one_backend_config(backend: std::net::SocketAddr, extra: &str) -> String {

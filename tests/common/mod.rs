@@ -2,6 +2,9 @@
 //! ends) on ports chosen at run time, talk HTTP to it, read its admin API.
 #![allow(dead_code)] // each test file uses a different subset
 
+pub mod raw;
+pub mod tools;
+
 use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -60,18 +63,38 @@ pub fn temp_path(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("allot-test-{}-{n}-{name}", std::process::id()))
 }
 
+/// The binary under test: this build's, or the one `ALLOT_BIN` names (to check that a
+/// regression test fails on an older build).
+pub fn allot_bin() -> PathBuf {
+    std::env::var_os("ALLOT_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_allot")))
+}
+
 /// Starts `allot ARGS…` and waits (bounded) for its `listening` line on stdout.
 pub fn spawn_allot(args: &[&str], envs: &[(&str, &str)]) -> Proc {
-    let stderr_path = temp_path("stderr.log");
-    let stderr = std::fs::File::create(&stderr_path).expect("create stderr log");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_allot"));
-    cmd.args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(stderr);
+    let mut cmd = Command::new(allot_bin());
+    cmd.args(args);
     for (k, v) in envs {
         cmd.env(k, v);
     }
+    spawn_listening(cmd, &format!("allot {args:?}"))
+}
+
+/// Runs `sh -c SCRIPT` (which must exec allot) and waits for its `listening` line.
+pub fn spawn_shell(script: &str) -> Proc {
+    let mut cmd = Command::new("sh");
+    cmd.args(["-c", script]);
+    spawn_listening(cmd, script)
+}
+
+/// Starts `cmd` and waits (bounded) for its `listening k=v …` line on stdout.
+pub fn spawn_listening(mut cmd: Command, what: &str) -> Proc {
+    let stderr_path = temp_path("stderr.log");
+    let stderr = std::fs::File::create(&stderr_path).expect("create stderr log");
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(stderr);
     let mut child = cmd.spawn().expect("start allot");
     let stdout = child.stdout.take().expect("stdout piped");
     let (tx, rx) = std::sync::mpsc::channel();
@@ -90,7 +113,7 @@ pub fn spawn_allot(args: &[&str], envs: &[(&str, &str)]) -> Proc {
     let line = match rx.recv_timeout(Duration::from_secs(30)) {
         Ok(line) => line,
         Err(_) => panic!(
-            "allot {args:?} did not say where it listens; stderr:\n{}",
+            "{what} did not say where it listens; stderr:\n{}",
             proc.stderr()
         ),
     };
@@ -276,7 +299,7 @@ where
 
 /// Runs `allot ARGS…` to completion and returns (exit code, stdout, stderr).
 pub fn run_allot(args: &[&str], envs: &[(&str, &str)]) -> (i32, String, String) {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_allot"));
+    let mut cmd = Command::new(allot_bin());
     cmd.args(args);
     for (k, v) in envs {
         cmd.env(k, v);

@@ -398,3 +398,64 @@ impl Enforcer {
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn enforcer(capacity: f64) -> Enforcer {
+        let text = format!(
+            "[[backend]]\nname = \"b\"\naddresses = [\"127.0.0.1:1\"]\n\
+             [[class]]\nname = \"c\"\nbackend = \"b\"\n\
+             [agreements]\nclasses = {{ c = \"p\" }}\n\
+             [[agreements.principal]]\nname = \"p\"\ncapacity = {capacity}\n"
+        );
+        let config = crate::config::Config::parse(&text, "test").expect("valid");
+        let a = config.agreements.expect("agreements");
+        Enforcer::new(a.get_ref(), None, Nanos(0)).expect("enforcer")
+    }
+
+    fn credit_left(e: &Enforcer, now: Nanos) -> f64 {
+        lock(&e.principals[0].state).credit.available(now)
+    }
+
+    #[test]
+    fn credit_of_a_request_refused_later_goes_back() {
+        let e = enforcer(100.0);
+        // A second in: the bucket is full.
+        let t = Nanos::from_millis(1000);
+        let before = credit_left(&e, t);
+        let Credit::Now(charge) = e.arrive(0, 1.0, t) else {
+            panic!("within credit");
+        };
+        assert!((credit_left(&e, t) - (before - 1.0)).abs() < 1e-9);
+        // Refused by its queue: the charge drops unkept.
+        drop(charge);
+        assert!(credit_left(&e, t) >= before - 1e-9, "the credit came back");
+        // Served: kept, spent.
+        let Credit::Now(charge) = e.arrive(0, 1.0, t) else {
+            panic!("within credit");
+        };
+        charge.keep();
+        assert!(credit_left(&e, t) < before - 0.5);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiter_that_leaves_gives_back_credit_sent_to_it() {
+        let e = enforcer(10.0);
+        // Nothing accrued yet: the request waits.
+        let t0 = Nanos(0);
+        let Credit::Wait(wait) = e.arrive(0, 1.0, t0) else {
+            panic!("no credit at the start");
+        };
+        // Credit accrues and is sent to the waiter, who has left meanwhile.
+        let t = Nanos::from_millis(1000);
+        drop(wait);
+        e.pump(t);
+        let left = credit_left(&e, t);
+        assert!(
+            left >= 1.0 - 1e-9,
+            "the credit stayed with the principal: {left}"
+        );
+    }
+}

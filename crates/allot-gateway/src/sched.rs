@@ -513,3 +513,176 @@ impl Drop for Permit {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+    use std::time::Duration;
+
+    fn limits(max_running: usize) -> ClassLimits {
+        ClassLimits {
+            max_running,
+            weights: ClassWeights::default(),
+            queue: QueueConfig {
+                policy: allot_model::queue::Policy::Fifo,
+                limit: usize::MAX,
+                age_bound: Duration::from_secs(10),
+            },
+        }
+    }
+
+    fn setup(max_running: usize, queue_limit: usize) -> (Arc<Scheduler>, Arc<SchedClass>) {
+        let s = Scheduler::new(max_running);
+        let c = s.add_class(
+            limits(usize::MAX),
+            queue_limit,
+            Arc::new(BackendGate::default()),
+            Arc::new(ClassStats::default()),
+        );
+        (s, c)
+    }
+
+    fn admit(s: &Arc<Scheduler>, c: &Arc<SchedClass>) -> Admission {
+        s.admit(c, None, "/", Ipv4Addr::LOCALHOST.into(), Nanos(0))
+    }
+
+    fn now(a: Admission) -> Permit {
+        match a {
+            Admission::Now(p) => p,
+            _ => panic!("expected a slot at once"),
+        }
+    }
+
+    fn queued(a: Admission) -> Queued {
+        match a {
+            Admission::Queued(q) => q,
+            _ => panic!("expected to queue"),
+        }
+    }
+
+    #[test]
+    fn a_released_slot_goes_to_the_first_waiter() {
+        let (s, c) = setup(1, 10);
+        let first = now(admit(&s, &c));
+        let mut second = queued(admit(&s, &c));
+        assert_eq!(s.running(), (1, 1));
+        assert_eq!(c.stats.queued.load(SeqCst), 1);
+        drop(first);
+        assert!(second.rx.try_recv().is_ok(), "the waiter got the slot");
+        assert_eq!(c.stats.queued.load(SeqCst), 0);
+        assert_eq!(s.waiting.load(SeqCst), 0);
+    }
+
+    #[test]
+    fn a_waiter_granted_as_it_gives_up_takes_its_slot_from_the_receiver() {
+        let (s, c) = setup(1, 10);
+        let first = now(admit(&s, &c));
+        let mut second = queued(admit(&s, &c));
+        let ticket = second.ticket.take().expect("queued with a ticket");
+        // The grant comes first...
+        drop(first);
+        // ...then the waiter's time runs out: it is no longer queued, so it must take
+        // the permit that was sent rather than drop it.
+        assert!(!s.give_up(&c, ticket));
+        let permit = second.rx.try_recv().expect("the permit is there");
+        assert_eq!(s.running(), (1, 1));
+        drop(permit);
+        assert_eq!(s.running(), (0, 1));
+    }
+
+    #[test]
+    fn a_waiter_dropped_leaves_the_queue_and_its_place() {
+        let (s, c) = setup(1, 10);
+        let first = now(admit(&s, &c));
+        let second = queued(admit(&s, &c));
+        assert_eq!(c.registered.load(SeqCst), 1);
+        drop(second);
+        assert_eq!(c.stats.queued.load(SeqCst), 0);
+        assert_eq!(s.waiting.load(SeqCst), 0);
+        assert_eq!(c.registered.load(SeqCst), 0);
+        drop(first);
+        assert_eq!(s.running(), (0, 1));
+    }
+
+    #[test]
+    fn a_waiter_whose_client_left_is_skipped_for_the_next() {
+        let (s, c) = setup(1, 10);
+        let first = now(admit(&s, &c));
+        let mut gone = queued(admit(&s, &c));
+        let mut next = queued(admit(&s, &c));
+        // The client leaves without the queue hearing of it yet.
+        gone.ticket = None;
+        drop(gone);
+        drop(first);
+        let permit = next
+            .rx
+            .try_recv()
+            .expect("the slot went to the next waiter");
+        assert_eq!(s.running(), (1, 1));
+        assert_eq!(s.waiting.load(SeqCst), 0);
+        drop(permit);
+    }
+
+    #[test]
+    fn places_count_against_the_queue_limit_until_dropped() {
+        let (s, c) = setup(1, 2);
+        let _first = now(admit(&s, &c));
+        let p1 = s.reserve_place(&c).expect("a place");
+        let _q = queued(admit(&s, &c));
+        assert!(s.reserve_place(&c).is_none(), "two places of two are taken");
+        assert!(matches!(
+            admit(&s, &c),
+            Admission::Refused(RefuseReason::QueueFull)
+        ));
+        drop(p1);
+        assert!(s.reserve_place(&c).is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiter_times_out_after_max_wait_and_leaves_nothing_behind() {
+        let (s, c) = setup(1, 10);
+        let first = now(admit(&s, &c));
+        let q = queued(admit(&s, &c));
+        let t0 = tokio::time::Instant::now();
+        assert!(q.wait(Duration::from_millis(250)).await.is_none());
+        assert_eq!(t0.elapsed(), Duration::from_millis(250));
+        assert_eq!(s.waiting.load(SeqCst), 0);
+        assert_eq!(c.registered.load(SeqCst), 0);
+        drop(first);
+        assert_eq!(s.running(), (0, 1));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn many_tasks_taking_and_releasing_slots_lose_no_wake_up() {
+        let (s, c) = setup(3, usize::MAX);
+        let served = Arc::new(AtomicUsize::new(0));
+        let mut tasks = Vec::new();
+        for _ in 0..16 {
+            let (s, c, served) = (Arc::clone(&s), Arc::clone(&c), Arc::clone(&served));
+            tasks.push(tokio::spawn(async move {
+                for _ in 0..500 {
+                    let permit = match admit(&s, &c) {
+                        Admission::Now(p) => p,
+                        Admission::Queued(q) => q
+                            .wait(Duration::from_secs(30))
+                            .await
+                            .expect("a slot within 30 s: a lost wake-up otherwise"),
+                        Admission::Refused(r) => panic!("refused: {r:?}"),
+                    };
+                    assert!(s.running().0 <= 3, "over the cap");
+                    served.fetch_add(1, SeqCst);
+                    tokio::task::yield_now().await;
+                    drop(permit);
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.expect("task");
+        }
+        assert_eq!(served.load(SeqCst), 16 * 500);
+        assert_eq!(s.running(), (0, 3));
+        assert_eq!(s.waiting.load(SeqCst), 0);
+        assert_eq!(c.running(), 0);
+    }
+}

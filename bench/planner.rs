@@ -1,6 +1,6 @@
 //! One window planner solve (`Planner::solve`) at 10, 30 and 100 principals with dense
 //! agreements: every principal may be served on every principal's capacity, so the
-//! community LP has n² allocation variables (its worst case). The goal (issue 3, d) is
+//! community LP has n² allocation variables (its worst case). The goal is
 //! under 1 ms median at 30 principals, so a 100 ms window is never spent solving.
 //!
 //! Run: `cargo bench --bench planner`.

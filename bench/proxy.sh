@@ -1,19 +1,22 @@
 #!/usr/bin/env bash
 # Reverse-proxy overhead, side by side in one run: direct to the back end, through nginx,
-# through HAProxy and through allot (rules and metrics on, no limits). Each proxy gets one
-# worker (nginx worker_processes 1, HAProxy nbthread 1, allot --threads 1); wrk uses one
-# thread and 50 connections. Runs alternate between targets, ROUNDS times, and the medians
+# through HAProxy and through allot (rules and metrics on, no limits). Each proxy gets
+# THREADS workers (nginx worker_processes, HAProxy nbthread, allot --threads; default 1);
+# wrk uses as many threads and 50 connections. Runs alternate between targets, ROUNDS times, and the medians
 # are printed with their ratios to nginx. allot is built with the `dist` profile.
 # Besides req/s and p99, each proxy's own CPU time per request (user + system, from
 # /proc/PID/stat) is printed: on a shared, noisy machine it varies far less than req/s.
 #
-#   bench/proxy.sh                 # ROUNDS=3 DURATION=10s by default
+#   bench/proxy.sh                 # ROUNDS=3 DURATION=10s THREADS=1 by default
 #   ROUNDS=5 DURATION=20s bench/proxy.sh
+#   THREADS=2 bench/proxy.sh       # two workers each (on a 2-core machine they share it
+#                                  # with wrk and the back end)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-10s}
 CONNS=${CONNS:-50}
+THREADS=${THREADS:-1}
 
 need=()
 command -v wrk >/dev/null || need+=(wrk)
@@ -49,7 +52,7 @@ BACKEND=$(sed -n 's/^listening backend=//p' "$work/backend.out")
 NGINX_PORT=$(free_port); HAPROXY_PORT=$(free_port); ALLOT_PORT=$(free_port); ADMIN_PORT=$(free_port)
 
 cat > "$work/nginx.conf" <<CONF
-worker_processes 1;
+worker_processes $THREADS;
 pid $work/nginx.pid;
 error_log $work/nginx-error.log;
 events { worker_connections 4096; }
@@ -74,7 +77,7 @@ NGINX_MASTER=$!
 
 cat > "$work/haproxy.cfg" <<CONF
 global
-  nbthread 1
+  nbthread $THREADS
   maxconn 4096
 defaults
   mode http
@@ -96,7 +99,7 @@ HAPROXY_PID=$!
 # shellcheck source=bench/proxy_allot_config.sh
 source "bench/proxy_allot_config.sh"
 proxy_allot_config "$ALLOT_PORT" "$ADMIN_PORT" "$BACKEND" > "$work/allot.toml"
-$ALLOT gateway --config "$work/allot.toml" --threads 1 > "$work/allot.out" 2>"$work/allot.err" &
+$ALLOT gateway --config "$work/allot.toml" --threads "$THREADS" > "$work/allot.out" 2>"$work/allot.err" &
 pids+=($!)
 ALLOT_PID=$!
 
@@ -109,18 +112,18 @@ declare -A url=(
   [haproxy]="http://127.0.0.1:$HAPROXY_PORT/"
   [allot]="http://127.0.0.1:$ALLOT_PORT/"
 )
-# The process doing each proxy's work (nginx: its one worker); direct: the back end.
-NGINX_WORKER=$(pgrep -P "$NGINX_MASTER" | head -1)
-declare -A proc=([direct]=$BACKEND_PID [nginx]=${NGINX_WORKER:-$NGINX_MASTER} [haproxy]=$HAPROXY_PID [allot]=$ALLOT_PID)
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+# The processes doing each proxy's work (nginx: its workers); direct: the back end.
+NGINX_WORKERS=$(pgrep -P "$NGINX_MASTER" | tr '\n' ' ')
+declare -A proc=([direct]=$BACKEND_PID [nginx]="${NGINX_WORKERS:-$NGINX_MASTER}" [haproxy]=$HAPROXY_PID [allot]=$ALLOT_PID)
+cpu_ticks() { local t=0; for p in $1; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo $t; }
 TICK=$(getconf CLK_TCK)
 order=(direct nginx haproxy allot)
 declare -A rps p99 cpu
-for t in "${order[@]}"; do wrk -t1 -c"$CONNS" -d2s "${url[$t]}" >/dev/null; done   # warm up
+for t in "${order[@]}"; do wrk -t"$THREADS" -c"$CONNS" -d2s "${url[$t]}" >/dev/null; done   # warm up
 for r in $(seq "$ROUNDS"); do
   for t in "${order[@]}"; do
     c0=$(cpu_ticks "${proc[$t]}")
-    out=$(wrk -t1 -c"$CONNS" -d"$DURATION" --latency "${url[$t]}")
+    out=$(wrk -t"$THREADS" -c"$CONNS" -d"$DURATION" --latency "${url[$t]}")
     c1=$(cpu_ticks "${proc[$t]}")
     n=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
     total=$(awk '/requests in/ {print $1}' <<<"$out")
@@ -136,7 +139,7 @@ done
 median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 base_rps=$(median <<<"${rps[nginx]}"); base_p99=$(median <<<"${p99[nginx]}"); base_cpu=$(median <<<"${cpu[nginx]}")
 echo
-echo "medians of $ROUNDS rounds, wrk -t1 -c$CONNS -d$DURATION, one worker per proxy"
+echo "medians of $ROUNDS rounds, wrk -t$THREADS -c$CONNS -d$DURATION, $THREADS worker(s) per proxy"
 echo "(CPU: the proxy's own user + system time per request; for direct, the back end's)"
 printf '| %-8s | %10s | %8s | %10s | %13s | %13s | %13s |\n' target "req/s" "p99 ms" "CPU µs/req" "req/s ÷ nginx" "p99 ÷ nginx" "CPU ÷ nginx"
 printf '|%s|%s|%s|%s|%s|%s|%s|\n' ---------- ------------ ---------- ------------ --------------- --------------- ---------------

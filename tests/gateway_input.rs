@@ -1,4 +1,4 @@
-//! Acceptance (g): malformed, oversized and slow inputs get 400 / 431 / 408 / 413 over raw
+//! Malformed, oversized and slow inputs get 400 / 431 / 408 / 413 over raw
 //! TCP while other clients are served, and the gateway keeps running.
 
 mod common;

@@ -1,4 +1,4 @@
-//! Acceptance (a): address, Host, path, header and probability rules route correctly,
+//! Address, Host, path, header and probability rules route correctly,
 //! including a chain two deep; a 30/70 probability split lands within ±3 points over
 //! 10 000 requests. Also: back-end failures get 502 with a clear body, and a dead address
 //! is skipped for a live one without the client noticing; a back end that does not answer

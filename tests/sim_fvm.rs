@@ -1,4 +1,4 @@
-//! `allot sim fvm` (issue 4, acceptance g): with the paper's figure 3(a) parameters the
+//! `allot sim fvm`: with the paper's figure 3(a) parameters the
 //! fluid model converges to equal demands, at the analytic steady state n* = 2/c* − 2.
 
 use std::process::Command;

@@ -198,7 +198,7 @@ impl Controllers {
 /// Several gateways' loops on one shared back end must not keep a fixed phase order:
 /// with AIMD, whichever loop closes its period first after the back end slows down takes
 /// the cut, the others then see the relief and do not, and with fixed phases that is the
-/// same loop every time, so the limits drift apart and stay apart (issue 5 (d)). A tick
+/// same loop every time, so the limits drift apart and stay apart. A tick
 /// jittered by ±25% reshuffles the order within a few periods; the controllers measure
 /// each period's length, so none of them assumes a fixed one.
 const TICK_JITTER: f64 = 0.25;

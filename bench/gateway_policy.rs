@@ -102,6 +102,8 @@ fn classify(c: &mut Criterion) {
         host: Some("www.example.com"),
         path: "/index.html",
         headers: &headers,
+        listener: None,
+        first_bytes: b"",
     };
     c.bench_function(
         "classify/11 rules, 8 header strings, match at rule 9",

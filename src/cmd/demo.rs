@@ -96,12 +96,16 @@ async fn demo(length: Duration) -> anyhow::Result<()> {
     }
     let text = CONFIG.replace("BACKENDS", &addresses.join(", "));
     let config = Config::parse(&text, "demo (embedded)")?;
-    let listener = server::bind(config.listener.address).await?;
-    let target = listener.local_addr()?;
+    let listeners = server::bind_all(&config).await?;
+    let target = listeners
+        .first()
+        .map(|l| l.local_addr())
+        .transpose()?
+        .ok_or_else(|| anyhow::anyhow!("the demo configuration has no listener"))?;
     let gw = Gateway::new(config)?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut stop = stop_rx.clone();
-    let serving = tokio::spawn(server::run(gw.clone(), listener, None, async move {
+    let serving = tokio::spawn(server::run(gw.clone(), listeners, None, async move {
         let _ = stop.wait_for(|s| *s).await;
     }));
 

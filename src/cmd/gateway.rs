@@ -45,10 +45,15 @@ async fn serve(config: Config, path: PathBuf) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
-    let listener = server::bind(config.listener.address).await?;
+    let listeners = server::bind_all(&config).await?;
     let admin = server::bind(config.admin.address).await?;
-    let gateway_addr = listener.local_addr()?;
     let admin_addr = admin.local_addr()?;
+    // `gateway=` is the first listener; every listener also by its name.
+    let mut addresses = Vec::with_capacity(listeners.len());
+    for (l, bound) in config.listeners().zip(&listeners) {
+        addresses.push((l.name(), bound.local_addr()?));
+    }
+    let gateway_addr = addresses.first().map(|(_, a)| *a).context("no listener")?;
     if config.admin.resolved_token().is_none() {
         tracing::warn!(
             "no admin token: the admin API is read-only (set admin.token or ALLOT_ADMIN_TOKEN)"
@@ -56,16 +61,25 @@ async fn serve(config: Config, path: PathBuf) -> anyhow::Result<()> {
     }
     let gw = Gateway::new(config).context("starting the gateway")?;
     let reload = tokio::spawn(reload_on_hangup(gw.clone(), path, hup));
-    // One machine-readable line, so scripts and tests learn ports chosen at run time.
-    println!("listening gateway={gateway_addr} admin={admin_addr}");
-    tracing::info!(%gateway_addr, %admin_addr, "gateway listening");
+    // One machine-readable line, so scripts and tests learn ports chosen at run time:
+    // `gateway=` (the first listener), `admin=`, then `listener.NAME=` for each listener
+    // whose name has no spaces.
+    let mut line = format!("listening gateway={gateway_addr} admin={admin_addr}");
+    for (name, addr) in &addresses {
+        if !name.contains(char::is_whitespace) {
+            line.push_str(&format!(" listener.{name}={addr}"));
+        }
+        tracing::info!(listener = %name, %addr, "listening");
+    }
+    println!("{line}");
+    tracing::info!(%admin_addr, "admin API listening");
     let stop = async move {
         tokio::select! {
             _ = int.recv() => tracing::info!("SIGINT: shutting down"),
             _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
         }
     };
-    let served = server::run(gw, listener, Some(admin), stop).await;
+    let served = server::run(gw, listeners, Some(admin), stop).await;
     reload.abort();
     served.context("the gateway stopped")
 }

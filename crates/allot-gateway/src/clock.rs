@@ -20,3 +20,8 @@ pub fn now() -> Nanos {
 pub fn to_nanos(at: Instant) -> Nanos {
     Nanos(u64::try_from(at.saturating_duration_since(origin()).as_nanos()).unwrap_or(u64::MAX))
 }
+
+/// The model's time as an instant.
+pub fn to_instant(at: Nanos) -> Instant {
+    origin() + std::time::Duration::from_nanos(at.0)
+}

@@ -139,6 +139,8 @@ pub struct Enforcer {
     principals: Vec<Arc<Principal>>,
     /// Redirect mode: location of each principal's capacity.
     locations: Vec<Option<String>>,
+    /// Connections: the back-end address of each principal's capacity.
+    addresses: Vec<Option<std::net::SocketAddr>>,
     window: Duration,
 }
 
@@ -193,7 +195,19 @@ impl Enforcer {
                     .server
                     .iter()
                     .find(|s| s.principal == p.name)
-                    .map(|s| s.location.trim_end_matches('/').to_string())
+                    .and_then(|s| s.location.as_deref())
+                    .map(|l| l.trim_end_matches('/').to_string())
+            })
+            .collect();
+        let addresses = set
+            .principals()
+            .iter()
+            .map(|p| {
+                config
+                    .server
+                    .iter()
+                    .find(|s| s.principal == p.name)
+                    .and_then(|s| s.address)
             })
             .collect();
         let enforcer = Enforcer {
@@ -201,6 +215,7 @@ impl Enforcer {
             planner,
             principals,
             locations,
+            addresses,
             window: Duration::from_millis(config.window_ms),
         };
         if previous.is_none() {
@@ -238,14 +253,16 @@ impl Enforcer {
             .and_then(|p| self.index_of(p))
     }
 
-    /// The cost of a request for `path`, in units.
-    pub fn cost_of(&self, path: &str) -> f64 {
-        self.config.cost_of(path)
+    /// The cost of a request or connection, in units.
+    pub fn cost_of(&self, unit: &crate::config::CostOf<'_>) -> f64 {
+        self.config.cost_of(unit)
     }
 
-    /// A request of `principal` costing `cost` arrives: count it as demand and take
-    /// credit if there is some and nobody of the same principal waits before it.
-    pub fn arrive(&self, principal: usize, cost: f64, now: Nanos) -> Credit {
+    /// A request (or connection) of `principal` costing `cost` arrives: count it as
+    /// demand and take credit if there is some and nobody of the same principal waits
+    /// before it. In redirect mode a request over credit is deferred (sent back) when
+    /// `redirectable`; a connection, which cannot be redirected, waits.
+    pub fn arrive(&self, principal: usize, cost: f64, redirectable: bool, now: Nanos) -> Credit {
         let Some(p) = self.principals.get(principal) else {
             return Credit::Now(Charge {
                 principal: None,
@@ -262,7 +279,7 @@ impl Enforcer {
             });
         }
         p.counters.deferred.fetch_add(1, Relaxed);
-        if self.redirect() {
+        if self.redirect() && redirectable {
             return Credit::Deferred;
         }
         let (tx, rx) = oneshot::channel();
@@ -276,21 +293,56 @@ impl Enforcer {
     /// Redirect mode: where a request of `principal` goes, drawing among the owners whose
     /// capacity serves it in proportion to their part (`draw` in [0, 1)).
     pub fn location(&self, principal: usize, draw: f64) -> Option<&str> {
+        let owner = self.owner_for(principal, draw)?;
+        self.locations.get(owner)?.as_deref()
+    }
+
+    /// The owner whose capacity serves one unit of `principal`, drawn in proportion to
+    /// this window's placement (`draw` in [0, 1)); the principal itself when the plan
+    /// places nothing.
+    fn owner_for(&self, principal: usize, draw: f64) -> Option<usize> {
         let p = self.principals.get(principal)?;
         let s = lock(&p.state);
         let total: f64 = s.owners.iter().map(|(_, u)| u).sum();
         let mut at = draw * total;
-        let owner = s
-            .owners
-            .iter()
-            .find(|(_, u)| {
-                at -= u;
-                at < 0.0
-            })
-            .or(s.owners.last())
-            .map(|(o, _)| *o)
-            .unwrap_or(principal);
-        self.locations.get(owner)?.as_deref()
+        Some(
+            s.owners
+                .iter()
+                .find(|(_, u)| {
+                    at -= u;
+                    at < 0.0
+                })
+                .or(s.owners.last())
+                .map(|(o, _)| *o)
+                .unwrap_or(principal),
+        )
+    }
+
+    /// Connections: whether any principal's capacity is tied to a back-end address.
+    pub fn places_connections(&self) -> bool {
+        self.addresses.iter().any(|a| a.is_some())
+    }
+
+    /// Connections: the back-end address a connection of `principal` goes to, drawn by
+    /// this window's placement (`draw` in [0, 1)); `None` when the owner drawn has none.
+    pub fn server_address(&self, principal: usize, draw: f64) -> Option<std::net::SocketAddr> {
+        let owner = self.owner_for(principal, draw)?;
+        self.addresses.get(owner).copied().flatten()
+    }
+
+    /// Connections: whether this window's placement lets `principal` use the server at
+    /// `addr` (for affinity: a client stays on its server only while this holds).
+    pub fn allows(&self, principal: usize, addr: std::net::SocketAddr) -> bool {
+        let Some(p) = self.principals.get(principal) else {
+            return false;
+        };
+        let s = lock(&p.state);
+        let owners: Vec<usize> = s.owners.iter().map(|(o, _)| *o).collect();
+        let own = owners.is_empty().then_some(principal);
+        owners
+            .into_iter()
+            .chain(own)
+            .any(|o| self.addresses.get(o).copied().flatten() == Some(addr))
     }
 
     /// End of a window: fold arrivals (and the backlog still waiting) into the demand
@@ -425,7 +477,7 @@ mod tests {
         // A second in: the bucket is full.
         let t = Nanos::from_millis(1000);
         let before = credit_left(&e, t);
-        let Credit::Now(charge) = e.arrive(0, 1.0, t) else {
+        let Credit::Now(charge) = e.arrive(0, 1.0, true, t) else {
             panic!("within credit");
         };
         assert!((credit_left(&e, t) - (before - 1.0)).abs() < 1e-9);
@@ -433,7 +485,7 @@ mod tests {
         drop(charge);
         assert!(credit_left(&e, t) >= before - 1e-9, "the credit came back");
         // Served: kept, spent.
-        let Credit::Now(charge) = e.arrive(0, 1.0, t) else {
+        let Credit::Now(charge) = e.arrive(0, 1.0, true, t) else {
             panic!("within credit");
         };
         charge.keep();
@@ -445,7 +497,7 @@ mod tests {
         let e = enforcer(10.0);
         // Nothing accrued yet: the request waits.
         let t0 = Nanos(0);
-        let Credit::Wait(wait) = e.arrive(0, 1.0, t0) else {
+        let Credit::Wait(wait) = e.arrive(0, 1.0, true, t0) else {
             panic!("no credit at the start");
         };
         // Credit accrues and is sent to the waiter, who has left meanwhile.

@@ -16,7 +16,9 @@
 //! - [`credit`]: sharing agreements as credit per principal;
 //! - [`upstream`]: back-end pools, balancing, passive health, the request body sent on;
 //! - [`runtime`]: the live state as one snapshot, swapped whole on every change;
+//! - [`admission`]: accept rate, credit and a slot, alike for requests and connections;
 //! - [`http`]: the L7 path as small steps, and the one map from answers to responses;
+//! - [`tcp`]: the L4 path: inspect, classify, admit, connect, copy both ways; FTP;
 //! - [`control`]: the supervisor of every loop (agreement windows, QoS controllers);
 //! - [`gateway`]: the gateway as the binary holds it (live state and supervisor);
 //! - [`admin`]: the admin API and the metrics;
@@ -24,6 +26,7 @@
 #![deny(missing_docs)]
 
 pub mod admin;
+pub mod admission;
 pub mod clock;
 pub mod config;
 pub mod control;
@@ -35,6 +38,7 @@ pub mod sched;
 pub mod server;
 pub mod shape;
 pub mod stats;
+pub mod tcp;
 pub mod upstream;
 
 pub use config::{Config, ConfigError};

@@ -28,7 +28,7 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use tokio::time::Instant;
 
-use crate::config::{ClassConfig, Config, ConfigError, Secret};
+use crate::config::{ClassConfig, Config, ConfigError, ListenerConfig, Secret};
 use crate::credit::Enforcer;
 use crate::sched::{ClassLimits, SchedClass, Scheduler};
 use crate::shape::BandwidthGroup;
@@ -182,7 +182,7 @@ pub struct ClassRt {
     /// The principal its requests are charged to, under `[agreements]`.
     pub principal: Option<usize>,
     /// The 503 bodies, by [`RefuseReason`], made once.
-    refusals: [Bytes; 4],
+    refusals: [Bytes; RefuseReason::ALL.len()],
 }
 
 impl ClassRt {
@@ -197,13 +197,23 @@ impl ClassRt {
     }
 }
 
-/// The listener's settings as the request path reads them.
+/// A listener's settings as its connections and requests read them.
 #[derive(Debug, Clone)]
 pub struct ListenerRt {
-    /// Largest request body.
+    /// Its name, as rules and metrics see it.
+    pub name: Arc<str>,
+    /// Its configuration.
+    pub config: ListenerConfig,
+    /// The chain its classification starts in (an index into the rule set's chains).
+    pub entry: usize,
+    /// HTTP: largest request body.
     pub max_body_bytes: u64,
-    /// Longest pause in a request body.
+    /// HTTP: longest pause in a request body.
     pub request_body_timeout: Duration,
+    /// Idle timeout: between requests (HTTP), or without a byte either way (TCP).
+    pub idle_timeout: Duration,
+    /// TCP: how long to wait for the client's first bytes.
+    pub inspect: Duration,
 }
 
 /// One snapshot of the whole live state: what a request loads once and uses to the end.
@@ -227,8 +237,8 @@ pub struct Runtime {
     pub groups: HashMap<String, Arc<BandwidthGroup>>,
     /// The agreement enforcer, under `[agreements]`.
     pub enforcer: Option<Arc<Enforcer>>,
-    /// The listener's settings.
-    pub listener: ListenerRt,
+    /// The listeners, in configuration order (fixed at start).
+    pub listeners: Vec<ListenerRt>,
 }
 
 impl Runtime {
@@ -369,11 +379,22 @@ impl Runtime {
             })
             .collect();
         scheduler.set_max_running(config.gateway.max_running);
-        let l = &config.listener;
-        let listener = ListenerRt {
-            max_body_bytes: l.max_body_bytes,
-            request_body_timeout: Duration::from_millis(l.request_body_timeout_ms),
-        };
+        let listeners = config
+            .listeners()
+            .map(|l| ListenerRt {
+                name: Arc::from(l.name()),
+                entry: l
+                    .entry_chain
+                    .as_deref()
+                    .and_then(|c| rules.chain_index(c))
+                    .unwrap_or(usize::MAX),
+                max_body_bytes: l.max_body_bytes,
+                request_body_timeout: Duration::from_millis(l.request_body_timeout_ms),
+                idle_timeout: Duration::from_millis(l.idle_timeout_ms()),
+                inspect: Duration::from_millis(l.inspect_ms),
+                config: l.clone(),
+            })
+            .collect();
         Ok(Runtime {
             generation,
             admin_token: config.admin.resolved_token(),
@@ -383,7 +404,7 @@ impl Runtime {
             backends,
             groups,
             enforcer,
-            listener,
+            listeners,
             config,
         })
     }
@@ -474,12 +495,21 @@ impl Live {
     pub fn apply(&self, config: Config) -> Result<(), ConfigError> {
         let _one_at_a_time = self.change.lock().unwrap_or_else(|p| p.into_inner());
         let old = self.load();
-        if old.config.listener.address != config.listener.address
-            || old.config.admin.address != config.admin.address
-        {
-            tracing::warn!(
-                "listener and admin addresses are fixed at start; restart to change them"
-            );
+        let shape = |c: &Config| -> Vec<(String, std::net::SocketAddr, &'static str)> {
+            c.listeners()
+                .map(|l| (l.name(), l.address, l.protocol.as_str()))
+                .collect()
+        };
+        if shape(&old.config) != shape(&config) {
+            return Err(invalid(
+                "listener",
+                "the listeners (their names, addresses and protocols) are fixed at start; \
+                 restart the gateway to change them"
+                    .into(),
+            ));
+        }
+        if old.config.admin.address != config.admin.address {
+            tracing::warn!("the admin address is fixed at start; restart to change it");
         }
         let generation = old.generation + 1;
         let next = Runtime::build(config, Some(&old), &self.scheduler, generation)?;

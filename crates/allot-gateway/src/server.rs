@@ -21,6 +21,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 
+use crate::config::Protocol;
 use crate::gateway::Gateway;
 use crate::http::conn::{ConnState, TimedIo, Timeouts};
 use crate::http::forward::Peer;
@@ -56,6 +57,16 @@ pub enum ServeError {
     },
 }
 
+/// Binds every listener of `config`, in configuration order, naming the address of any
+/// that cannot be bound.
+pub async fn bind_all(config: &crate::Config) -> io::Result<Vec<TcpListener>> {
+    let mut out = Vec::new();
+    for l in config.listeners() {
+        out.push(bind(l.address).await?);
+    }
+    Ok(out)
+}
+
 /// Binds a listener, naming the address in the error.
 pub async fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     TcpListener::bind(addr)
@@ -87,26 +98,57 @@ pub fn default_max_connections(descriptors: u64) -> usize {
     usable.clamp(16, 16_384) as usize
 }
 
-/// Serves clients on `client` and the admin API on `admin` until `shutdown` resolves or a
-/// listener fails for good; then stops accepting and lets requests in flight finish
-/// within the configured grace.
+/// Serves every listener of the configuration (`listeners`, bound in configuration
+/// order) and the admin API on `admin` until `shutdown` resolves or a listener fails for
+/// good; then stops accepting and lets requests and connections in flight finish within
+/// the configured grace.
 pub async fn run(
     gw: Gateway,
-    client: TcpListener,
+    listeners: Vec<TcpListener>,
     admin: Option<TcpListener>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServeError> {
     let (stop_tx, stop_rx) = watch::channel(false);
-    let client_graceful = Arc::new(GracefulShutdown::new());
+    let (force_tx, force_rx) = watch::channel(false);
+    let http_graceful = Arc::new(GracefulShutdown::new());
     let admin_graceful = Arc::new(GracefulShutdown::new());
+    let tcp = Arc::new(TcpDrain::default());
+    // One budget of descriptors for every listener's clients.
+    let global = Arc::new(Semaphore::new(default_max_connections(
+        raise_descriptor_limit(),
+    )));
     let mut tasks = tokio::task::JoinSet::new();
     let mut names = Vec::new();
-    {
-        let gw = gw.clone();
-        let graceful = Arc::clone(&client_graceful);
-        let stop = stop_rx.clone();
-        let task = tasks.spawn(async move { serve_clients(gw, client, graceful, stop).await });
-        names.push((task.id(), "client"));
+    let rt = gw.runtime();
+    for (index, listener) in listeners.into_iter().enumerate() {
+        let Some(l) = rt.listeners.get(index) else {
+            continue;
+        };
+        let name: &'static str = Box::leak(l.name.to_string().into_boxed_str());
+        let slots = Slots {
+            global: Arc::clone(&global),
+            own: l
+                .config
+                .max_connections
+                .map(|n| Arc::new(Semaphore::new(n))),
+        };
+        let (gw, stop) = (gw.clone(), stop_rx.clone());
+        let task = match l.config.protocol {
+            Protocol::Http => {
+                let graceful = Arc::clone(&http_graceful);
+                tasks.spawn(async move {
+                    serve_http(gw, index, name, listener, slots, graceful, stop).await
+                })
+            }
+            Protocol::Tcp | Protocol::Ftp => {
+                let ports = l.config.data_ports.map(crate::tcp::ftp::DataPorts::new);
+                let (drain, force) = (Arc::clone(&tcp), force_rx.clone());
+                tasks.spawn(async move {
+                    serve_tcp(gw, index, name, listener, slots, ports, drain, force, stop).await
+                })
+            }
+        };
+        names.push((task.id(), name));
     }
     if let Some(admin) = admin {
         let gw = gw.clone();
@@ -115,6 +157,7 @@ pub async fn run(
         let task = tasks.spawn(async move { serve_admin(gw, admin, graceful, stop).await });
         names.push((task.id(), "admin"));
     }
+    drop(rt);
     let name_of = |id| {
         names
             .iter()
@@ -142,11 +185,11 @@ pub async fn run(
     }
     let grace = gw.shutdown_grace();
     let drained = tokio::time::timeout(grace, async {
-        let client = Arc::try_unwrap(client_graceful).ok();
+        let http = Arc::try_unwrap(http_graceful).ok();
         let admin = Arc::try_unwrap(admin_graceful).ok();
         tokio::join!(
             async {
-                if let Some(g) = client {
+                if let Some(g) = http {
                     g.shutdown().await
                 }
             },
@@ -154,11 +197,14 @@ pub async fn run(
                 if let Some(g) = admin {
                     g.shutdown().await
                 }
-            }
+            },
+            tcp.idle(),
         );
     })
     .await
     .is_ok();
+    // Connections still open past the grace are closed now.
+    let _ = force_tx.send(true);
     gw.supervisor().stop();
     let open = gw.live().connections.load(Relaxed);
     if drained {
@@ -173,6 +219,71 @@ pub async fn run(
     match failure {
         Some(e) => Err(e),
         None => Ok(()),
+    }
+}
+
+/// The connection caps a listener accepts under: the process's budget of descriptors,
+/// and its own `max_connections` if set.
+struct Slots {
+    global: Arc<Semaphore>,
+    own: Option<Arc<Semaphore>>,
+}
+
+/// Held while a connection is open: its places under both caps.
+struct Slot {
+    _global: tokio::sync::OwnedSemaphorePermit,
+    _own: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl Slots {
+    /// Waits for room under both caps; `None` when the gateway stops.
+    async fn acquire(&self) -> Option<Slot> {
+        let own = match &self.own {
+            Some(s) => Some(Arc::clone(s).acquire_owned().await.ok()?),
+            None => None,
+        };
+        let global = Arc::clone(&self.global).acquire_owned().await.ok()?;
+        Some(Slot {
+            _global: global,
+            _own: own,
+        })
+    }
+}
+
+/// TCP connections in service, for the shutdown to wait on.
+#[derive(Default)]
+struct TcpDrain {
+    active: std::sync::atomic::AtomicUsize,
+    changed: tokio::sync::Notify,
+}
+
+impl TcpDrain {
+    async fn idle(&self) {
+        loop {
+            let notified = self.changed.notified();
+            if self.active.load(Relaxed) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// Counts one TCP connection in service while alive.
+struct Draining(Arc<TcpDrain>);
+
+impl Draining {
+    fn new(d: &Arc<TcpDrain>) -> Draining {
+        d.active.fetch_add(1, Relaxed);
+        Draining(Arc::clone(d))
+    }
+}
+
+impl Drop for Draining {
+    fn drop(&mut self) {
+        if self.0.active.fetch_sub(1, Relaxed) == 1 {
+            self.0.changed.notify_waiters();
+        }
     }
 }
 
@@ -205,20 +316,20 @@ fn listener_failure(
 /// Accepts until `stop`, one connection slot from `slots` per connection; back-end
 /// descriptor shortages back off and retry. Returns an error only for failures retrying
 /// cannot mend.
-async fn accept_loop(
+async fn accept_loop<P: Send + 'static>(
     listener: TcpListener,
     what: &'static str,
-    slots: Arc<Semaphore>,
+    acquire: impl Fn() -> std::pin::Pin<Box<dyn Future<Output = Option<P>> + Send>>,
     mut stop: watch::Receiver<bool>,
-    mut serve: impl FnMut(TcpStream, SocketAddr, tokio::sync::OwnedSemaphorePermit),
+    mut serve: impl FnMut(TcpStream, SocketAddr, P),
 ) -> io::Result<()> {
     let mut backoff = Duration::ZERO;
     let mut short_since: Option<tokio::time::Instant> = None;
     loop {
         let slot = tokio::select! {
-            slot = Arc::clone(&slots).acquire_owned() => match slot {
-                Ok(s) => s,
-                Err(_) => return Ok(()),
+            slot = acquire() => match slot {
+                Some(s) => s,
+                None => return Ok(()),
             },
             _ = stop.wait_for(|s| *s) => return Ok(()),
         };
@@ -274,69 +385,110 @@ impl Drop for OpenConnection {
     }
 }
 
-async fn serve_clients(
+async fn serve_http(
     gw: Gateway,
+    index: usize,
+    name: &'static str,
     listener: TcpListener,
+    slots: Slots,
     graceful: Arc<GracefulShutdown>,
     stop: watch::Receiver<bool>,
 ) -> io::Result<()> {
     let local = listener.local_addr()?;
-    let config = gw.runtime().config.listener.clone();
-    let max = config
-        .max_connections
-        .unwrap_or_else(|| default_max_connections(raise_descriptor_limit()));
-    tracing::debug!(max_connections = max, "client listener");
-    let slots = Arc::new(Semaphore::new(max));
-    accept_loop(
-        listener,
-        "client",
-        slots,
-        stop,
-        move |stream, peer, slot| {
-            let _ = stream.set_nodelay(true);
-            let live = Arc::clone(gw.live());
-            live.connections.fetch_add(1, Relaxed);
-            live.accepted.fetch_add(1, Relaxed);
-            let open = OpenConnection(gw.clone());
-            // Read per connection: a reload changes the settings of new connections.
-            let l = &live.load().config.listener;
-            let timeouts = Timeouts {
-                first_byte: Duration::from_millis(l.first_byte_timeout_ms),
-                head: Duration::from_millis(l.head_timeout_ms),
-                idle: Duration::from_millis(l.idle_timeout_ms),
-                send: Duration::from_millis(l.send_timeout_ms),
-            };
-            let (max_head, max_headers) = (l.max_head_bytes, l.max_headers);
-            let state = ConnState::default();
-            let io = TokioIo::new(TimedIo::new(stream, state.clone(), timeouts));
-            let client = Arc::new(Peer::new(peer, local));
-            let svc = service_fn(move |req| {
-                crate::http::handle(Arc::clone(&live), Arc::clone(&client), state.clone(), req)
-            });
-            let mut builder = http1::Builder::new();
-            builder
-                .timer(TokioTimer::new())
-                // TimedIo times heads (with a 408); hyper's own timer would arm and drop a
-                // sleep on every request of a keep-alive connection.
-                .header_read_timeout(None)
-                // Heads and small bodies go out in one buffer and one write.
-                .writev(false)
-                .keep_alive(true)
-                // hyper answers 431 past this; it needs at least 8 KiB.
-                .max_buf_size(max_head.max(8192));
-            if max_headers != 100 {
-                // hyper's default; any other value costs an allocation per request.
-                builder.max_headers(max_headers);
+    let slots = Arc::new(slots);
+    let acquire = move || {
+        let slots = Arc::clone(&slots);
+        Box::pin(async move { slots.acquire().await })
+            as std::pin::Pin<Box<dyn Future<Output = _> + Send>>
+    };
+    accept_loop(listener, name, acquire, stop, move |stream, peer, slot| {
+        let _ = stream.set_nodelay(true);
+        let live = Arc::clone(gw.live());
+        live.connections.fetch_add(1, Relaxed);
+        live.accepted.fetch_add(1, Relaxed);
+        let open = OpenConnection(gw.clone());
+        // Read per connection: a reload changes the settings of new connections.
+        let rt = live.load();
+        let Some(l) = rt.listeners.get(index).map(|l| &l.config) else {
+            return;
+        };
+        let timeouts = Timeouts {
+            first_byte: Duration::from_millis(l.first_byte_timeout_ms),
+            head: Duration::from_millis(l.head_timeout_ms),
+            idle: Duration::from_millis(l.idle_timeout_ms()),
+            send: Duration::from_millis(l.send_timeout_ms),
+        };
+        let (max_head, max_headers) = (l.max_head_bytes, l.max_headers);
+        drop(rt);
+        let state = ConnState::default();
+        let io = TokioIo::new(TimedIo::new(stream, state.clone(), timeouts));
+        let client = Arc::new(Peer::new(peer, local));
+        let svc = service_fn(move |req| {
+            crate::http::handle(
+                Arc::clone(&live),
+                index,
+                Arc::clone(&client),
+                state.clone(),
+                req,
+            )
+        });
+        let mut builder = http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            // TimedIo times heads (with a 408); hyper's own timer would arm and drop a
+            // sleep on every request of a keep-alive connection.
+            .header_read_timeout(None)
+            // Heads and small bodies go out in one buffer and one write.
+            .writev(false)
+            .keep_alive(true)
+            // hyper answers 431 past this; it needs at least 8 KiB.
+            .max_buf_size(max_head.max(8192));
+        if max_headers != 100 {
+            // hyper's default; any other value costs an allocation per request.
+            builder.max_headers(max_headers);
+        }
+        let conn = graceful.watch(builder.serve_connection(io, svc));
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%peer, error = %e, "client connection ended");
             }
-            let conn = graceful.watch(builder.serve_connection(io, svc));
-            tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(%peer, error = %e, "client connection ended");
-                }
-                drop((slot, open));
-            });
-        },
-    )
+            drop((slot, open));
+        });
+    })
+    .await
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn serve_tcp(
+    gw: Gateway,
+    index: usize,
+    name: &'static str,
+    listener: TcpListener,
+    slots: Slots,
+    ports: Option<Arc<crate::tcp::ftp::DataPorts>>,
+    drain: Arc<TcpDrain>,
+    force: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
+) -> io::Result<()> {
+    let local = listener.local_addr()?;
+    let slots = Arc::new(slots);
+    let acquire = move || {
+        let slots = Arc::clone(&slots);
+        Box::pin(async move { slots.acquire().await })
+            as std::pin::Pin<Box<dyn Future<Output = _> + Send>>
+    };
+    accept_loop(listener, name, acquire, stop, move |stream, peer, slot| {
+        let live = Arc::clone(gw.live());
+        live.connections.fetch_add(1, Relaxed);
+        live.accepted.fetch_add(1, Relaxed);
+        let open = OpenConnection(gw.clone());
+        let draining = Draining::new(&drain);
+        let (ports, force) = (ports.clone(), force.clone());
+        tokio::spawn(async move {
+            crate::tcp::serve(live, index, stream, peer, local, ports, force).await;
+            drop((slot, open, draining));
+        });
+    })
     .await
 }
 
@@ -347,20 +499,31 @@ async fn serve_admin(
     stop: watch::Receiver<bool>,
 ) -> io::Result<()> {
     let slots = Arc::new(Semaphore::new(MAX_ADMIN_CONNECTIONS));
-    accept_loop(listener, "admin", slots, stop, move |stream, peer, slot| {
-        let gw = gw.clone();
-        let svc = service_fn(move |req| crate::admin::handle(gw.clone(), req));
-        let conn = http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(Duration::from_secs(10))
-            .serve_connection(TokioIo::new(stream), svc);
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(%peer, error = %e, "admin connection ended");
-            }
-            drop(slot);
-        });
-    })
+    let acquire = move || {
+        let slots = Arc::clone(&slots);
+        Box::pin(async move { slots.acquire_owned().await.ok() })
+            as std::pin::Pin<Box<dyn Future<Output = _> + Send>>
+    };
+    accept_loop(
+        listener,
+        "admin",
+        acquire,
+        stop,
+        move |stream, peer, slot| {
+            let gw = gw.clone();
+            let svc = service_fn(move |req| crate::admin::handle(gw.clone(), req));
+            let conn = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), svc);
+            let conn = graceful.watch(conn);
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(%peer, error = %e, "admin connection ended");
+                }
+                drop(slot);
+            });
+        },
+    )
     .await
 }

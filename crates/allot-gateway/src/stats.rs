@@ -130,15 +130,19 @@ pub enum RefuseReason {
     Rate,
     /// The principal's agreement quota was spent.
     Quota,
+    /// An FTP data connection came from another address than its control connection's
+    /// client.
+    Address,
 }
 
 impl RefuseReason {
     /// All reasons, in metric order.
-    pub const ALL: [RefuseReason; 4] = [
+    pub const ALL: [RefuseReason; 5] = [
         RefuseReason::QueueFull,
         RefuseReason::Timeout,
         RefuseReason::Rate,
         RefuseReason::Quota,
+        RefuseReason::Address,
     ];
 
     /// The label value and the word in a 503 body.
@@ -148,6 +152,7 @@ impl RefuseReason {
             RefuseReason::Timeout => "timeout",
             RefuseReason::Rate => "rate",
             RefuseReason::Quota => "quota",
+            RefuseReason::Address => "address",
         }
     }
 }
@@ -197,6 +202,51 @@ impl AbortReason {
     }
 }
 
+/// How a TCP connection in service ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// Both sides finished; the client closed first.
+    ClientClosed,
+    /// Both sides finished; the server closed first.
+    ServerClosed,
+    /// No byte either way for the listener's `idle_timeout_ms`.
+    IdleTimeout,
+    /// The class's `request_timeout_ms` passed.
+    Timeout,
+    /// No back-end address accepted the connection.
+    ConnectFailed,
+    /// A socket error (a reset) on either side.
+    Error,
+    /// The gateway stopped.
+    Shutdown,
+}
+
+impl CloseReason {
+    /// All reasons, in metric order.
+    pub const ALL: [CloseReason; 7] = [
+        CloseReason::ClientClosed,
+        CloseReason::ServerClosed,
+        CloseReason::IdleTimeout,
+        CloseReason::Timeout,
+        CloseReason::ConnectFailed,
+        CloseReason::Error,
+        CloseReason::Shutdown,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseReason::ClientClosed => "client_closed",
+            CloseReason::ServerClosed => "server_closed",
+            CloseReason::IdleTimeout => "idle_timeout",
+            CloseReason::Timeout => "timeout",
+            CloseReason::ConnectFailed => "connect_failed",
+            CloseReason::Error => "error",
+            CloseReason::Shutdown => "shutdown",
+        }
+    }
+}
+
 /// Sensors of one class.
 #[derive(Debug, Default)]
 pub struct ClassStats {
@@ -205,7 +255,7 @@ pub struct ClassStats {
     /// Requests sent on to service.
     pub admitted: AtomicU64,
     /// Requests refused, by [`RefuseReason`] (indexed as [`RefuseReason::ALL`]).
-    pub refused: [AtomicU64; 4],
+    pub refused: [AtomicU64; 5],
     /// Requests waiting now.
     pub queued: AtomicI64,
     /// Requests in service now.
@@ -222,6 +272,9 @@ pub struct ClassStats {
     pub failed: AtomicU64,
     /// Requests cut off in service, by [`AbortReason`] (indexed as [`AbortReason::ALL`]).
     pub aborted: [AtomicU64; 7],
+    /// TCP connections that ended after admission, by [`CloseReason`] (indexed as
+    /// [`CloseReason::ALL`]).
+    pub closed: [AtomicU64; 7],
 }
 
 impl ClassStats {
@@ -235,6 +288,11 @@ impl ClassStats {
         self.aborted[reason as usize].fetch_add(1, Relaxed);
     }
 
+    /// Counts one TCP connection that ended.
+    pub fn close(&self, reason: CloseReason) {
+        self.closed[reason as usize].fetch_add(1, Relaxed);
+    }
+
     /// A serialisable copy.
     pub fn snapshot(&self, name: &str) -> ClassSnapshot {
         ClassSnapshot {
@@ -245,6 +303,7 @@ impl ClassStats {
             refused_timeout: self.refused[1].load(Relaxed),
             refused_rate: self.refused[2].load(Relaxed),
             refused_quota: self.refused[3].load(Relaxed),
+            refused_address: self.refused[4].load(Relaxed),
             queued: self.queued.load(Relaxed).max(0) as u64,
             in_flight: self.in_flight.load(Relaxed).max(0) as u64,
             bytes_in: self.bytes_in.load(Relaxed),
@@ -258,6 +317,16 @@ impl ClassStats {
                         self.aborted[*r as usize].load(Relaxed),
                     )
                 })
+                .collect(),
+            closed: CloseReason::ALL
+                .iter()
+                .map(|r| {
+                    (
+                        r.as_str().to_string(),
+                        self.closed[*r as usize].load(Relaxed),
+                    )
+                })
+                .filter(|(_, n)| *n > 0)
                 .collect(),
             queue_delay: self.queue_delay.snapshot(),
             service_time: self.service_time.snapshot(),
@@ -282,6 +351,9 @@ pub struct ClassSnapshot {
     pub refused_rate: u64,
     /// Refused: agreement quota.
     pub refused_quota: u64,
+    /// Refused: an FTP data connection from another address.
+    #[serde(default)]
+    pub refused_address: u64,
     /// Waiting now.
     pub queued: u64,
     /// In service now.
@@ -295,6 +367,10 @@ pub struct ClassSnapshot {
     /// Requests cut off in service, by reason (`request_body_timeout`, …).
     #[serde(default)]
     pub aborted: std::collections::BTreeMap<String, u64>,
+    /// TCP connections that ended, by reason (`client_closed`, …); reasons never seen are
+    /// left out.
+    #[serde(default)]
+    pub closed: std::collections::BTreeMap<String, u64>,
     /// Queueing delay histogram.
     pub queue_delay: HistogramSnapshot,
     /// Service time histogram.
@@ -304,7 +380,11 @@ pub struct ClassSnapshot {
 impl ClassSnapshot {
     /// All refusals together.
     pub fn refused(&self) -> u64 {
-        self.refused_queue_full + self.refused_timeout + self.refused_rate + self.refused_quota
+        self.refused_queue_full
+            + self.refused_timeout
+            + self.refused_rate
+            + self.refused_quota
+            + self.refused_address
     }
 }
 
@@ -352,8 +432,10 @@ pub struct BackendStats {
     pub failures: [AtomicU64; 4],
     /// Time from sending to the end of the response body.
     pub service_time: Histogram,
-    /// Response body bytes received from it.
+    /// Response body bytes received from it (for a connection: bytes from the server).
     pub bytes_out: AtomicU64,
+    /// Bytes sent to it on connections (request bodies are counted per class).
+    pub bytes_in: AtomicU64,
 }
 
 impl BackendStats {
@@ -369,6 +451,7 @@ impl BackendStats {
             failures_body_timeout: self.failures[3].load(Relaxed),
             healthy_addresses,
             bytes_out: self.bytes_out.load(Relaxed),
+            bytes_in: self.bytes_in.load(Relaxed),
             service_time: self.service_time.snapshot(),
         }
     }
@@ -394,8 +477,11 @@ pub struct BackendSnapshot {
     pub failures_body_timeout: u64,
     /// Addresses not ejected now.
     pub healthy_addresses: usize,
-    /// Response body bytes received.
+    /// Response body bytes received (for connections: bytes from the server).
     pub bytes_out: u64,
+    /// Bytes sent to it on connections.
+    #[serde(default)]
+    pub bytes_in: u64,
     /// Service time histogram.
     pub service_time: HistogramSnapshot,
 }

@@ -4,9 +4,12 @@
 //! *tcpchains*): a chain is an ordered list of rules and a default target; the first rule
 //! whose conditions all hold decides; a target is a class or another chain, so chains
 //! compose ("forwarding chains"). The paper's three kinds of condition are here:
-//! address-based ([`Condition::Source`]), content-based ([`Condition::Host`],
-//! [`Condition::PathPrefix`], [`Condition::HeaderContains`]) and probabilistic
-//! ([`Condition::Probability`]).
+//! address-based ([`Condition::Source`], [`Condition::Listener`]), content-based
+//! ([`Condition::Host`], [`Condition::PathPrefix`], [`Condition::HeaderContains`],
+//! [`Condition::FirstBytes`]) and probabilistic ([`Condition::Probability`]). The same
+//! rules classify HTTP requests and TCP connections: a connection has a client address, a
+//! listener, perhaps the first bytes its client sent and a TLS server name (its host), and
+//! no path or headers, so rules on those never hold for it.
 //!
 //! All header strings of a chain are compiled into one Aho-Corasick automaton; a header's
 //! values are scanned once, the first time a rule of the chain needs that header, and the
@@ -39,6 +42,11 @@ pub enum Condition {
     Host(String),
     /// The request path starts with this (bytewise; must start with `/`).
     PathPrefix(String),
+    /// The request or connection came in on one of these listeners (by name).
+    Listener(Vec<String>),
+    /// The first bytes the client sent start with these (a connection's; never an HTTP
+    /// request's). Not empty.
+    FirstBytes(Vec<u8>),
     /// A header `name` (case-insensitive) has a value containing `value` as a byte
     /// substring (case-sensitive). Any of the header's values may contain it.
     HeaderContains {
@@ -107,16 +115,30 @@ impl Headers for HeaderList<'_> {
     }
 }
 
-/// What the classifier looks at in a request.
+/// What the classifier looks at in a request or a connection.
 pub struct RequestFacts<'a> {
     /// The client's address (the TCP peer, or a trusted forwarded-for address).
     pub client: IpAddr,
-    /// The request's host (Host header or absolute-form authority), port allowed.
+    /// The host: an HTTP request's (Host header or absolute-form authority, port
+    /// allowed), or a TLS connection's server name.
     pub host: Option<&'a str>,
-    /// The request path (as in the request line).
+    /// The request path (as in the request line); empty for a connection.
     pub path: &'a str,
-    /// The request's headers.
+    /// The request's headers (none for a connection).
     pub headers: &'a dyn Headers,
+    /// The name of the listener it came in on.
+    pub listener: Option<&'a str>,
+    /// The first bytes a connection's client sent (empty for an HTTP request, or when
+    /// the client sent nothing in time).
+    pub first_bytes: &'a [u8],
+}
+
+/// No headers at all: what a connection has.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoHeaders;
+
+impl Headers for NoHeaders {
+    fn for_each_value(&self, _name: &str, _f: &mut dyn FnMut(&[u8])) {}
 }
 
 /// Where in the rules an error is: a chain, and a rule id or the chain's default.
@@ -253,6 +275,18 @@ pub enum RuleError {
         /// The prefix given.
         prefix: String,
     },
+    /// A listener condition with no names, or an empty name.
+    #[error("{at}: `listener` must name at least one listener, and no name may be empty")]
+    EmptyListener {
+        /// Where.
+        at: Place,
+    },
+    /// A first-bytes condition that looks for nothing.
+    #[error("{at}: `first_bytes` must not be empty")]
+    EmptyFirstBytes {
+        /// Where.
+        at: Place,
+    },
     /// A change names a chain that does not exist.
     #[error("no chain named `{chain}` (chains: {known})")]
     NoSuchChain {
@@ -300,6 +334,8 @@ impl RuleError {
             | RuleError::BadSource { at, .. }
             | RuleError::EmptySource { at }
             | RuleError::BadPathPrefix { at, .. }
+            | RuleError::EmptyListener { at }
+            | RuleError::EmptyFirstBytes { at }
             | RuleError::UnknownClass { at, .. }
             | RuleError::UnknownChain { at, .. }
                 if at.chain.is_empty() =>
@@ -420,6 +456,14 @@ fn check_condition(c: &Condition, at: &Place) -> Result<(), RuleError> {
             prefix: p.clone(),
         }),
         Condition::PathPrefix(_) => Ok(()),
+        Condition::Listener(names) if names.is_empty() || names.iter().any(|n| n.is_empty()) => {
+            Err(RuleError::EmptyListener { at: at.clone() })
+        }
+        Condition::Listener(_) => Ok(()),
+        Condition::FirstBytes(b) if b.is_empty() => {
+            Err(RuleError::EmptyFirstBytes { at: at.clone() })
+        }
+        Condition::FirstBytes(_) => Ok(()),
         Condition::HeaderContains { name, .. } if !is_header_name(name) => {
             Err(RuleError::BadHeaderName {
                 at: at.clone(),
@@ -450,6 +494,8 @@ enum Test {
     Source(Vec<IpNet>),
     Host(HostPattern),
     PathPrefix(String),
+    Listener(Vec<String>),
+    FirstBytes(Vec<u8>),
     /// Needle `needle` of the chain's automaton occurs in a value of header `header`.
     Header {
         header: usize,
@@ -637,6 +683,8 @@ impl RuleSet {
                             })?)
                         }
                         Condition::PathPrefix(p) => Test::PathPrefix(p.clone()),
+                        Condition::Listener(names) => Test::Listener(names.clone()),
+                        Condition::FirstBytes(b) => Test::FirstBytes(b.clone()),
                         Condition::HeaderContains { name, value } => {
                             let name = name.to_ascii_lowercase();
                             let header = match headers.iter().position(|h| *h == name) {
@@ -714,11 +762,32 @@ impl RuleSet {
     }
 
     /// The class of `req`: the target of the first matching rule, following chain targets
-    /// (at most as deep as the chains go: they are acyclic). Each probability condition
-    /// evaluated calls `draw` once for a number in `[0, 1)`.
+    /// (at most as deep as the chains go: they are acyclic), starting in the entry chain.
+    /// Each probability condition evaluated calls `draw` once for a number in `[0, 1)`.
     pub fn classify(&self, req: &RequestFacts<'_>, draw: &mut dyn FnMut() -> f64) -> usize {
+        self.classify_from(self.entry_index, req, draw)
+    }
+
+    /// The index of the chain named `name`, to start classification in (a listener's own
+    /// entry chain).
+    pub fn chain_index(&self, name: &str) -> Option<usize> {
+        self.chains.iter().position(|c| c.name == name)
+    }
+
+    /// As [`RuleSet::classify`], starting in chain `entry` (from
+    /// [`RuleSet::chain_index`]); an index out of range starts in the entry chain.
+    pub fn classify_from(
+        &self,
+        entry: usize,
+        req: &RequestFacts<'_>,
+        draw: &mut dyn FnMut() -> f64,
+    ) -> usize {
         let client = req.client.to_canonical();
-        let mut chain = self.entry_index;
+        let mut chain = if entry < self.compiled.len() {
+            entry
+        } else {
+            self.entry_index
+        };
         loop {
             let c = &self.compiled[chain];
             let mut scan: Option<HeaderScan> = None;
@@ -728,6 +797,10 @@ impl RuleSet {
                     Test::Source(nets) => nets.iter().any(|n| n.contains(&client)),
                     Test::Host(p) => req.host.is_some_and(|h| p.matches(h)),
                     Test::PathPrefix(p) => req.path.as_bytes().starts_with(p.as_bytes()),
+                    Test::Listener(names) => {
+                        req.listener.is_some_and(|l| names.iter().any(|n| n == l))
+                    }
+                    Test::FirstBytes(b) => req.first_bytes.starts_with(b),
                     Test::Header { header, needle } => {
                         let scan = scan.get_or_insert_with(|| HeaderScan::new(c));
                         scan.has(c, req.headers, *header, *needle)

@@ -137,6 +137,7 @@ impl Collector for StatusCollector {
                     ("timeout", c.refused_timeout),
                     ("rate", c.refused_rate),
                     ("quota", c.refused_quota),
+                    ("address", c.refused_address),
                 ]
                 .map(|(reason, v)| {
                     (

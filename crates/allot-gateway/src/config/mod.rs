@@ -5,9 +5,11 @@
 //! error names the file, the line and the key, and says what is allowed.
 
 pub mod controller;
+pub mod listener;
 mod secret;
 
 pub use controller::ControllerConfig;
+pub use listener::{ListenerConfig, Listeners, PortRange, Protocol};
 pub use secret::Secret;
 
 use std::collections::HashSet;
@@ -67,9 +69,10 @@ fn at_line(line: usize) -> String {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    /// Where clients connect, and the bounds on what they send.
+    /// Where clients connect, what they speak, and the bounds on what they send:
+    /// `[listener]` or `[[listener]]` tables.
     #[serde(default)]
-    pub listener: ListenerConfig,
+    pub listener: Listeners,
     /// The admin API (metrics, status, run-time changes).
     #[serde(default)]
     pub admin: AdminConfig,
@@ -111,10 +114,39 @@ pub enum AgreementMode {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct CostRule {
-    /// Path prefix the rule applies to.
-    pub path_prefix: String,
-    /// Cost units of one such request (> 0).
+    /// Requests whose path starts with this (a connection has no path, so never matches).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_prefix: Option<String>,
+    /// Requests or connections that came in on this listener (by name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listener: Option<String>,
+    /// Requests or connections of this class.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub class: Option<String>,
+    /// Cost units of one such request or connection (> 0).
     pub units: f64,
+}
+
+impl CostRule {
+    fn matches(&self, unit: &CostOf<'_>) -> bool {
+        self.path_prefix
+            .as_deref()
+            .is_none_or(|p| unit.path.is_some_and(|path| path.starts_with(p)))
+            && self.listener.as_deref().is_none_or(|l| l == unit.listener)
+            && self.class.as_deref().is_none_or(|c| c == unit.class)
+    }
+}
+
+/// What a cost rule looks at: a request's path (none for a connection), its listener and
+/// its class.
+#[derive(Debug, Clone, Copy)]
+pub struct CostOf<'a> {
+    /// The request's path; `None` for a connection.
+    pub path: Option<&'a str>,
+    /// The listener's name.
+    pub listener: &'a str,
+    /// The class's name.
+    pub class: &'a str,
 }
 
 /// Where a principal's capacity is reached, for redirect mode.
@@ -123,8 +155,14 @@ pub struct CostRule {
 pub struct ServerLocation {
     /// The principal owning the capacity.
     pub principal: String,
-    /// Base URL the request's path is appended to, e.g. `http://10.0.0.5:8080`.
-    pub location: String,
+    /// Redirect mode: base URL the request's path is appended to, e.g.
+    /// `http://10.0.0.5:8080`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub location: Option<String>,
+    /// Connections: the back-end address (one of the class's back end's) whose server is
+    /// this principal's capacity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<SocketAddr>,
 }
 
 fn default_agreement_window_ms() -> u64 {
@@ -158,7 +196,7 @@ pub struct AgreementsConfig {
     pub max_wait_ms: u64,
     /// Which principal each class's requests are charged to (`class = "principal"`).
     pub classes: std::collections::BTreeMap<String, String>,
-    /// Costs by path prefix (first match); other requests cost 1 unit.
+    /// Costs by path prefix, listener or class (first match); others cost 1 unit.
     #[serde(default)]
     pub cost: Vec<CostRule>,
     /// The principals (`[[agreements.principal]]`, as in `allot plan`).
@@ -183,60 +221,13 @@ impl AgreementsConfig {
         }
     }
 
-    /// The cost of a request for `path`, in units.
-    pub fn cost_of(&self, path: &str) -> f64 {
+    /// The cost of a request or connection, in units: the first matching cost rule's,
+    /// else 1.
+    pub fn cost_of(&self, unit: &CostOf<'_>) -> f64 {
         self.cost
             .iter()
-            .find(|c| path.starts_with(&c.path_prefix))
+            .find(|c| c.matches(unit))
             .map_or(1.0, |c| c.units)
-    }
-}
-
-/// The client-facing listener.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct ListenerConfig {
-    /// Address to listen on.
-    pub address: SocketAddr,
-    /// Largest request head accepted, in bytes; larger gets 431.
-    pub max_head_bytes: usize,
-    /// Most header fields in one request head; more get 431.
-    pub max_headers: usize,
-    /// Time allowed for a new connection's first byte, in milliseconds; then it is closed.
-    pub first_byte_timeout_ms: u64,
-    /// Time allowed to receive a whole request head once it has started, in
-    /// milliseconds; then 408.
-    pub head_timeout_ms: u64,
-    /// An idle keep-alive connection is closed after this long, in milliseconds.
-    pub idle_timeout_ms: u64,
-    /// Longest pause in a request body the client is sending, in milliseconds; then 408
-    /// (or, once the response has started, the exchange is cut off).
-    pub request_body_timeout_ms: u64,
-    /// Longest the client may leave a response unread (no byte accepted by its socket),
-    /// in milliseconds; then the connection is closed.
-    pub send_timeout_ms: u64,
-    /// Largest request body accepted, in bytes; larger gets 413.
-    pub max_body_bytes: u64,
-    /// Most client connections open at once; past it the gateway stops accepting until
-    /// one closes (they wait in the kernel's backlog). Default: half of the descriptors
-    /// the process may open, less a reserve, at most 16384.
-    pub max_connections: Option<usize>,
-}
-
-impl Default for ListenerConfig {
-    fn default() -> Self {
-        ListenerConfig {
-            address: SocketAddr::from(([127, 0, 0, 1], 8080)),
-            max_head_bytes: 16 * 1024,
-            max_headers: 100,
-            first_byte_timeout_ms: 10_000,
-            head_timeout_ms: 10_000,
-            idle_timeout_ms: 60_000,
-            request_body_timeout_ms: 30_000,
-            send_timeout_ms: 30_000,
-            max_body_bytes: 10 * 1024 * 1024,
-            max_connections: None,
-        }
     }
 }
 
@@ -346,6 +337,24 @@ pub struct BackendConfig {
     /// A pooled connection unused this long is closed (checked as connections return).
     #[serde(default = "default_pool_idle_timeout_ms")]
     pub pool_idle_timeout_ms: u64,
+    /// TCP: send a PROXY protocol header (`"v1"` or `"v2"`) first on every connection, so
+    /// the server sees the client's address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy_protocol: Option<ProxyProtocol>,
+    /// TCP: a client's connections go to the address that served it last, for this long
+    /// after its last connection, in milliseconds (0: no affinity).
+    #[serde(default)]
+    pub affinity_ms: u64,
+}
+
+/// The PROXY protocol version a back end is sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyProtocol {
+    /// The text header: `PROXY TCP4 client server cport sport\r\n`.
+    V1,
+    /// The binary header.
+    V2,
 }
 
 fn default_connect_timeout_ms() -> u64 {
@@ -552,36 +561,7 @@ impl Config {
                 "expected an integer ≥ 1, got 0".into(),
             ));
         }
-        let l = &self.listener;
-        for (key, v) in [
-            ("first_byte_timeout_ms", l.first_byte_timeout_ms),
-            ("head_timeout_ms", l.head_timeout_ms),
-            ("idle_timeout_ms", l.idle_timeout_ms),
-            ("request_body_timeout_ms", l.request_body_timeout_ms),
-            ("send_timeout_ms", l.send_timeout_ms),
-        ] {
-            if v == 0 {
-                return Err(invalid(
-                    find_key(text, key),
-                    format!("listener.{key}"),
-                    "expected a timeout ≥ 1 ms, got 0".into(),
-                ));
-            }
-        }
-        if l.max_headers == 0 {
-            return Err(invalid(
-                find_key(text, "max_headers"),
-                "listener.max_headers".into(),
-                "expected an integer ≥ 1, got 0".into(),
-            ));
-        }
-        if l.max_connections == Some(0) {
-            return Err(invalid(
-                find_key(text, "max_connections"),
-                "listener.max_connections".into(),
-                "expected an integer ≥ 1, got 0".into(),
-            ));
-        }
+        self.validate_listeners(text, origin)?;
         if self.admin.token.as_ref().is_some_and(|t| t.is_empty()) {
             return Err(invalid(
                 find_key(text, "token"),
@@ -743,6 +723,108 @@ impl Config {
         Ok(())
     }
 
+    fn validate_listeners(&self, text: &str, origin: &str) -> Result<(), ConfigError> {
+        let mut names = HashSet::new();
+        let mut addresses = HashSet::new();
+        let chain_names: HashSet<&str> = self
+            .chain
+            .iter()
+            .map(|c| c.get_ref().name.as_str())
+            .collect();
+        for l in &self.listener.0 {
+            let (span, l) = (l.span(), l.get_ref());
+            let name = l.name();
+            let invalid = |key: &str, message: String| ConfigError::Invalid {
+                path: origin.to_string(),
+                line: if text.is_empty() {
+                    0
+                } else if span.is_empty() {
+                    // The single `[listener]` table carries no span of its own.
+                    line_of(text, find_key(text, key).start)
+                } else {
+                    line_of(text, key_offset(text, span.clone(), key))
+                },
+                key: format!("listener.{name}.{key}"),
+                message,
+            };
+            if !names.insert(name.clone()) {
+                return Err(invalid(
+                    "name",
+                    "listener names must be unique (give each listener a `name`)".into(),
+                ));
+            }
+            // Port 0 asks the system for a free port each time: never a clash.
+            if l.address.port() != 0 && !addresses.insert(l.address) {
+                return Err(invalid(
+                    "address",
+                    format!("{} is already the address of another listener", l.address),
+                ));
+            }
+            let mut timeouts = vec![("idle_timeout_ms", l.idle_timeout_ms())];
+            if l.protocol == Protocol::Http {
+                timeouts.extend([
+                    ("first_byte_timeout_ms", l.first_byte_timeout_ms),
+                    ("head_timeout_ms", l.head_timeout_ms),
+                    ("request_body_timeout_ms", l.request_body_timeout_ms),
+                    ("send_timeout_ms", l.send_timeout_ms),
+                ]);
+            }
+            for (key, v) in timeouts {
+                if v == 0 {
+                    return Err(invalid(key, "expected a timeout ≥ 1 ms, got 0".into()));
+                }
+            }
+            if l.max_headers == 0 {
+                return Err(invalid(
+                    "max_headers",
+                    "expected an integer ≥ 1, got 0".into(),
+                ));
+            }
+            if l.max_connections == Some(0) {
+                return Err(invalid(
+                    "max_connections",
+                    "expected an integer ≥ 1, got 0".into(),
+                ));
+            }
+            if let Some(entry) = &l.entry_chain {
+                if !chain_names.contains(entry.as_str()) {
+                    return Err(invalid(
+                        "entry_chain",
+                        format!("no [[chain]] is named {entry:?}"),
+                    ));
+                }
+            }
+            let ftp = l.protocol == Protocol::Ftp;
+            if !ftp && (l.data_ports.is_some() || l.data_address.is_some() || l.active) {
+                return Err(invalid(
+                    "data_ports",
+                    format!(
+                        "`data_ports`, `data_address` and `active` are for protocol = \"ftp\" listeners, not {:?}",
+                        l.protocol.as_str()
+                    ),
+                ));
+            }
+            if ftp && l.data_ports.is_none() {
+                return Err(invalid(
+                    "data_ports",
+                    "an FTP listener needs `data_ports = \"FIRST-LAST\"`: the gateway's ports for passive data connections".into(),
+                ));
+            }
+            if l.protocol != Protocol::Http && l.inspect_ms > 0 && l.inspect_bytes == 0 {
+                return Err(invalid(
+                    "inspect_bytes",
+                    "expected an integer ≥ 1 when `inspect_ms` is set".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The listeners, without their spans.
+    pub fn listeners(&self) -> impl Iterator<Item = &ListenerConfig> {
+        self.listener.0.iter().map(|l| l.get_ref())
+    }
+
     fn validate_agreements(
         &self,
         a: &AgreementsConfig,
@@ -773,31 +855,63 @@ impl Config {
                 ));
             }
         }
-        for c in &a.cost {
+        for (i, c) in a.cost.iter().enumerate() {
             if !(c.units.is_finite() && c.units > 0.0) {
                 return Err((
-                    format!("agreements.cost.{}", c.path_prefix),
-                    format!("units: expected a number > 0, got {}", c.units),
+                    format!("agreements.cost.{i}.units"),
+                    format!("expected a number > 0, got {}", c.units),
                 ));
+            }
+            if let Some(class) = &c.class {
+                if !class_names.contains(class.as_str()) {
+                    return Err((
+                        format!("agreements.cost.{i}.class"),
+                        format!("no [[class]] is named {class:?}"),
+                    ));
+                }
+            }
+            if let Some(l) = &c.listener {
+                if !self.listeners().any(|x| x.name() == *l) {
+                    return Err((
+                        format!("agreements.cost.{i}.listener"),
+                        format!("no listener is named {l:?}"),
+                    ));
+                }
+            }
+        }
+        for s in &a.server {
+            if set.index_of(&s.principal).is_none() {
+                return Err((
+                    "agreements.server.principal".into(),
+                    format!("no [[agreements.principal]] is named {:?}", s.principal),
+                ));
+            }
+            if let Some(addr) = s.address {
+                if !self.backends().any(|b| b.addresses.contains(&addr)) {
+                    return Err((
+                        "agreements.server.address".into(),
+                        format!("{addr} is not an address of any [[backend]]"),
+                    ));
+                }
             }
         }
         if a.mode == AgreementMode::Redirect {
             for s in &a.server {
-                if set.index_of(&s.principal).is_none() {
-                    return Err((
-                        "agreements.server.principal".into(),
-                        format!("no [[agreements.principal]] is named {:?}", s.principal),
-                    ));
-                }
-                if !(s.location.starts_with("http://") || s.location.starts_with("https://")) {
+                let location = s.location.as_deref().unwrap_or("");
+                if !(location.starts_with("http://") || location.starts_with("https://")) {
                     return Err((
                         "agreements.server.location".into(),
-                        format!("expected an http:// or https:// URL, got {:?}", s.location),
+                        format!("expected an http:// or https:// URL, got {location:?}"),
                     ));
                 }
             }
             for p in &a.principal {
-                if p.capacity_units_per_s > 0.0 && !a.server.iter().any(|s| s.principal == p.name) {
+                if p.capacity_units_per_s > 0.0
+                    && !a
+                        .server
+                        .iter()
+                        .any(|s| s.principal == p.name && s.location.is_some())
+                {
                     return Err((
                         "agreements.server".into(),
                         format!(

@@ -1,6 +1,6 @@
 //! The L7 path: one request, in small steps — registration checks ([`forward::target`]),
-//! classification, admission (accept rate, agreement credit, a place and a slot from the
-//! scheduler), service (forward, stream the response back). Each step either goes on or
+//! classification, admission ([`crate::admission`]: accept rate, agreement credit, a
+//! place and a slot from the scheduler), service (forward, stream the response back). Each step either goes on or
 //! stops with an [`error::Answer`], which [`error::respond`] turns into the response.
 //!
 //! Everything a request holds is held by a guard that releases it however the request
@@ -19,7 +19,6 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 use allot_model::classify::{Headers, RequestFacts};
-use allot_model::Nanos;
 use http::header::{self, HeaderMap};
 use http::{Request, Response};
 use hyper::body::Incoming;
@@ -29,22 +28,28 @@ use self::body::{GatewayBody, Held, Proxied};
 use self::conn::ConnState;
 use self::error::Answer;
 use self::forward::{Peer, Target};
-use crate::credit::{Charge, Credit};
-use crate::runtime::{ClassRt, InFlight, Live, Runtime};
-use crate::sched::{Admission, Permit};
+use crate::admission::{self, Admitted, Unit};
+use crate::runtime::{ClassRt, InFlight, ListenerRt, Live, Runtime};
+use crate::sched::Permit;
 use crate::stats::{AbortReason, RefuseReason};
 use crate::upstream::{BodyFailure, RequestBody};
 
-/// hyper's entry point for one request on one client connection.
+/// hyper's entry point for one request on one client connection of listener `listener`
+/// (its index in the configuration).
 pub(crate) async fn handle(
     live: Arc<Live>,
+    listener: usize,
     peer: Arc<Peer>,
     conn: ConnState,
     req: Request<Incoming>,
 ) -> Result<Response<GatewayBody>, Infallible> {
     conn.request_started();
     let rt = live.load();
-    let resp = match serve(&rt, &live, &peer, &conn, req).await {
+    let served = match rt.listeners.get(listener) {
+        Some(l) => serve(&rt, l, &live, &peer, &conn, req).await,
+        None => Err(Answer::Internal("the connection's listener is gone")),
+    };
+    let resp = match served {
         Ok(resp) => resp,
         Err(answer) => error::respond(answer, rt.config.gateway.retry_after_s),
     };
@@ -64,6 +69,7 @@ impl Headers for HeaderView<'_> {
 
 async fn serve(
     rt: &Runtime,
+    listener: &ListenerRt,
     live: &Live,
     peer: &Peer,
     conn: &ConnState,
@@ -73,17 +79,38 @@ async fn serve(
     let now = crate::clock::to_nanos(arrived);
     // Registration: a target the gateway and the back end read alike.
     let target = forward::target(&req)?;
-    let class = classify(rt, peer, &req, &target)?;
+    let class = classify(rt, listener, peer, &req, &target)?;
     class.core.stats.arrivals.fetch_add(1, Relaxed);
-    let max_body = rt.listener.max_body_bytes;
+    let max_body = listener.max_body_bytes;
     if content_length(req.headers()).is_some_and(|n| n > max_body) {
         return Err(Answer::TooLarge {
             limit_bytes: max_body,
         });
     }
-    let (permit, charge) = match admit(rt, live, class, peer, &req, now).await? {
-        Admitted::Serve(permit, charge) => (permit, charge),
-        Admitted::Redirect(answer) => return Err(answer),
+    let unit = Unit {
+        client: peer.addr.ip(),
+        path: req.uri().path(),
+        listener: &listener.name,
+        redirectable: true,
+        now,
+    };
+    let (permit, charge) = match admission::admit(rt, live, class, unit).await {
+        Ok(Admitted::Serve(permit, charge)) => (permit, charge),
+        Ok(Admitted::RedirectTo(base)) => {
+            return Err(Answer::Redirect {
+                location: format!("{base}{}", path_and_query(&req)),
+                wait_s: None,
+            })
+        }
+        // Back to the gateway itself, later (the paper's layer-7 redirector).
+        Ok(Admitted::TryLater) => {
+            let host = target.host_str().unwrap_or("localhost");
+            return Err(Answer::Redirect {
+                location: format!("http://{host}{}", path_and_query(&req)),
+                wait_s: Some(rt.config.gateway.retry_after_s),
+            });
+        }
+        Err(reason) => return Err(refused(class, reason)),
     };
     // Service.
     let started = Instant::now();
@@ -96,11 +123,15 @@ async fn serve(
     if let Some(charge) = charge {
         charge.keep();
     }
-    forward(rt, class, peer, conn, req, target, permit, started).await
+    forward(
+        rt, listener, class, peer, conn, req, target, permit, started,
+    )
+    .await
 }
 
 fn classify<'r>(
     rt: &'r Runtime,
+    listener: &ListenerRt,
     peer: &Peer,
     req: &Request<Incoming>,
     target: &Target,
@@ -110,96 +141,20 @@ fn classify<'r>(
         host: target.host_str(),
         path: req.uri().path(),
         headers: &HeaderView(req.headers()),
+        listener: Some(&listener.name),
+        first_bytes: b"",
     };
-    let picked = rt.rules.classify(&facts, &mut || rand::random::<f64>());
+    let picked = rt
+        .rules
+        .classify_from(listener.entry, &facts, &mut || rand::random::<f64>());
     rt.class_of_rule(picked)
         .ok_or(Answer::Internal("the rules name no class"))
 }
 
-enum Admitted {
-    /// A slot, and the credit taken for it (under agreements).
-    Serve(Permit, Option<Charge>),
-    /// Agreements in redirect mode answer without a slot.
-    Redirect(Answer),
-}
-
 fn refused(class: &ClassRt, reason: RefuseReason) -> Answer {
-    class.core.stats.refuse(reason);
     Answer::Refused {
         text: class.refusal_text(reason),
     }
-}
-
-/// Admission: the accept-rate actuator, the principal's credit, then a slot or a place in
-/// the queue. A place in the waiting room is taken before waiting for credit, so credit
-/// waiters count against `queue_limit`; credit taken by a request the queue then refuses
-/// goes back with the dropped [`Charge`].
-async fn admit(
-    rt: &Runtime,
-    live: &Live,
-    class: &ClassRt,
-    peer: &Peer,
-    req: &Request<Incoming>,
-    now: Nanos,
-) -> Result<Admitted, Answer> {
-    if !class.core.try_accept(now) {
-        return Err(refused(class, RefuseReason::Rate));
-    }
-    let scheduler = live.scheduler();
-    let mut place = None;
-    let mut charge = None;
-    if let (Some(enforcer), Some(principal)) = (&rt.enforcer, class.principal) {
-        let cost = enforcer.cost_of(req.uri().path());
-        match enforcer.arrive(principal, cost, now) {
-            Credit::Now(c) => {
-                if enforcer.redirect() {
-                    let base = enforcer
-                        .location(principal, rand::random::<f64>())
-                        .ok_or(Answer::Internal("no server location for the principal"))?;
-                    c.keep();
-                    return Ok(Admitted::Redirect(Answer::Redirect {
-                        location: format!("{base}{}", path_and_query(req)),
-                        wait_s: None,
-                    }));
-                }
-                charge = Some(c);
-            }
-            // Back to the gateway itself, later (the paper's layer-7 redirector).
-            Credit::Deferred => {
-                let host = req
-                    .headers()
-                    .get(header::HOST)
-                    .and_then(|h| h.to_str().ok())
-                    .unwrap_or("localhost");
-                return Ok(Admitted::Redirect(Answer::Redirect {
-                    location: format!("http://{host}{}", path_and_query(req)),
-                    wait_s: Some(rt.config.gateway.retry_after_s),
-                }));
-            }
-            Credit::Wait(wait) => {
-                place = Some(
-                    scheduler
-                        .reserve_place(&class.core.sched)
-                        .ok_or_else(|| refused(class, RefuseReason::QueueFull))?,
-                );
-                charge = Some(
-                    wait.wait(enforcer.max_wait())
-                        .await
-                        .ok_or_else(|| refused(class, RefuseReason::Quota))?,
-                );
-            }
-        }
-    }
-    let client = peer.addr.ip();
-    let permit = match scheduler.admit(&class.core.sched, place, req.uri().path(), client, now) {
-        Admission::Now(p) => p,
-        Admission::Refused(reason) => return Err(refused(class, reason)),
-        Admission::Queued(q) => q
-            .wait(class.max_wait)
-            .await
-            .ok_or_else(|| refused(class, RefuseReason::Timeout))?,
-    };
-    Ok(Admitted::Serve(permit, charge))
 }
 
 /// Service: hand the request to a back end and stream its response back, holding the slot
@@ -207,6 +162,7 @@ async fn admit(
 #[allow(clippy::too_many_arguments)]
 async fn forward(
     rt: &Runtime,
+    listener: &ListenerRt,
     class: &ClassRt,
     peer: &Peer,
     conn: &ConnState,
@@ -225,8 +181,8 @@ async fn forward(
     let (parts, body) = req.into_parts();
     let body = RequestBody::new(
         body,
-        rt.listener.max_body_bytes,
-        rt.listener.request_body_timeout,
+        listener.max_body_bytes,
+        listener.request_body_timeout,
         Arc::clone(&class.core.stats),
     );
     let verdict = body.verdict();
@@ -256,7 +212,7 @@ async fn forward(
             match verdict.get() {
                 // The client's body failed, not the back end.
                 Some(BodyFailure::TooLarge) => Err(Answer::TooLarge {
-                    limit_bytes: rt.listener.max_body_bytes,
+                    limit_bytes: listener.max_body_bytes,
                 }),
                 Some(BodyFailure::Timeout) => {
                     stats.abort(AbortReason::RequestBodyTimeout);

@@ -43,6 +43,9 @@ pub use body::{BodyError, BodyFailure, BodyVerdict, RequestBody};
 /// Failed requests of one back end are logged at most this often, with their count.
 pub const FAILURE_LOG_PERIOD: Duration = Duration::from_secs(10);
 
+/// Most clients remembered per back end for affinity.
+const AFFINITY_ENTRIES: usize = 65_536;
+
 /// Why forwarding failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ForwardError {
@@ -206,6 +209,8 @@ struct Settings {
     eject_for: Duration,
     max_idle_per_address: usize,
     pool_idle_timeout_ns: u64,
+    proxy_protocol: Option<crate::config::ProxyProtocol>,
+    affinity_ns: u64,
 }
 
 /// What lasts of a back end across reloads: its sensors, its addresses' pools and health,
@@ -220,6 +225,8 @@ pub struct BackendCore {
     pub gate: Arc<BackendGate>,
     next: AtomicUsize,
     failures: FailureLog,
+    /// TCP clients and the address that served each last, until when (ns).
+    affinity: Mutex<std::collections::HashMap<std::net::IpAddr, (SocketAddr, u64)>>,
 }
 
 /// A back end as one configuration snapshot has it: a named set of addresses of one
@@ -230,6 +237,25 @@ pub struct Backend {
     pub core: Arc<BackendCore>,
     addresses: Vec<Arc<Address>>,
     settings: Settings,
+}
+
+/// A TCP client's connection to one address of a back end; counted in flight there until
+/// dropped.
+#[derive(Debug)]
+pub struct StreamLease {
+    /// The connection.
+    pub stream: TcpStream,
+    /// The address it is connected to.
+    pub addr: SocketAddr,
+    address: Arc<Address>,
+    stats: Arc<BackendStats>,
+}
+
+impl Drop for StreamLease {
+    fn drop(&mut self) {
+        self.address.in_flight.fetch_sub(1, Relaxed);
+        self.stats.in_flight.fetch_sub(1, Relaxed);
+    }
 }
 
 /// A connection lent to one exchange; returned to the pool if the response ends cleanly.
@@ -294,6 +320,7 @@ impl Backend {
                 gate: Arc::new(BackendGate::default()),
                 next: AtomicUsize::new(0),
                 failures: FailureLog::default(),
+                affinity: Mutex::new(std::collections::HashMap::new()),
             }),
         };
         let old: &[Arc<Address>] = previous.map_or(&[], |p| &p.addresses);
@@ -319,7 +346,131 @@ impl Backend {
                 eject_for: Duration::from_millis(config.eject_for_ms),
                 max_idle_per_address: config.max_idle_per_address,
                 pool_idle_timeout_ns: config.pool_idle_timeout_ms.saturating_mul(1_000_000),
+                proxy_protocol: config.proxy_protocol,
+                affinity_ns: config.affinity_ms.saturating_mul(1_000_000),
             },
+        }
+    }
+
+    /// The PROXY protocol header it is sent on connections, if any.
+    pub fn proxy_protocol(&self) -> Option<crate::config::ProxyProtocol> {
+        self.settings.proxy_protocol
+    }
+
+    /// Whether `addr` is one of its addresses.
+    pub fn has_address(&self, addr: SocketAddr) -> bool {
+        self.addresses.iter().any(|a| a.addr == addr)
+    }
+
+    /// TCP: the address that served `client` last, while its affinity lasts.
+    pub fn affinity(
+        &self,
+        client: std::net::IpAddr,
+        now: allot_model::Nanos,
+    ) -> Option<SocketAddr> {
+        if self.settings.affinity_ns == 0 {
+            return None;
+        }
+        let table = self.core.affinity.lock().unwrap_or_else(|p| p.into_inner());
+        table
+            .get(&client)
+            .filter(|(_, until)| *until > now.0)
+            .map(|(addr, _)| *addr)
+    }
+
+    fn remember(&self, client: std::net::IpAddr, addr: SocketAddr, now: allot_model::Nanos) {
+        if self.settings.affinity_ns == 0 {
+            return;
+        }
+        let mut table = self.core.affinity.lock().unwrap_or_else(|p| p.into_inner());
+        if table.len() >= AFFINITY_ENTRIES && !table.contains_key(&client) {
+            // Full: forget the expired; if none are, forget one at random.
+            table.retain(|_, (_, until)| *until > now.0);
+            if table.len() >= AFFINITY_ENTRIES {
+                if let Some(k) = table.keys().next().copied() {
+                    table.remove(&k);
+                }
+            }
+        }
+        table.insert(
+            client,
+            (addr, now.0.saturating_add(self.settings.affinity_ns)),
+        );
+    }
+
+    /// TCP: opens a connection for `client` to one of the addresses, `prefer` first
+    /// (the agreements' placement, or the client's affinity) if it is one of them and
+    /// healthy, then in balancing order, ejected addresses last.
+    pub async fn connect_stream(
+        &self,
+        prefer: Option<SocketAddr>,
+        client: std::net::IpAddr,
+        now: allot_model::Nanos,
+    ) -> Result<StreamLease, ForwardError> {
+        let mut last = String::from("no addresses");
+        let preferred = prefer.and_then(|p| self.addresses.iter().find(|a| a.addr == p));
+        let mut ejected = Vec::new();
+        let mut tried: Option<&Arc<Address>> = None;
+        for address in preferred.into_iter().chain(self.order()) {
+            if tried.is_some_and(|t| Arc::ptr_eq(t, address)) {
+                continue;
+            }
+            if !address.healthy(now.0) {
+                ejected.push(address);
+                continue;
+            }
+            if tried.is_none() {
+                tried = Some(address);
+            }
+            match self.open_stream(address, &mut last).await {
+                Some(lease) => {
+                    self.remember(client, address.addr, now);
+                    return Ok(lease);
+                }
+                None => continue,
+            }
+        }
+        for address in ejected {
+            if let Some(lease) = self.open_stream(address, &mut last).await {
+                self.remember(client, address.addr, now);
+                return Ok(lease);
+            }
+        }
+        Err(ForwardError::Connect {
+            backend: self.core.name.clone(),
+            detail: last,
+        })
+    }
+
+    async fn open_stream(&self, address: &Arc<Address>, last: &mut String) -> Option<StreamLease> {
+        let timeout = self.settings.connect_timeout;
+        match tokio::time::timeout(timeout, TcpStream::connect(address.addr)).await {
+            Ok(Ok(stream)) => {
+                let _ = stream.set_nodelay(true);
+                self.connected(address);
+                address.in_flight.fetch_add(1, Relaxed);
+                let stats = &self.core.stats;
+                stats.in_flight.fetch_add(1, Relaxed);
+                stats.requests.fetch_add(1, Relaxed);
+                Some(StreamLease {
+                    stream,
+                    addr: address.addr,
+                    address: Arc::clone(address),
+                    stats: Arc::clone(stats),
+                })
+            }
+            Ok(Err(e)) => {
+                let detail = e.to_string();
+                self.connect_failed(address, &detail);
+                *last = format!("{}: {detail}", address.addr);
+                None
+            }
+            Err(_) => {
+                let detail = format!("connect timed out after {} ms", timeout.as_millis());
+                self.connect_failed(address, &detail);
+                *last = format!("{}: {detail}", address.addr);
+                None
+            }
         }
     }
 

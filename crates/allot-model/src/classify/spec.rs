@@ -9,13 +9,16 @@
 //! source = ["10.0.0.0/8", "::1"]         # optional; all present conditions must hold
 //! host = "api.example.com"               # optional
 //! path_prefix = "/api/"                  # optional
+//! listener = "public"                    # optional; or a list of listener names
+//! first_bytes = "SSH-"                   # optional; a connection's first bytes
 //! header = { name = "User-Agent", contains = "curl" }   # optional; or a list of them
 //! probability = 0.3                      # optional
 //! target = { class = "premium" }         # or { chain = "sub" }
 //! ```
 //!
-//! A spec's conditions are evaluated in the order source, host, path prefix, headers,
-//! probability, so a probability is the fraction of the requests that pass the others.
+//! A spec's conditions are evaluated in the order source, listener, host, path prefix,
+//! first bytes, headers, probability, so a probability is the fraction of the requests
+//! that pass the others.
 
 use super::{check_condition, Chain, Condition, Place, Rule, RuleError, Target};
 use ipnet::IpNet;
@@ -49,6 +52,18 @@ pub struct RuleSpec {
     /// A path prefix, starting with `/`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path_prefix: Option<String>,
+    /// Listener names: the request or connection came in on any of them. One name, or a
+    /// list.
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        serialize_with = "names_out",
+        deserialize_with = "names_in"
+    )]
+    pub listener: Vec<String>,
+    /// The first bytes a connection's client sends start with this string.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_bytes: Option<String>,
     /// One header condition, or a list of them (all must hold).
     #[serde(
         default,
@@ -103,6 +118,31 @@ fn one_or_many_in<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<HeaderSpec>, D:
     d.deserialize_any(OneOrMany)
 }
 
+fn names_out<S: Serializer>(v: &[String], s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        [one] => one.serialize(s),
+        many => many.serialize(s),
+    }
+}
+
+/// Accept `listener = "a"` or `listener = ["a", "b"]`.
+fn names_in<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    struct Names;
+    impl<'de> Visitor<'de> for Names {
+        type Value = Vec<String>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a listener name or a list of them")
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
+            Ok(vec![v.to_string()])
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Self::Value, A::Error> {
+            Vec::<String>::deserialize(de::value::SeqAccessDeserializer::new(seq))
+        }
+    }
+    d.deserialize_any(Names)
+}
+
 /// `10.0.0.0/8`, or a bare address meaning just that host.
 fn parse_source(s: &str) -> Option<IpNet> {
     let s = s.trim();
@@ -133,11 +173,17 @@ impl TryFrom<RuleSpec> for Rule {
                 .collect::<Result<Vec<_>, _>>()?;
             conditions.push(Condition::Source(nets));
         }
+        if !spec.listener.is_empty() {
+            conditions.push(Condition::Listener(spec.listener));
+        }
         if let Some(host) = spec.host {
             conditions.push(Condition::Host(host));
         }
         if let Some(prefix) = spec.path_prefix {
             conditions.push(Condition::PathPrefix(prefix));
+        }
+        if let Some(bytes) = spec.first_bytes {
+            conditions.push(Condition::FirstBytes(bytes.into_bytes()));
         }
         for h in spec.header {
             conditions.push(Condition::HeaderContains {
@@ -225,6 +271,8 @@ impl From<Rule> for RuleSpec {
         let mut source: Option<Vec<IpNet>> = None;
         let mut host: Option<String> = None;
         let mut path_prefix: Option<String> = None;
+        let mut listener: Option<Vec<String>> = None;
+        let mut first_bytes: Option<Vec<u8>> = None;
         let mut header = Vec::new();
         let mut probability: Option<f64> = None;
         for c in rule.conditions {
@@ -252,6 +300,22 @@ impl From<Rule> for RuleSpec {
                     Some(prev) if prev.starts_with(&p) => path_prefix = Some(prev),
                     Some(_) => never = true,
                 },
+                Condition::Listener(names) => {
+                    listener = Some(match listener.take() {
+                        None => names,
+                        Some(prev) => prev.into_iter().filter(|n| names.contains(n)).collect(),
+                    });
+                    if listener.as_ref().is_some_and(|l| l.is_empty()) {
+                        never = true;
+                        listener = None;
+                    }
+                }
+                Condition::FirstBytes(b) => match first_bytes.take() {
+                    None => first_bytes = Some(b),
+                    Some(prev) if b.starts_with(&prev) => first_bytes = Some(b),
+                    Some(prev) if prev.starts_with(&b) => first_bytes = Some(prev),
+                    Some(_) => never = true,
+                },
                 Condition::HeaderContains { name, value } => header.push(HeaderSpec {
                     name,
                     contains: value,
@@ -267,6 +331,8 @@ impl From<Rule> for RuleSpec {
             source: source.map(|nets| nets.iter().map(|n| n.to_string()).collect()),
             host,
             path_prefix,
+            listener: listener.unwrap_or_default(),
+            first_bytes: first_bytes.map(|b| String::from_utf8_lossy(&b).into_owned()),
             header,
             probability,
             target: rule.target,

@@ -69,6 +69,8 @@ fn run(
         host,
         path,
         headers: &HeaderList(headers),
+        listener: None,
+        first_bytes: b"",
     };
     let i = rs.classify(&req, &mut || it.next().unwrap_or(0.5));
     rs.classes()[i].clone()
@@ -209,6 +211,8 @@ fn header_rules_share_one_scan_per_header() {
         host: None,
         path: "/",
         headers: &hs,
+        listener: None,
+        first_bytes: b"",
     };
     assert_eq!(rs.classify(&req, &mut || 0.5), 4);
     // Three rules test user-agent, one cookie: each header read once.
@@ -246,6 +250,8 @@ fn headers_are_not_read_unless_a_header_rule_is_reached() {
         host: None,
         path: "/",
         headers: &Never,
+        listener: None,
+        first_bytes: b"",
     };
     assert_eq!(rs.classes()[rs.classify(&req, &mut || 0.5)], "premium");
     let req = RequestFacts {
@@ -275,6 +281,8 @@ fn probability_splits_thirty_seventy_and_draws_only_when_evaluated() {
             host: None,
             path: "/",
             headers: &HeaderList(&[]),
+            listener: None,
+            first_bytes: b"",
         };
         counts[rs.classify(&req, &mut || {
             drawn += 1;
@@ -290,6 +298,8 @@ fn probability_splits_thirty_seventy_and_draws_only_when_evaluated() {
         host: None,
         path: "/",
         headers: &HeaderList(&[]),
+        listener: None,
+        first_bytes: b"",
     };
     rs.classify(&req, &mut || panic!("no probability condition was reached"));
     // Each evaluated probability condition takes a fresh draw.
@@ -733,6 +743,8 @@ fn json_round_trip_is_the_same_shape() {
         source: None,
         host: Some("*bad".into()),
         path_prefix: None,
+        listener: Vec::new(),
+        first_bytes: None,
         header: vec![],
         probability: None,
         target: class("a"),
@@ -839,6 +851,8 @@ fn reference_holds(
                     .any(|w| w == value.as_bytes())
         }),
         Condition::Probability(p) => draw() < *p,
+        // The generated requests come in on no listener and carry no first bytes.
+        Condition::Listener(_) | Condition::FirstBytes(_) => false,
     }
 }
 
@@ -941,7 +955,7 @@ proptest! {
             let client = addr(CLIENTS[c]);
             let (mut i, mut j) = (0, 0);
             let got = rs.classify(
-                &RequestFacts { client, host: HOSTS[h], path: PATHS[p], headers: &HeaderList(&headers) },
+                &RequestFacts { client, host: HOSTS[h], path: PATHS[p], headers: &HeaderList(&headers), listener: None, first_bytes: b"" },
                 &mut || { i += 1; draws.get(i - 1).copied().unwrap_or(0.5) },
             );
             let want = reference(&chains, client, HOSTS[h], PATHS[p], &headers, &mut || { j += 1; draws.get(j - 1).copied().unwrap_or(0.5) });
@@ -953,4 +967,76 @@ proptest! {
         let again = RuleSet::from_specs(specs, "c0", classes()).map_err(|e| TestCaseError::fail(e.to_string()))?;
         prop_assert_eq!(again.chains().len(), chains.len());
     }
+}
+
+#[test]
+fn connections_are_classified_by_listener_first_bytes_and_server_name() {
+    let spec = |toml_text: &str| -> ChainSpec {
+        toml::from_str(toml_text).unwrap_or_else(|e| panic!("{e}"))
+    };
+    let chains = vec![
+        spec(
+            r#"
+name = "tcp"
+default = { class = "other" }
+[[rule]]
+id = "ssh"
+first_bytes = "SSH-"
+target = { class = "ssh" }
+[[rule]]
+id = "db"
+listener = ["db", "db2"]
+target = { class = "db" }
+[[rule]]
+id = "tls"
+host = "*.example.com"
+listener = "tls"
+target = { class = "tls" }
+"#,
+        ),
+        spec("name = \"http\"\ndefault = { class = \"web\" }\n"),
+    ];
+    let classes: Vec<String> = ["other", "ssh", "db", "tls", "web"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let rs = RuleSet::from_specs(chains, "http", classes).unwrap_or_else(|e| panic!("{e}"));
+    let tcp = rs.chain_index("tcp").expect("the tcp chain");
+    let conn =
+        |listener: &'static str, host: Option<&'static str>, first: &'static [u8]| RequestFacts {
+            client: addr("192.0.2.1"),
+            host,
+            path: "",
+            headers: &NoHeaders,
+            listener: Some(listener),
+            first_bytes: first,
+        };
+    let class = |f: &RequestFacts<'_>| rs.classes()[rs.classify_from(tcp, f, &mut || 0.5)].clone();
+    assert_eq!(class(&conn("any", None, b"SSH-2.0-OpenSSH")), "ssh");
+    assert_eq!(class(&conn("db2", None, b"")), "db");
+    assert_eq!(
+        class(&conn("tls", Some("api.example.com"), b"\x16\x03")),
+        "tls"
+    );
+    assert_eq!(
+        class(&conn("tls", Some("example.org"), b"\x16\x03")),
+        "other"
+    );
+    assert_eq!(class(&conn("any", None, b"")), "other");
+    // The entry chain is still the default start.
+    assert_eq!(
+        rs.classes()[rs.classify(&conn("db", None, b""), &mut || 0.5)],
+        "web"
+    );
+    // Listed back in the file's shape, the rules are the same rules.
+    let again = RuleSet::from_specs(rs.to_specs(), "http", rs.classes().to_vec())
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(again.chains(), rs.chains());
+    // Empty conditions are refused, naming the place.
+    let bad = spec("name = \"c\"\ndefault = { class = \"web\" }\n[[rule]]\nid = \"x\"\nfirst_bytes = \"\"\ntarget = { class = \"web\" }\n");
+    let e = RuleSet::from_specs(vec![bad], "c", vec!["web".into()]).unwrap_err();
+    assert!(
+        e.to_string().contains("`first_bytes` must not be empty"),
+        "{e}"
+    );
 }

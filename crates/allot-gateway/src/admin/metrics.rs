@@ -9,7 +9,9 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::gateway::Gateway;
-use crate::stats::{bucket_bounds_s, AbortReason, BackendFailure, HistogramSnapshot, Status};
+use crate::stats::{
+    bucket_bounds_s, AbortReason, BackendFailure, CloseReason, HistogramSnapshot, Status,
+};
 
 /// The two text formats `/metrics` speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -180,6 +182,27 @@ impl Collector for StatusCollector {
             "Requests cut off in service, by reason.",
             &aborted,
         )?;
+        let closed: Vec<(Labels, u64)> = s
+            .classes
+            .iter()
+            .flat_map(|c| {
+                CloseReason::ALL.map(|r| {
+                    (
+                        vec![
+                            ("class", c.name.clone()),
+                            ("reason", r.as_str().to_string()),
+                        ],
+                        c.closed.get(r.as_str()).copied().unwrap_or(0),
+                    )
+                })
+            })
+            .collect();
+        counter(
+            &mut e,
+            "allot_class_closed",
+            "TCP connections that ended after admission, by reason.",
+            &closed,
+        )?;
         counter(
             &mut e,
             "allot_class_bytes_in",
@@ -281,7 +304,18 @@ impl Collector for StatusCollector {
         counter(
             &mut e,
             "allot_backend_bytes_out",
-            "Response body bytes received from the back end.",
+            "Bytes received from the back end (response bodies, connections).",
+            &b,
+        )?;
+        let b: Vec<(Labels, u64)> = s
+            .backends
+            .iter()
+            .map(|b| (backend(&b.name), b.bytes_in))
+            .collect();
+        counter(
+            &mut e,
+            "allot_backend_bytes_in",
+            "Bytes sent to the back end on connections.",
             &b,
         )?;
         let b: Vec<(Labels, i64)> = s

@@ -233,13 +233,21 @@ max_wait_ms = 30000
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_that_waits_too_long_is_closed_and_counted() {
     let (backend, _seen) = tcp_backend(Serve::Hold(3000)).await;
+    let log = temp_path("tcp-access.log");
     let cfg = format!(
         r#"
 [[listener]]
+name = "db"
 address = "127.0.0.1:0"
 protocol = "tcp"
 [admin]
 address = "127.0.0.1:0"
+[access_log]
+path = "{}"
+format = "json""#,
+        log.display()
+    ) + &format!(
+        r#"
 [[backend]]
 name = "db"
 addresses = ["{backend}"]
@@ -267,6 +275,30 @@ max_wait_ms = 300
     let s = status(admin).await;
     assert_eq!(class_field(&s, "db", "refused_timeout"), 1.0, "{s:#}");
     assert_eq!(first.await.expect("first").0, b"done\n");
+    // One access-log line per connection: the refused one and the served one.
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            std::fs::read_to_string(&log).is_ok_and(|t| t.lines().count() >= 2)
+        })
+        .await
+    );
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&log)
+        .expect("log")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["kind"] == "tcp" && l["reason"] == "timeout"),
+        "{lines:#?}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["reason"] == "server_closed" && l["bytes_out"] == 5 && l["target"] == "db"),
+        "{lines:#?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -45,6 +45,7 @@ async fn serve(config: Config, path: PathBuf) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let usr1 = signal(SignalKind::user_defined1()).context("installing the SIGUSR1 handler")?;
     let listeners = server::bind_all(&config).await?;
     let admin = server::bind(config.admin.address).await?;
     let admin_addr = admin.local_addr()?;
@@ -61,6 +62,7 @@ async fn serve(config: Config, path: PathBuf) -> anyhow::Result<()> {
     }
     let gw = Gateway::new(config).context("starting the gateway")?;
     let reload = tokio::spawn(reload_on_hangup(gw.clone(), path, hup));
+    let reopen = tokio::spawn(reopen_on_usr1(gw.clone(), usr1));
     // One machine-readable line, so scripts and tests learn ports chosen at run time:
     // `gateway=` (the first listener), `admin=`, then `listener.NAME=` for each listener
     // whose name has no spaces.
@@ -81,6 +83,7 @@ async fn serve(config: Config, path: PathBuf) -> anyhow::Result<()> {
     };
     let served = server::run(gw, listeners, Some(admin), stop).await;
     reload.abort();
+    reopen.abort();
     served.context("the gateway stopped")
 }
 
@@ -94,5 +97,13 @@ async fn reload_on_hangup(gw: Gateway, path: PathBuf, mut hup: tokio::signal::un
                 tracing::error!(error = %e, "reload refused; the configuration in force is kept")
             }
         }
+    }
+}
+
+/// SIGUSR1: reopen the access log (logrotate has moved it).
+async fn reopen_on_usr1(gw: Gateway, mut usr1: tokio::signal::unix::Signal) {
+    while usr1.recv().await.is_some() {
+        gw.reopen_logs();
+        tracing::info!("SIGUSR1: access log reopened");
     }
 }

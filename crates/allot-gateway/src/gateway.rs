@@ -63,6 +63,13 @@ impl Gateway {
         self.supervisor.readouts()
     }
 
+    /// Reopens the access log's file (after logrotate moved it; SIGUSR1).
+    pub fn reopen_logs(&self) {
+        if let Some(log) = &self.live.load().access_log {
+            log.reopen();
+        }
+    }
+
     /// How long requests in flight get to finish when the gateway stops.
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_millis(self.live.load().config.gateway.shutdown_grace_ms)

@@ -13,6 +13,7 @@
 //! - [`stats`]: sensors and their snapshots;
 //! - [`sched`]: class queues, the caps on running requests, and service permits;
 //! - [`shape`]: bandwidth groups;
+//! - [`access`]: the access log, written by a task of its own;
 //! - [`credit`]: sharing agreements as credit per principal;
 //! - [`upstream`]: back-end pools, balancing, passive health, the request body sent on;
 //! - [`runtime`]: the live state as one snapshot, swapped whole on every change;
@@ -25,6 +26,7 @@
 //! - [`server`]: the listeners, their caps and graceful shutdown.
 #![deny(missing_docs)]
 
+pub mod access;
 pub mod admin;
 pub mod admission;
 pub mod clock;

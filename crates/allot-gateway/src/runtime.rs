@@ -28,6 +28,7 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use tokio::time::Instant;
 
+use crate::access::AccessLog;
 use crate::config::{ClassConfig, Config, ConfigError, ListenerConfig, Secret};
 use crate::credit::Enforcer;
 use crate::sched::{ClassLimits, SchedClass, Scheduler};
@@ -239,6 +240,8 @@ pub struct Runtime {
     pub enforcer: Option<Arc<Enforcer>>,
     /// The listeners, in configuration order (fixed at start).
     pub listeners: Vec<ListenerRt>,
+    /// The access log, when `[access_log]` is set.
+    pub access_log: Option<Arc<AccessLog>>,
 }
 
 impl Runtime {
@@ -280,6 +283,18 @@ impl Runtime {
         let rules = config
             .rule_set_or_single()
             .map_err(|e| invalid("chain", e.to_string()))?;
+        let access_log = match &config.access_log {
+            Some(a) => match previous
+                .and_then(|p| p.access_log.as_ref())
+                .filter(|l| l.is(a))
+            {
+                Some(same) => Some(Arc::clone(same)),
+                None => Some(AccessLog::open(a).map_err(|e| {
+                    invalid("access_log.path", format!("cannot open {:?}: {e}", a.path))
+                })?),
+            },
+            None => None,
+        };
         let enforcer = match &config.agreements {
             Some(a) => {
                 let old = previous.and_then(|p| p.enforcer.as_deref());
@@ -405,6 +420,7 @@ impl Runtime {
             groups,
             enforcer,
             listeners,
+            access_log,
             config,
         })
     }

@@ -96,6 +96,32 @@ pub struct Config {
     pub controller: Vec<Spanned<ControllerConfig>>,
     /// Sharing agreements enforced on the classes mapped to principals.
     pub agreements: Option<Spanned<AgreementsConfig>>,
+    /// The access log: one line per request and per connection (off when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_log: Option<AccessLogConfig>,
+}
+
+/// How the log's lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessFormat {
+    /// nginx's `combined`, then `class=… backend=… address=… queue_ms=… service_ms=…
+    /// reason=…`.
+    #[default]
+    Combined,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[access_log]`: where the lines go and how they look. Off when absent.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessLogConfig {
+    /// A file (appended to, created if missing), or `-` for standard output.
+    pub path: String,
+    /// `combined` (default) or `json`.
+    #[serde(default)]
+    pub format: AccessFormat,
 }
 
 /// How requests within their principal's quota are answered.

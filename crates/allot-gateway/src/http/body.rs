@@ -22,6 +22,7 @@ use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
 use super::conn::ConnState;
+use crate::access::{AccessLog, Entry};
 use crate::runtime::{ClassCore, InFlight};
 use crate::sched::Permit;
 use crate::shape::BandwidthGroup;
@@ -66,6 +67,8 @@ pub struct Held {
     pub shaper: Option<Arc<BandwidthGroup>>,
     /// Teaches the class queue the response's size, for `shortest-first`.
     pub learn: Option<(Arc<ClassCore>, String)>,
+    /// The access log and the request's entry, written when the response ends.
+    pub access: Option<(Arc<AccessLog>, Entry)>,
 }
 
 /// A back end's response body with everything its request holds until the last byte.
@@ -129,10 +132,13 @@ impl Proxied {
             }
         }
         // The slot and the gauge go last, after the sensors saw the end.
-        let Held {
-            permit, in_flight, ..
-        } = held;
-        drop((permit, in_flight));
+        if let Some((log, mut e)) = held.access {
+            e.bytes_out = self.bytes;
+            e.service = elapsed;
+            e.reason = aborted.map(AbortReason::as_str);
+            log.log(&e);
+        }
+        drop((held.permit, held.in_flight));
     }
 
     /// Whether the pause since the back end's last frame, or the whole request, has run

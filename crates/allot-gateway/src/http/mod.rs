@@ -21,6 +21,7 @@ use std::sync::Arc;
 use allot_model::classify::{Headers, RequestFacts};
 use http::header::{self, HeaderMap};
 use http::{Request, Response};
+use http_body::Body as _;
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
@@ -28,6 +29,7 @@ use self::body::{GatewayBody, Held, Proxied};
 use self::conn::ConnState;
 use self::error::Answer;
 use self::forward::{Peer, Target};
+use crate::access;
 use crate::admission::{self, Admitted, Unit};
 use crate::runtime::{ClassRt, InFlight, ListenerRt, Live, Runtime};
 use crate::sched::Permit;
@@ -45,15 +47,43 @@ pub(crate) async fn handle(
 ) -> Result<Response<GatewayBody>, Infallible> {
     conn.request_started();
     let rt = live.load();
+    // The access log's entry, filled as the request goes (only when the log is on).
+    let mut entry = rt.access_log.as_ref().map(|_| entry_for(&req, &peer));
     let served = match rt.listeners.get(listener) {
-        Some(l) => serve(&rt, l, &live, &peer, &conn, req).await,
+        Some(l) => serve(&rt, l, &live, &peer, &conn, req, &mut entry).await,
         None => Err(Answer::Internal("the connection's listener is gone")),
     };
     let resp = match served {
         Ok(resp) => resp,
-        Err(answer) => error::respond(answer, rt.config.gateway.retry_after_s),
+        Err(answer) => {
+            let resp = error::respond(answer, rt.config.gateway.retry_after_s);
+            if let (Some(log), Some(mut e)) = (&rt.access_log, entry) {
+                e.status = Some(resp.status().as_u16());
+                e.bytes_out = resp.body().size_hint().exact().unwrap_or(0);
+                log.log(&e);
+            }
+            resp
+        }
     };
     Ok(resp.map(|b| b.with_conn(conn)))
+}
+
+/// The access log's entry of a request, as far as its head tells.
+fn entry_for(req: &Request<Incoming>, peer: &Peer) -> access::Entry {
+    let header = |h: header::HeaderName| {
+        req.headers()
+            .get(h)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+    };
+    access::Entry {
+        at: Some(std::time::SystemTime::now()),
+        client: Some(peer.addr.ip()),
+        method: Some(req.method().to_string()),
+        target: path_and_query(req).to_string(),
+        referer: header(header::REFERER),
+        user_agent: header(header::USER_AGENT),
+        ..access::Entry::default()
+    }
 }
 
 /// The classifier's view of an `http::HeaderMap`.
@@ -67,6 +97,7 @@ impl Headers for HeaderView<'_> {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn serve(
     rt: &Runtime,
     listener: &ListenerRt,
@@ -74,6 +105,7 @@ async fn serve(
     peer: &Peer,
     conn: &ConnState,
     req: Request<Incoming>,
+    entry: &mut Option<access::Entry>,
 ) -> Result<Response<GatewayBody>, Answer> {
     let arrived = Instant::now();
     let now = crate::clock::to_nanos(arrived);
@@ -81,6 +113,9 @@ async fn serve(
     let target = forward::target(&req)?;
     let class = classify(rt, listener, peer, &req, &target)?;
     class.core.stats.arrivals.fetch_add(1, Relaxed);
+    if let Some(e) = entry.as_mut() {
+        e.class = Some(class.name().to_string());
+    }
     let max_body = listener.max_body_bytes;
     if content_length(req.headers()).is_some_and(|n| n > max_body) {
         return Err(Answer::TooLarge {
@@ -110,7 +145,13 @@ async fn serve(
                 wait_s: Some(rt.config.gateway.retry_after_s),
             });
         }
-        Err(reason) => return Err(refused(class, reason)),
+        Err(reason) => {
+            if let Some(e) = entry.as_mut() {
+                e.reason = Some(reason.as_str());
+                e.queue = arrived.elapsed();
+            }
+            return Err(refused(class, reason));
+        }
     };
     // Service.
     let started = Instant::now();
@@ -123,8 +164,11 @@ async fn serve(
     if let Some(charge) = charge {
         charge.keep();
     }
+    if let Some(e) = entry.as_mut() {
+        e.queue = started.saturating_duration_since(arrived);
+    }
     forward(
-        rt, listener, class, peer, conn, req, target, permit, started,
+        rt, listener, class, peer, conn, req, target, permit, started, entry,
     )
     .await
 }
@@ -170,10 +214,14 @@ async fn forward(
     target: Target,
     permit: Permit,
     started: Instant,
+    entry: &mut Option<access::Entry>,
 ) -> Result<Response<GatewayBody>, Answer> {
     let backend = rt
         .backend_for(class)
         .ok_or(Answer::Internal("the class's back end is not configured"))?;
+    if let Some(e) = entry.as_mut() {
+        e.backend = Some(backend.name().to_string());
+    }
     let in_flight = InFlight::new(Arc::clone(&class.core));
     let learn = class
         .learn_sizes
@@ -192,6 +240,14 @@ async fn forward(
         Ok((resp, lease)) => {
             let (mut parts, body) = resp.into_parts();
             forward::strip_hop_by_hop(&mut parts.headers);
+            let access = match (&rt.access_log, entry.take()) {
+                (Some(log), Some(mut e)) => {
+                    e.status = Some(parts.status.as_u16());
+                    e.address = Some(lease.addr());
+                    Some((Arc::clone(log), e))
+                }
+                _ => None,
+            };
             let held = Held {
                 permit,
                 in_flight,
@@ -201,6 +257,7 @@ async fn forward(
                 deadline: class.request_timeout.map(|t| (started + t, t)),
                 shaper: class.bandwidth.clone(),
                 learn,
+                access,
             };
             let body = Proxied::new(body, lease, held, conn.clone());
             Ok(Response::from_parts(parts, GatewayBody::proxied(body)))
@@ -209,6 +266,15 @@ async fn forward(
             let stats = &class.core.stats;
             stats.service_time.observe(started.elapsed());
             drop((permit, in_flight));
+            if let Some(e) = entry.as_mut() {
+                e.service = started.elapsed();
+                e.reason = Some(match verdict.get() {
+                    Some(BodyFailure::TooLarge) => "request_body_too_large",
+                    Some(BodyFailure::Timeout) => AbortReason::RequestBodyTimeout.as_str(),
+                    Some(BodyFailure::Broken) => AbortReason::RequestBodyBroken.as_str(),
+                    None => err.kind().as_str(),
+                });
+            }
             match verdict.get() {
                 // The client's body failed, not the back end.
                 Some(BodyFailure::TooLarge) => Err(Answer::TooLarge {

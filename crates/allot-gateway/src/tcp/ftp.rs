@@ -115,12 +115,28 @@ pub(crate) struct Session {
     pub backend: Arc<BackendStats>,
 }
 
-/// Relays a control connection until it ends; says why it ended.
+/// Relays a control connection until it ends; says why it ended and what it carried.
 pub(crate) async fn control<S>(
     client: TcpStream,
     server: S,
     ctx: &Session,
     counters: Counters<'_>,
+) -> splice::Ended
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut up, mut down) = (0u64, 0u64);
+    let reason = relay(client, server, ctx, &counters, &mut up, &mut down).await;
+    splice::Ended { reason, up, down }
+}
+
+async fn relay<S>(
+    client: TcpStream,
+    server: S,
+    ctx: &Session,
+    counters: &Counters<'_>,
+    up: &mut u64,
+    down: &mut u64,
 ) -> CloseReason
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -153,6 +169,7 @@ where
                     continue;
                 }
                 counters.up.iter().for_each(|c| { c.fetch_add(n as u64, Relaxed); });
+                *up += n as u64;
                 if tls {
                     if sw.write_all(&cbuf[..n]).await.is_err() { return CloseReason::Error; }
                     continue;
@@ -177,6 +194,7 @@ where
                     continue;
                 }
                 counters.down.iter().for_each(|c| { c.fetch_add(n as u64, Relaxed); });
+                *down += n as u64;
                 if tls {
                     if cw.write_all(&sbuf[..n]).await.is_err() { return CloseReason::Error; }
                     continue;
@@ -363,8 +381,8 @@ async fn data_connection(listener: TcpListener, lease: PortLease, ctx: DataConte
         up: [&stats.bytes_in, &ctx.backend.bytes_in],
         down: [&stats.bytes_out, &ctx.backend.bytes_out],
     };
-    let reason = splice::both_ways(stream, server, &ctx.limits, counters).await;
-    stats.close(reason);
+    let ended = splice::both_ways(stream, server, &ctx.limits, counters).await;
+    stats.close(ended.reason);
     stats.service_time.observe(started.elapsed());
 }
 

@@ -29,6 +29,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use crate::access;
 use crate::admission::{self, Admitted, Unit};
 use crate::config::Protocol;
 use crate::runtime::{ClassRt, InFlight, ListenerRt, Live, Runtime};
@@ -73,10 +74,25 @@ pub(crate) async fn serve(
         redirectable: false,
         now,
     };
+    let refused_entry = |reason: &'static str| access::Entry {
+        at: Some(std::time::SystemTime::now() - arrived.elapsed()),
+        client: Some(peer.ip()),
+        target: l.name.to_string(),
+        class: Some(class.name().to_string()),
+        queue: arrived.elapsed(),
+        reason: Some(reason),
+        ..access::Entry::default()
+    };
     let (permit, charge) = match admission::admit(&rt, &live, class, unit).await {
         Ok(Admitted::Serve(permit, charge)) => (permit, charge),
         // Connections are never redirected; anything else is a refusal, counted.
-        Ok(_) | Err(_) => {
+        other => {
+            if let Some(log) = &rt.access_log {
+                log.log(&refused_entry(match other {
+                    Err(reason) => reason.as_str(),
+                    _ => "quota",
+                }));
+            }
             refuse(&mut stream, l).await;
             return;
         }
@@ -101,6 +117,11 @@ pub(crate) async fn serve(
         Err(err) => {
             stats.failed.fetch_add(1, Relaxed);
             stats.close(CloseReason::ConnectFailed);
+            if let Some(log) = &rt.access_log {
+                let mut e = refused_entry(CloseReason::ConnectFailed.as_str());
+                e.backend = Some(backend.name().to_string());
+                log.log(&e);
+            }
             backend.note_failure(&err, crate::clock::now());
             tracing::debug!(class = %class.name(), error = %err, "connecting failed");
             refuse(&mut stream, l).await;
@@ -152,14 +173,32 @@ pub(crate) async fn serve(
             _ => splice::both_ways(stream, &mut upstream.stream, &limits, counters).await,
         }
     };
-    let reason = tokio::select! {
-        reason = serve => reason,
-        () = stopped(stop) => CloseReason::Shutdown,
+    let ended = tokio::select! {
+        ended = serve => ended,
+        () = stopped(stop) => splice::Ended { reason: CloseReason::Shutdown, up: 0, down: 0 },
     };
-    stats.close(reason);
+    stats.close(ended.reason);
     let took = started.elapsed();
     stats.service_time.observe(took);
     backend_stats.service_time.observe(took);
+    if let Some(log) = &rt.access_log {
+        log.log(&access::Entry {
+            at: Some(
+                std::time::SystemTime::now() - took - started.saturating_duration_since(arrived),
+            ),
+            client: Some(peer.ip()),
+            target: l.name.to_string(),
+            bytes_out: ended.down,
+            bytes_in: ended.up + first_len,
+            class: Some(class.name().to_string()),
+            backend: Some(backend.name().to_string()),
+            address: Some(server_addr),
+            queue: started.saturating_duration_since(arrived),
+            service: took,
+            reason: Some(ended.reason.as_str()),
+            ..access::Entry::default()
+        });
+    }
     drop((upstream, in_flight, permit));
 }
 

@@ -41,13 +41,24 @@ const NO_END: u8 = 0;
 const CLIENT: u8 = 1;
 const SERVER: u8 = 2;
 
-/// Copies both ways until the connection ends; says why it ended.
+/// How a connection ended, and what it carried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Ended {
+    /// Why it ended.
+    pub reason: CloseReason,
+    /// Bytes from the client to the server.
+    pub up: u64,
+    /// Bytes from the server to the client.
+    pub down: u64,
+}
+
+/// Copies both ways until the connection ends; says why it ended and what it carried.
 pub(crate) async fn both_ways<C, S>(
     client: C,
     server: S,
     limits: &Limits,
     counters: Counters<'_>,
-) -> CloseReason
+) -> Ended
 where
     C: AsyncRead + AsyncWrite + Unpin,
     S: AsyncRead + AsyncWrite + Unpin,
@@ -57,12 +68,15 @@ where
     // Shared by the two directions of this one task (atomics only so the task is Send).
     let last = AtomicU64::new(crate::clock::now().0);
     let first_eof = AtomicU8::new(NO_END);
+    let (up_bytes, down_bytes) = (AtomicU64::new(0), AtomicU64::new(0));
+    let up_counters = [counters.up[0], counters.up[1], &up_bytes];
+    let down_counters = [counters.down[0], counters.down[1], &down_bytes];
     let up = pump(
         &mut cr,
         &mut sw,
         CLIENT,
         limits,
-        &counters.up,
+        &up_counters,
         &last,
         &first_eof,
     );
@@ -71,7 +85,7 @@ where
         &mut cw,
         SERVER,
         limits,
-        &counters.down,
+        &down_counters,
         &last,
         &first_eof,
     );
@@ -96,7 +110,7 @@ where
             None => std::future::pending().await,
         }
     };
-    tokio::select! {
+    let reason = tokio::select! {
         ended = both => match (ended, first_eof.load(Relaxed)) {
             (Err(_), _) => CloseReason::Error,
             (Ok(()), SERVER) => CloseReason::ServerClosed,
@@ -104,6 +118,11 @@ where
         },
         () = idle => CloseReason::IdleTimeout,
         () = deadline => CloseReason::Timeout,
+    };
+    Ended {
+        reason,
+        up: up_bytes.load(Relaxed),
+        down: down_bytes.load(Relaxed),
     }
 }
 
@@ -114,7 +133,7 @@ async fn pump<R, W>(
     to: &mut W,
     side: u8,
     limits: &Limits,
-    counters: &[&AtomicU64; 2],
+    counters: &[&AtomicU64; 3],
     last: &AtomicU64,
     first_eof: &AtomicU8,
 ) -> std::io::Result<()>
@@ -172,8 +191,8 @@ mod tests {
         };
         let run = tokio::spawn(async move {
             let c: [AtomicU64; 4] = c;
-            let reason = both_ways(client, server, &limits, counters(&c)).await;
-            (reason, c.map(|x| x.load(Relaxed)))
+            let ended = both_ways(client, server, &limits, counters(&c)).await;
+            (ended, c.map(|x| x.load(Relaxed)))
         });
         client_peer.write_all(b"hello").await.unwrap();
         let mut got = [0u8; 5];
@@ -188,8 +207,9 @@ mod tests {
         client_peer.read_to_end(&mut end).await.unwrap();
         assert!(end.is_empty());
         client_peer.shutdown().await.unwrap();
-        let (reason, counts) = run.await.unwrap();
-        assert_eq!(reason, CloseReason::ServerClosed);
+        let (ended, counts) = run.await.unwrap();
+        assert_eq!(ended.reason, CloseReason::ServerClosed);
+        assert_eq!((ended.up, ended.down), (5, 2));
         assert_eq!(counts, [5, 5, 2, 2]);
     }
 
@@ -204,8 +224,8 @@ mod tests {
             shaper: None,
         };
         let t0 = Instant::now();
-        let reason = both_ways(client, server, &limits, counters(&c)).await;
-        assert_eq!(reason, CloseReason::IdleTimeout);
+        let ended = both_ways(client, server, &limits, counters(&c)).await;
+        assert_eq!(ended.reason, CloseReason::IdleTimeout);
         assert_eq!(t0.elapsed(), Duration::from_secs(30));
     }
 
@@ -236,11 +256,11 @@ mod tests {
             server_peer.shutdown().await.unwrap();
             (all.len(), Instant::now())
         });
-        let reason = both_ways(client, server, &limits, counters(&c)).await;
+        let ended = both_ways(client, server, &limits, counters(&c)).await;
         let (n, done) = receiver.await.unwrap();
         drop(sender.await.unwrap());
         assert_eq!(n, 510_000);
-        assert_eq!(reason, CloseReason::ClientClosed);
+        assert_eq!(ended.reason, CloseReason::ClientClosed);
         // 10 kB at once, the other 500 kB at 100 kB/s.
         let took = done - t0;
         assert!(

@@ -271,6 +271,11 @@ pub struct Lease {
 }
 
 impl Lease {
+    /// The address it is connected to.
+    pub fn addr(&self) -> SocketAddr {
+        self.address.addr
+    }
+
     /// Moves the connection's I/O on (reads more of the response body); `cx` is woken
     /// when there is more to do.
     pub fn poll_io(&mut self, cx: &mut Context<'_>) {

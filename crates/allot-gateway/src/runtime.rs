@@ -564,7 +564,11 @@ impl Live {
             backends: rt
                 .backends
                 .iter()
-                .map(|b| b.stats().snapshot(b.name(), b.healthy_addresses(now)))
+                .map(|b| {
+                    let mut snap = b.stats().snapshot(b.name(), b.healthy_addresses(now));
+                    snap.addresses = b.address_states(now);
+                    snap
+                })
                 .collect(),
             principals: rt
                 .enforcer

@@ -450,6 +450,7 @@ impl BackendStats {
             failures_protocol: self.failures[2].load(Relaxed),
             failures_body_timeout: self.failures[3].load(Relaxed),
             healthy_addresses,
+            addresses: Vec::new(),
             bytes_out: self.bytes_out.load(Relaxed),
             bytes_in: self.bytes_in.load(Relaxed),
             service_time: self.service_time.snapshot(),
@@ -475,8 +476,11 @@ pub struct BackendSnapshot {
     /// Response bodies that paused past `body_timeout_ms`.
     #[serde(default)]
     pub failures_body_timeout: u64,
-    /// Addresses not ejected now.
+    /// Addresses in use now (enabled, passing their checks, not ejected).
     pub healthy_addresses: usize,
+    /// Each address and its state.
+    #[serde(default)]
+    pub addresses: Vec<AddressSnapshot>,
     /// Response body bytes received (for connections: bytes from the server).
     pub bytes_out: u64,
     /// Bytes sent to it on connections.
@@ -484,6 +488,21 @@ pub struct BackendSnapshot {
     pub bytes_in: u64,
     /// Service time histogram.
     pub service_time: HistogramSnapshot,
+}
+
+/// One back-end address's state.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AddressSnapshot {
+    /// `ip:port`.
+    pub address: String,
+    /// `enabled`, `draining` or `disabled` (the operator's say).
+    pub mode: String,
+    /// The active health check says it is down.
+    pub checked_down: bool,
+    /// Passively ejected after connect failures.
+    pub ejected: bool,
+    /// Requests or connections in flight there now.
+    pub in_flight: u64,
 }
 
 /// The whole gateway's sensors at one moment, as `/status` serves them.

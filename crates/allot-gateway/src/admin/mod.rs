@@ -5,8 +5,12 @@
 //! `GET /rules`. Writes, which need `Authorization: Bearer <token>`:
 //! `POST /rules` (`{"chain", "position"?, "rule"}`), `DELETE /rules/<chain>/<id>`,
 //! `PATCH /classes/<name>`, `PATCH /bandwidth_groups/<name>`, `PATCH /gateway` (a JSON
-//! object of the keys to change, as in the configuration file). Every write is validated
-//! like a configuration file and either applies whole or changes nothing.
+//! object of the keys to change, as in the configuration file),
+//! `POST /backends/<name>/addresses` (`{"address"}`), `DELETE
+//! /backends/<name>/addresses/<ip:port>`. Every such write is validated like a
+//! configuration file and either applies whole or changes nothing.
+//! `POST /backends/<name>/addresses/<ip:port>/{drain,disable,enable}` sets an address's
+//! mode at run time (kept across reloads).
 //! `/controllers` (the QoS manager's loops) is routed to [`controllers`].
 //! Every failure is an [`AdminError`], turned into its response in one place.
 
@@ -180,6 +184,75 @@ async fn route(gw: &Gateway, req: Request<Incoming>) -> Routed {
                 format!("bandwidth group {name} changed"),
             ))
         }
+        (Method::POST, ["backends", name, "addresses", addr, action]) => {
+            let addr: std::net::SocketAddr = addr
+                .parse()
+                .map_err(|_| bad(format!("{addr:?} is not an ip:port address")))?;
+            let mode = match *action {
+                "drain" => crate::upstream::AddressMode::Draining,
+                "disable" => crate::upstream::AddressMode::Disabled,
+                "enable" => crate::upstream::AddressMode::Enabled,
+                other => {
+                    return Err(bad(format!(
+                        "{other:?} is not an action: drain, disable or enable"
+                    )))
+                }
+            };
+            let rt = gw.runtime();
+            let backend = rt.backend(name).ok_or_else(|| {
+                AdminError::NotFound(format!("allot: no back end is named {name:?}"))
+            })?;
+            if !backend.set_mode(addr, mode) {
+                return Err(AdminError::NotFound(format!(
+                    "allot: back end {name} has no address {addr}"
+                )));
+            }
+            Ok(text(
+                StatusCode::OK,
+                format!("{name} {addr}: {}", mode.as_str()),
+            ))
+        }
+        (Method::POST, ["backends", name, "addresses"]) => {
+            #[derive(Deserialize)]
+            #[serde(deny_unknown_fields)]
+            struct Add {
+                address: std::net::SocketAddr,
+            }
+            let add: Add = parse_json(&body)?;
+            gw.change(|c| {
+                let b = backend_mut(c, name)?;
+                if b.addresses.contains(&add.address) {
+                    return Err(run_time_error(
+                        format!("backend.{name}.addresses"),
+                        format!("{} is already an address of {name}", add.address),
+                    ));
+                }
+                b.addresses.push(add.address);
+                Ok(())
+            })?;
+            Ok(text(
+                StatusCode::CREATED,
+                format!("{name}: {} added", add.address),
+            ))
+        }
+        (Method::DELETE, ["backends", name, "addresses", addr]) => {
+            let addr: std::net::SocketAddr = addr
+                .parse()
+                .map_err(|_| bad(format!("{addr:?} is not an ip:port address")))?;
+            gw.change(|c| {
+                let b = backend_mut(c, name)?;
+                let before = b.addresses.len();
+                b.addresses.retain(|a| *a != addr);
+                if b.addresses.len() == before {
+                    return Err(run_time_error(
+                        format!("backend.{name}.addresses"),
+                        format!("{addr} is not an address of {name}"),
+                    ));
+                }
+                Ok(())
+            })?;
+            Ok(text(StatusCode::OK, format!("{name}: {addr} removed")))
+        }
         (Method::PATCH, ["gateway"]) => {
             let patch = parse_json::<Value>(&body)?;
             gw.change(|c| {
@@ -262,6 +335,31 @@ fn merged<T: serde::Serialize + serde::de::DeserializeOwned>(
         target.insert(k.clone(), v.clone());
     }
     serde_json::from_value(value).map_err(|e| invalid(e.to_string()))
+}
+
+fn run_time_error(key: String, message: String) -> ConfigError {
+    ConfigError::Invalid {
+        path: "run-time change".into(),
+        line: 0,
+        key,
+        message,
+    }
+}
+
+fn backend_mut<'c>(
+    c: &'c mut Config,
+    name: &str,
+) -> Result<&'c mut crate::config::BackendConfig, ConfigError> {
+    c.backend
+        .iter_mut()
+        .map(|b| b.get_mut())
+        .find(|b| b.name == name)
+        .ok_or_else(|| {
+            run_time_error(
+                format!("backend.{name}"),
+                format!("no back end is named {name:?}"),
+            )
+        })
 }
 
 trait Named {

@@ -371,6 +371,45 @@ pub struct BackendConfig {
     /// after its last connection, in milliseconds (0: no affinity).
     #[serde(default)]
     pub affinity_ms: u64,
+    /// Active health checks of every address, next to the passive ejection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<HealthCheckConfig>,
+}
+
+/// `health_check = { … }`: each address is checked on a period; `fall` failures in a row
+/// take it out, `rise` successes in a row bring it back (HAProxy's semantics).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheckConfig {
+    /// An HTTP path to GET (a 2xx or 3xx answer is healthy); without it, the check is a
+    /// TCP connect.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// Between checks, in milliseconds.
+    #[serde(default = "default_check_interval_ms")]
+    pub interval_ms: u64,
+    /// Time allowed for one check, in milliseconds.
+    #[serde(default = "default_check_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Successes in a row that bring a down address back.
+    #[serde(default = "default_rise")]
+    pub rise: u32,
+    /// Failures in a row that take an address out.
+    #[serde(default = "default_fall")]
+    pub fall: u32,
+}
+
+fn default_check_interval_ms() -> u64 {
+    2_000
+}
+fn default_check_timeout_ms() -> u64 {
+    1_000
+}
+fn default_rise() -> u32 {
+    2
+}
+fn default_fall() -> u32 {
+    3
 }
 
 /// The PROXY protocol version a back end is sent.
@@ -618,6 +657,30 @@ impl Config {
                     format!("backend.{}.addresses", b.name),
                     "expected at least one `ip:port` address".into(),
                 ));
+            }
+            if let Some(h) = &b.health_check {
+                let bad = |key: &str, message: String| {
+                    invalid(
+                        span.clone(),
+                        format!("backend.{}.health_check.{key}", b.name),
+                        message,
+                    )
+                };
+                if h.interval_ms == 0 || h.timeout_ms == 0 {
+                    return Err(bad(
+                        "interval_ms",
+                        "expected interval_ms and timeout_ms ≥ 1".into(),
+                    ));
+                }
+                if h.rise == 0 || h.fall == 0 {
+                    return Err(bad("rise", "expected rise and fall ≥ 1".into()));
+                }
+                if h.path.as_ref().is_some_and(|p| !p.starts_with('/')) {
+                    return Err(bad(
+                        "path",
+                        format!("expected a path starting with /, got {:?}", h.path),
+                    ));
+                }
             }
             for (key, v) in [
                 ("connect_timeout_ms", b.connect_timeout_ms),

@@ -4,15 +4,18 @@
 //!
 //! - [`agreements`]: every window, demand per principal → the planner → credit rates;
 //!   in between, credit handed to the requests waiting for it;
-//! - [`qos`]: the `[[controller]]` loops (delay, utilisation, adaptive limits).
+//! - [`qos`]: the `[[controller]]` loops (delay, utilisation, adaptive limits);
+//! - [`health`]: active health checks, one loop per back end that has them.
 //!
 //! Loops follow the configuration in force: the supervisor reconciles them after every
 //! change, and they hold the live state weakly, so none outlives the gateway. There is one
 //! supervisor per gateway, however many listeners it has.
 
 pub mod agreements;
+pub mod health;
 pub mod qos;
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use crate::runtime::Live;
@@ -22,6 +25,16 @@ use crate::runtime::Live;
 pub struct Supervisor {
     controllers: qos::Controllers,
     windows: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Health-check loops by back end, with the settings each was started with.
+    checks: Mutex<
+        HashMap<
+            String,
+            (
+                crate::config::HealthCheckConfig,
+                tokio::task::JoinHandle<()>,
+            ),
+        >,
+    >,
 }
 
 impl Supervisor {
@@ -48,6 +61,36 @@ impl Supervisor {
             }
             _ => {}
         }
+        drop(windows);
+        self.reconcile_checks(live);
+    }
+
+    /// One health-check loop per back end with a `health_check`, restarted when its
+    /// settings change.
+    fn reconcile_checks(&self, live: &Arc<Live>) {
+        let wanted: HashMap<String, crate::config::HealthCheckConfig> = live
+            .load()
+            .config
+            .backends()
+            .filter_map(|b| b.health_check.clone().map(|h| (b.name.clone(), h)))
+            .collect();
+        let mut checks = self.checks.lock().unwrap_or_else(|p| p.into_inner());
+        checks.retain(|name, (config, task)| {
+            let keep = wanted.get(name) == Some(config) && !task.is_finished();
+            if !keep {
+                task.abort();
+            }
+            keep
+        });
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        for (name, config) in wanted {
+            if let std::collections::hash_map::Entry::Vacant(slot) = checks.entry(name) {
+                let task = handle.spawn(health::run(Arc::downgrade(live), slot.key().clone()));
+                slot.insert((config, task));
+            }
+        }
     }
 
     /// The controllers' readouts.
@@ -63,6 +106,14 @@ impl Supervisor {
     /// Stops every loop (the gateway is stopping).
     pub fn stop(&self) {
         self.controllers.stop();
+        for (_, (_, task)) in self
+            .checks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain()
+        {
+            task.abort();
+        }
         if let Some(task) = self
             .windows
             .lock()

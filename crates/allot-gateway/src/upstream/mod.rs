@@ -170,6 +170,42 @@ pub struct Address {
     ejected_until_ns: AtomicU64,
     /// Ejected and not yet seen working again: changes of it are what gets logged.
     out: AtomicBool,
+    /// The active health check says it is down.
+    checked_down: AtomicBool,
+    /// Checks in a row with the same outcome, towards `rise` or `fall`.
+    streak: AtomicU32,
+    /// An operator's say: [`AddressMode`] as a number.
+    mode: std::sync::atomic::AtomicU8,
+}
+
+/// What an operator set an address to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AddressMode {
+    /// In use as its health allows.
+    Enabled,
+    /// No new requests or connections; those in flight finish.
+    Draining,
+    /// Out: no new requests or connections, not checked.
+    Disabled,
+}
+
+impl AddressMode {
+    /// The word `/status` and the admin API use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AddressMode::Enabled => "enabled",
+            AddressMode::Draining => "draining",
+            AddressMode::Disabled => "disabled",
+        }
+    }
+
+    fn from_u8(v: u8) -> AddressMode {
+        match v {
+            1 => AddressMode::Draining,
+            2 => AddressMode::Disabled,
+            _ => AddressMode::Enabled,
+        }
+    }
 }
 
 impl Address {
@@ -181,11 +217,24 @@ impl Address {
             consecutive_failures: AtomicU32::new(0),
             ejected_until_ns: AtomicU64::new(0),
             out: AtomicBool::new(false),
+            checked_down: AtomicBool::new(false),
+            streak: AtomicU32::new(0),
+            mode: std::sync::atomic::AtomicU8::new(0),
         })
     }
 
+    /// Not passively ejected at `now_ns`.
     fn healthy(&self, now_ns: u64) -> bool {
         self.ejected_until_ns.load(Relaxed) <= now_ns
+    }
+
+    /// May take new requests: enabled by the operator and not down by the active check.
+    fn usable(&self) -> bool {
+        self.mode() == AddressMode::Enabled && !self.checked_down.load(Relaxed)
+    }
+
+    fn mode(&self) -> AddressMode {
+        AddressMode::from_u8(self.mode.load(Relaxed))
     }
 
     fn take_idle(&self) -> Option<Conn> {
@@ -413,7 +462,8 @@ impl Backend {
         now: allot_model::Nanos,
     ) -> Result<StreamLease, ForwardError> {
         let mut last = String::from("no addresses");
-        let preferred = prefer.and_then(|p| self.addresses.iter().find(|a| a.addr == p));
+        let preferred =
+            prefer.and_then(|p| self.addresses.iter().find(|a| a.addr == p && a.usable()));
         let mut ejected = Vec::new();
         let mut tried: Option<&Arc<Address>> = None;
         for address in preferred.into_iter().chain(self.order()) {
@@ -494,9 +544,84 @@ impl Backend {
         self.settings.body_timeout
     }
 
-    /// Addresses not ejected at `now`.
+    /// Addresses in use at `now`: enabled, not down by the health check, not ejected.
     pub fn healthy_addresses(&self, now: allot_model::Nanos) -> usize {
-        self.addresses.iter().filter(|a| a.healthy(now.0)).count()
+        self.addresses
+            .iter()
+            .filter(|a| a.usable() && a.healthy(now.0))
+            .count()
+    }
+
+    /// Each address and its state, for `/status`.
+    pub fn address_states(&self, now: allot_model::Nanos) -> Vec<crate::stats::AddressSnapshot> {
+        self.addresses
+            .iter()
+            .map(|a| crate::stats::AddressSnapshot {
+                address: a.addr.to_string(),
+                mode: a.mode().as_str().to_string(),
+                checked_down: a.checked_down.load(Relaxed),
+                ejected: !a.healthy(now.0),
+                in_flight: a.in_flight.load(Relaxed) as u64,
+            })
+            .collect()
+    }
+
+    /// Sets an address's mode; false when it is not one of this back end's. Disabling or
+    /// draining closes its idle pooled connections.
+    pub fn set_mode(&self, addr: SocketAddr, mode: AddressMode) -> bool {
+        let Some(a) = self.addresses.iter().find(|a| a.addr == addr) else {
+            return false;
+        };
+        let was = AddressMode::from_u8(a.mode.swap(mode as u8, Relaxed));
+        if mode != AddressMode::Enabled {
+            a.idle.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        }
+        if was != mode {
+            tracing::info!(backend = %self.core.name, address = %addr, mode = mode.as_str(),
+                in_flight = a.in_flight.load(Relaxed), "address mode changed");
+        }
+        true
+    }
+
+    /// The addresses an active health check should look at (not disabled).
+    pub fn checked_addresses(&self) -> Vec<SocketAddr> {
+        self.addresses
+            .iter()
+            .filter(|a| a.mode() != AddressMode::Disabled)
+            .map(|a| a.addr)
+            .collect()
+    }
+
+    /// One active check's outcome for `addr`: `fall` failures in a row take it out,
+    /// `rise` successes in a row bring it back; each change is logged once.
+    pub fn check_result(&self, addr: SocketAddr, ok: Result<(), String>, rise: u32, fall: u32) {
+        let Some(a) = self.addresses.iter().find(|a| a.addr == addr) else {
+            return;
+        };
+        let down = a.checked_down.load(Relaxed);
+        match (ok, down) {
+            (Ok(()), false) | (Err(_), true) => a.streak.store(0, Relaxed),
+            (Ok(()), true) => {
+                let n = a.streak.fetch_add(1, Relaxed) + 1;
+                if n >= rise {
+                    a.streak.store(0, Relaxed);
+                    a.checked_down.store(false, Relaxed);
+                    tracing::info!(backend = %self.core.name, address = %addr, checks = n,
+                        "address up: health checks pass again");
+                }
+            }
+            (Err(detail), false) => {
+                let n = a.streak.fetch_add(1, Relaxed) + 1;
+                if n >= fall {
+                    a.streak.store(0, Relaxed);
+                    a.checked_down.store(true, Relaxed);
+                    // Its idle connections go: a request must not find a stale one.
+                    a.idle.lock().unwrap_or_else(|p| p.into_inner()).clear();
+                    tracing::warn!(backend = %self.core.name, address = %addr, checks = n,
+                        error = %detail, "address down: health checks fail");
+                }
+            }
+        }
     }
 
     /// Counts a request that failed here and logs the failures now and then, with their
@@ -562,10 +687,13 @@ impl Backend {
             by_load = (0..n).map(|i| (start + i) % n).collect(); // ties go round-robin
             by_load.sort_by_key(|&i| addresses[i].in_flight.load(Relaxed));
         }
-        (0..n).map(move |i| match by_load.get(i) {
-            Some(&k) => &addresses[k],
-            None => &addresses[(start + i) % n],
-        })
+        (0..n)
+            .map(move |i| match by_load.get(i) {
+                Some(&k) => &addresses[k],
+                None => &addresses[(start + i) % n],
+            })
+            // Drained, disabled and checked-down addresses take nothing new.
+            .filter(|a| a.usable())
     }
 
     /// One address: a pooled connection, else a new one. `Ok` with the outcome once the

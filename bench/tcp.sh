@@ -49,7 +49,7 @@ HB=$(free_port); HS=$(free_port); NB=$(free_port); NS=$(free_port); AB=$(free_po
 cat > "$work/haproxy.cfg" <<CONF
 global
   nbthread 1
-  maxconn 20000
+  maxconn 8000
 defaults
   mode tcp
   timeout connect 5s

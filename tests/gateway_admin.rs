@@ -497,3 +497,87 @@ async fn sigterm_waits_the_configured_grace_then_says_it_stopped() {
     );
     let _ = slow.await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_configuration_in_force_reads_as_toml_and_a_reload_names_what_it_replaces() {
+    let (_b, backend) = backend(4, 0, &[]);
+    let cfg = config(backend, "one").replace(
+        "token_env = \"TEST_ALLOT_TOKEN\"",
+        "token = \"toml-secret-1234\"",
+    );
+    let (g, _gw, admin, path) = gateway(&cfg, &[], &[]);
+    let toml_text = get_once(admin, "/config?format=toml", &[]).await.text();
+    assert!(!toml_text.contains("toml-secret-1234"), "{toml_text}");
+    assert!(
+        toml_text.contains("max_headers = 100"),
+        "defaults are written out: {toml_text}"
+    );
+    // It is a valid configuration again (the secret aside).
+    let reread = temp_path("reread.toml");
+    std::fs::write(&reread, &toml_text).expect("write");
+    let p = reread.to_string_lossy().to_string();
+    let (code, _, err) = run_allot(&["gateway", "--config", &p, "--check"], &[]);
+    assert_eq!(code, 0, "{err}");
+    // --check --print shows the same, never the secret.
+    let f = path.to_string_lossy().to_string();
+    let (code, out, _) = run_allot(&["gateway", "--config", &f, "--check", "--print"], &[]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("[[class]]") && out.contains("max_wait_ms = 10000"),
+        "{out}"
+    );
+    assert!(!out.contains("toml-secret-1234"), "{out}");
+
+    // A run-time change, then a reload of the unchanged file: the log names the change
+    // the file replaces.
+    let (code, _, err) = ctl(
+        admin,
+        Some("toml-secret-1234"),
+        &["class", "one", "max_running=3"],
+    );
+    assert_eq!(code, 0, "{err}");
+    g.signal("HUP");
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            g.stderr()
+                .contains("a run-time change is replaced by the file")
+        })
+        .await,
+        "{}",
+        g.stderr()
+    );
+    assert!(
+        g.stderr().contains("class.one.max_running"),
+        "{}",
+        g.stderr()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listen_and_admin_flags_override_the_files_addresses() {
+    let (_b, backend) = backend(4, 0, &[]);
+    let path = temp_path("fixed.toml");
+    std::fs::write(
+        &path,
+        config(backend, "one").replace("address = \"127.0.0.1:0\"", "address = \"127.0.0.1:1\""),
+    )
+    .expect("write");
+    let p = path.to_string_lossy().to_string();
+    let g = spawn_allot(
+        &[
+            "gateway",
+            "--config",
+            &p,
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+        ],
+        &[],
+    );
+    let (gw, admin) = (g.addr("gateway"), g.addr("admin"));
+    assert_ne!(gw.port(), 1);
+    assert_ne!(admin.port(), 1);
+    assert_eq!(get_once(gw, "/x", &[]).await.status, 200);
+    assert_eq!(get_once(admin, "/status", &[]).await.status, 200);
+}

@@ -1,8 +1,11 @@
-//! `allot gateway`: run the HTTP gateway from a configuration file.
+//! `allot gateway`: run the gateway from a configuration file.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
 
+use allot_gateway::config::diff::diff;
 use allot_gateway::{server, Config, Gateway};
 use anyhow::Context;
 use tokio::signal::unix::{signal, SignalKind};
@@ -16,6 +19,16 @@ pub struct Args {
     /// Validate the configuration and exit: 0 if valid, 2 with the error if not.
     #[arg(long)]
     check: bool,
+    /// With --check: print the effective configuration, every default filled in
+    /// (secrets redacted).
+    #[arg(long, requires = "check")]
+    print: bool,
+    /// Listen here instead of the file's (first) listener address.
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<SocketAddr>,
+    /// Serve the admin API here instead of the file's address.
+    #[arg(long, value_name = "ADDR")]
+    admin: Option<SocketAddr>,
     /// Worker threads (default: one per CPU). `1` runs everything on one thread.
     #[arg(long)]
     threads: Option<usize>,
@@ -23,11 +36,20 @@ pub struct Args {
 
 /// Runs the gateway until SIGINT or SIGTERM; SIGHUP reloads the configuration.
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let config = Config::load(&args.config)?;
+    let overrides = Overrides {
+        listen: args.listen,
+        admin: args.admin,
+    };
+    let config = overrides.load(&args.config)?;
     if args.check {
+        if args.print {
+            print!("{}", config.to_toml()?);
+            return Ok(ExitCode::SUCCESS);
+        }
         println!(
-            "{}: ok ({} classes, {} back ends, {} chains)",
+            "{}: ok ({} listeners, {} classes, {} back ends, {} chains)",
             args.config.display(),
+            config.listener.0.len(),
             config.class.len(),
             config.backend.len(),
             config.chain.len()
@@ -35,11 +57,33 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let runtime = super::runtime(args.threads)?;
-    runtime.block_on(serve(config, args.config))?;
+    runtime.block_on(serve(config, args.config, overrides))?;
     Ok(ExitCode::SUCCESS)
 }
 
-async fn serve(config: Config, path: PathBuf) -> anyhow::Result<()> {
+/// Addresses given on the command line, put over the file's at every load.
+#[derive(Debug, Clone, Copy)]
+struct Overrides {
+    listen: Option<SocketAddr>,
+    admin: Option<SocketAddr>,
+}
+
+impl Overrides {
+    fn load(&self, path: &std::path::Path) -> anyhow::Result<Config> {
+        let mut config = Config::load(path)?;
+        if let Some(a) = self.listen {
+            if let Some(first) = config.listener.0.first_mut() {
+                first.get_mut().address = a;
+            }
+        }
+        if let Some(a) = self.admin {
+            config.admin.address = a;
+        }
+        Ok(config)
+    }
+}
+
+async fn serve(config: Config, path: PathBuf, overrides: Overrides) -> anyhow::Result<()> {
     // Signal handlers first: from the moment the gateway says it listens, SIGHUP reloads
     // and SIGTERM stops it gracefully, never the signals' default (ending the process).
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
@@ -60,8 +104,15 @@ async fn serve(config: Config, path: PathBuf) -> anyhow::Result<()> {
             "no admin token: the admin API is read-only (set admin.token or ALLOT_ADMIN_TOKEN)"
         );
     }
+    let from_file = Arc::new(Mutex::new(config.clone()));
     let gw = Gateway::new(config).context("starting the gateway")?;
-    let reload = tokio::spawn(reload_on_hangup(gw.clone(), path, hup));
+    let reload = tokio::spawn(reload_on_hangup(
+        gw.clone(),
+        path,
+        overrides,
+        from_file,
+        hup,
+    ));
     let reopen = tokio::spawn(reopen_on_usr1(gw.clone(), usr1));
     // One machine-readable line, so scripts and tests learn ports chosen at run time:
     // `gateway=` (the first listener), `admin=`, then `listener.NAME=` for each listener
@@ -88,11 +139,45 @@ async fn serve(config: Config, path: PathBuf) -> anyhow::Result<()> {
 }
 
 /// SIGHUP: read the file again; a valid one takes effect at once, a broken one is logged
-/// and the configuration in force is kept.
-async fn reload_on_hangup(gw: Gateway, path: PathBuf, mut hup: tokio::signal::unix::Signal) {
+/// and the configuration in force is kept. Each run-time change (made through the admin
+/// API since the file was last read) that the file now replaces is logged.
+async fn reload_on_hangup(
+    gw: Gateway,
+    path: PathBuf,
+    overrides: Overrides,
+    from_file: Arc<Mutex<Config>>,
+    mut hup: tokio::signal::unix::Signal,
+) {
     while hup.recv().await.is_some() {
-        match Config::load(&path).and_then(|c| gw.apply(c)) {
-            Ok(()) => tracing::info!(config = %path.display(), "configuration reloaded"),
+        let loaded = match overrides.load(&path) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %format!("{e:#}"), "reload refused; the configuration in force is kept");
+                continue;
+            }
+        };
+        let in_force = gw.runtime().config.clone();
+        let last_file = from_file.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let run_time: Vec<String> = diff(&last_file, &in_force)
+            .into_iter()
+            .map(|c| c.key)
+            .collect();
+        let replaced: Vec<_> = diff(&in_force, &loaded)
+            .into_iter()
+            .filter(|c| {
+                run_time
+                    .iter()
+                    .any(|k| c.key == *k || c.key.starts_with(&format!("{k}.")))
+            })
+            .collect();
+        match gw.apply(loaded.clone()) {
+            Ok(()) => {
+                for change in &replaced {
+                    tracing::info!(change = %change, "a run-time change is replaced by the file");
+                }
+                *from_file.lock().unwrap_or_else(|p| p.into_inner()) = loaded;
+                tracing::info!(config = %path.display(), "configuration reloaded")
+            }
             Err(e) => {
                 tracing::error!(error = %e, "reload refused; the configuration in force is kept")
             }

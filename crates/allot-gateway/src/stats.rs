@@ -57,6 +57,7 @@ impl Histogram {
         HistogramSnapshot {
             counts: self.counts.iter().map(|c| c.load(Relaxed)).collect(),
             sum_ns: self.sum_ns.load(Relaxed),
+            bounds_s: bucket_bounds_s().to_vec(),
         }
     }
 }
@@ -68,6 +69,9 @@ pub struct HistogramSnapshot {
     pub counts: Vec<u64>,
     /// Sum of all observations, in nanoseconds.
     pub sum_ns: u64,
+    /// The buckets' upper bounds, in seconds (the last bucket, past them, is +Inf).
+    #[serde(default)]
+    pub bounds_s: Vec<f64>,
 }
 
 impl HistogramSnapshot {
@@ -115,6 +119,7 @@ impl HistogramSnapshot {
                 .map(|(i, c)| c.saturating_sub(earlier.counts.get(i).copied().unwrap_or(0)))
                 .collect(),
             sum_ns: self.sum_ns.saturating_sub(earlier.sum_ns),
+            bounds_s: self.bounds_s.clone(),
         }
     }
 }

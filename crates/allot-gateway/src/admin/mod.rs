@@ -2,7 +2,8 @@
 //!
 //! Reads: `GET /metrics` (Prometheus text, in the format the scraper asks for),
 //! `GET /status` (JSON sensors), `GET /config` (secrets shown as `<redacted>`),
-//! `GET /rules`. Writes, which need `Authorization: Bearer <token>`:
+//! `GET /config?format=toml`, `GET /rules`, and `GET /`: a status page (no external
+//! assets) drawing `/status` live. Writes, which need `Authorization: Bearer <token>`:
 //! `POST /rules` (`{"chain", "position"?, "rule"}`), `DELETE /rules/<chain>/<id>`,
 //! `PATCH /classes/<name>`, `PATCH /bandwidth_groups/<name>`, `PATCH /gateway` (a JSON
 //! object of the keys to change, as in the configuration file),
@@ -17,6 +18,7 @@
 pub(crate) mod controller_metrics;
 pub(crate) mod controllers;
 pub(crate) mod metrics;
+mod page;
 
 use std::convert::Infallible;
 
@@ -122,7 +124,27 @@ async fn route(gw: &Gateway, req: Request<Incoming>) -> Routed {
             }
             ["status"] => json(&gw.status()),
             ["controllers"] => json(&gw.readouts()),
+            ["config"]
+                if req
+                    .uri()
+                    .query()
+                    .is_some_and(|q| q.split('&').any(|kv| kv == "format=toml")) =>
+            {
+                let text = gw
+                    .runtime()
+                    .config
+                    .to_toml()
+                    .map_err(|e| AdminError::Internal(e.to_string()))?;
+                Ok(Response::builder()
+                    .header(header::CONTENT_TYPE, "application/toml")
+                    .body(Full::new(Bytes::from(text)))
+                    .unwrap_or_default())
+            }
             ["config"] => json(&gw.runtime().config),
+            [] => Ok(Response::builder()
+                .header(header::CONTENT_TYPE, "text/html; charset=utf-8")
+                .body(Full::new(Bytes::from_static(page::PAGE.as_bytes())))
+                .unwrap_or_default()),
             ["rules"] => {
                 let rt = gw.runtime();
                 let chains: Vec<ChainSpec> = rt

@@ -5,6 +5,7 @@
 //! error names the file, the line and the key, and says what is allowed.
 
 pub mod controller;
+pub mod diff;
 pub mod listener;
 mod secret;
 
@@ -473,8 +474,11 @@ pub struct ClassConfig {
     /// Relative admission rate among classes of equal priority (the accept-ratio group).
     #[serde(default = "default_ratio")]
     pub ratio: f64,
-    /// Cap on this class's requests in service.
-    #[serde(default = "default_class_max_running")]
+    /// Cap on this class's requests in service (absent: unlimited).
+    #[serde(
+        default = "default_class_max_running",
+        skip_serializing_if = "is_unlimited"
+    )]
     pub max_running: usize,
     /// Cap on this class's waiting requests; more get 503.
     #[serde(default = "default_queue_limit")]
@@ -503,6 +507,11 @@ fn default_ratio() -> f64 {
 }
 fn default_class_max_running() -> usize {
     usize::MAX
+}
+
+/// "No cap": written out by leaving the key out.
+fn is_unlimited(v: &usize) -> bool {
+    *v == usize::MAX
 }
 fn default_queue_limit() -> usize {
     1024
@@ -562,6 +571,16 @@ impl Config {
         })?;
         config.validate(text, origin)?;
         Ok(config)
+    }
+
+    /// The configuration as TOML, every default written out and secrets shown as
+    /// `<redacted>` (what `--check --print` and `GET /config?format=toml` show).
+    pub fn to_toml(&self) -> Result<String, ConfigError> {
+        toml::to_string(self).map_err(|e| ConfigError::Syntax {
+            path: "configuration".into(),
+            line: 0,
+            message: format!("cannot write as TOML: {e}"),
+        })
     }
 
     /// Validates a configuration changed at run time (no file, so no lines).
@@ -1147,6 +1166,22 @@ target = { class = "premium" }
         let bad = GOOD.replace("priority = 10", "priorty = 10");
         let err = Config::parse(&bad, "t.toml").unwrap_err().to_string();
         assert!(err.contains("priorty"), "{err}");
+    }
+
+    #[test]
+    fn the_effective_configuration_is_written_whole_and_read_back_the_same() {
+        let c = Config::parse(GOOD, "t.toml").expect("valid");
+        let text = c.to_toml().expect("toml");
+        assert!(
+            text.contains("max_headers = 100"),
+            "defaults written: {text}"
+        );
+        let again = Config::parse(&text, "printed").expect("the printed file loads");
+        assert!(
+            diff::diff(&c, &again).is_empty(),
+            "{:?}",
+            diff::diff(&c, &again)
+        );
     }
 
     #[test]

@@ -112,7 +112,10 @@ async fn a_client_that_does_not_read_loses_the_slot_at_the_send_timeout() {
     let mut lazy = RawClient::connect(gw).await;
     lazy.send(b"GET /big HTTP/1.1\r\nhost: x\r\n\r\n").await;
     assert!(
-        eventually(Duration::from_secs(5), || async { status(admin).await["running"] == 1 }).await,
+        eventually(Duration::from_secs(5), || async {
+            status(admin).await["running"] == 1
+        })
+        .await,
         "the request never reached service"
     );
     // It never reads. The slot comes back within the timeout (plus slack for a loaded

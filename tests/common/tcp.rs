@@ -113,8 +113,10 @@ pub async fn tcp_backend(serve: Serve) -> (SocketAddr, Arc<Seen>) {
                         let _ = stream.read(&mut buf).await;
                     }
                 }
-                let _ = stream.shutdown().await;
+                // Closed from here on: counted before the FIN goes, so the count is never
+                // behind what the gateway could see closed.
                 seen.open.fetch_sub(1, SeqCst);
+                let _ = stream.shutdown().await;
             });
         }
     });

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 
@@ -116,33 +116,27 @@ pub(crate) struct Session {
 }
 
 /// Relays a control connection until it ends; says why it ended and what it carried.
-pub(crate) async fn control<S>(
-    client: TcpStream,
-    server: S,
+pub(crate) async fn control(
+    client: &mut TcpStream,
+    server: &mut TcpStream,
     ctx: &Session,
     counters: Counters<'_>,
-) -> splice::Ended
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
+) -> splice::Ended {
     let (mut up, mut down) = (0u64, 0u64);
     let reason = relay(client, server, ctx, &counters, &mut up, &mut down).await;
     splice::Ended { reason, up, down }
 }
 
-async fn relay<S>(
-    client: TcpStream,
-    server: S,
+async fn relay(
+    client: &mut TcpStream,
+    server: &mut TcpStream,
     ctx: &Session,
     counters: &Counters<'_>,
     up: &mut u64,
     down: &mut u64,
-) -> CloseReason
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    let (mut cr, mut cw) = tokio::io::split(client);
-    let (mut sr, mut sw) = tokio::io::split(server);
+) -> CloseReason {
+    let (mut cr, mut cw) = client.split();
+    let (mut sr, mut sw) = server.split();
     let mut from_client = Lines::default();
     let mut from_server = Lines::default();
     let (mut client_done, mut server_done) = (false, false);
@@ -381,7 +375,8 @@ async fn data_connection(listener: TcpListener, lease: PortLease, ctx: DataConte
         up: [&stats.bytes_in, &ctx.backend.bytes_in],
         down: [&stats.bytes_out, &ctx.backend.bytes_out],
     };
-    let ended = splice::both_ways(stream, server, &ctx.limits, counters).await;
+    let (mut stream, mut server) = (stream, server);
+    let ended = splice::sockets(&mut stream, &mut server, &ctx.limits, counters).await;
     stats.close(ended.reason);
     stats.service_time.observe(started.elapsed());
 }

@@ -168,9 +168,9 @@ pub(crate) async fn serve(
                     limits: limits.clone(),
                     backend: Arc::clone(&backend_stats),
                 };
-                ftp::control(stream, &mut upstream.stream, &ctx, counters).await
+                ftp::control(&mut stream, &mut upstream.stream, &ctx, counters).await
             }
-            _ => splice::both_ways(stream, &mut upstream.stream, &limits, counters).await,
+            _ => splice::sockets(&mut stream, &mut upstream.stream, &limits, counters).await,
         }
     };
     let ended = tokio::select! {

@@ -52,19 +52,35 @@ pub(crate) struct Ended {
     pub down: u64,
 }
 
+/// Copies both ways between two sockets until the connection ends (their halves borrowed,
+/// with no lock between them).
+pub(crate) async fn sockets(
+    client: &mut tokio::net::TcpStream,
+    server: &mut tokio::net::TcpStream,
+    limits: &Limits,
+    counters: Counters<'_>,
+) -> Ended {
+    let (cr, cw) = client.split();
+    let (sr, sw) = server.split();
+    both_ways((cr, cw), (sr, sw), limits, counters).await
+}
+
 /// Copies both ways until the connection ends; says why it ended and what it carried.
-pub(crate) async fn both_ways<C, S>(
-    client: C,
-    server: S,
+/// `client` and `server` are each a (read half, write half).
+pub(crate) async fn both_ways<CR, CW, SR, SW>(
+    client: (CR, CW),
+    server: (SR, SW),
     limits: &Limits,
     counters: Counters<'_>,
 ) -> Ended
 where
-    C: AsyncRead + AsyncWrite + Unpin,
-    S: AsyncRead + AsyncWrite + Unpin,
+    CR: AsyncRead + Unpin,
+    CW: AsyncWrite + Unpin,
+    SR: AsyncRead + Unpin,
+    SW: AsyncWrite + Unpin,
 {
-    let (mut cr, mut cw) = tokio::io::split(client);
-    let (mut sr, mut sw) = tokio::io::split(server);
+    let (mut cr, mut cw) = client;
+    let (mut sr, mut sw) = server;
     // Shared by the two directions of this one task (atomics only so the task is Send).
     let last = AtomicU64::new(crate::clock::now().0);
     let first_eof = AtomicU8::new(NO_END);
@@ -141,9 +157,11 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut buf = vec![0u8; CHUNK_BYTES];
+    // Not zeroed: reads fill it.
+    let mut buf = bytes::BytesMut::with_capacity(CHUNK_BYTES);
     loop {
-        let n = from.read(&mut buf).await?;
+        buf.clear();
+        let n = from.read_buf(&mut buf).await?;
         let now = Instant::now();
         let now_ns = crate::clock::to_nanos(now);
         last.store(now_ns.0, Relaxed);
@@ -191,7 +209,13 @@ mod tests {
         };
         let run = tokio::spawn(async move {
             let c: [AtomicU64; 4] = c;
-            let ended = both_ways(client, server, &limits, counters(&c)).await;
+            let ended = both_ways(
+                tokio::io::split(client),
+                tokio::io::split(server),
+                &limits,
+                counters(&c),
+            )
+            .await;
             (ended, c.map(|x| x.load(Relaxed)))
         });
         client_peer.write_all(b"hello").await.unwrap();
@@ -224,7 +248,13 @@ mod tests {
             shaper: None,
         };
         let t0 = Instant::now();
-        let ended = both_ways(client, server, &limits, counters(&c)).await;
+        let ended = both_ways(
+            tokio::io::split(client),
+            tokio::io::split(server),
+            &limits,
+            counters(&c),
+        )
+        .await;
         assert_eq!(ended.reason, CloseReason::IdleTimeout);
         assert_eq!(t0.elapsed(), Duration::from_secs(30));
     }
@@ -256,7 +286,13 @@ mod tests {
             server_peer.shutdown().await.unwrap();
             (all.len(), Instant::now())
         });
-        let ended = both_ways(client, server, &limits, counters(&c)).await;
+        let ended = both_ways(
+            tokio::io::split(client),
+            tokio::io::split(server),
+            &limits,
+            counters(&c),
+        )
+        .await;
         let (n, done) = receiver.await.unwrap();
         drop(sender.await.unwrap());
         assert_eq!(n, 510_000);

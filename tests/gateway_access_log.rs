@@ -97,10 +97,10 @@ target = {{ class = "upload" }}
     )
 }
 
-/// Drives one request of every outcome; returns the log's lines.
-async fn every_outcome(format: &str) -> (Vec<String>, Proc, std::path::PathBuf) {
-    let (_b, live) = backend(16, 0, &[]);
-    std::mem::forget(_b); // kept alive for the whole test process
+/// Drives one request of every outcome; returns the log's lines, the gateway and its
+/// back end (both stop when dropped) and the log's path.
+async fn every_outcome(format: &str) -> (Vec<String>, (Proc, Proc), std::path::PathBuf) {
+    let (b, live) = backend(16, 0, &[]);
     let (silent, _c) = raw_backend(Raw::Silent).await;
     let dead = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -165,7 +165,7 @@ async fn every_outcome(format: &str) -> (Vec<String>, Proc, std::path::PathBuf) 
         .lines()
         .map(String::from)
         .collect();
-    (lines, g, log)
+    (lines, (g, b), log)
 }
 
 fn line_with<'a>(lines: &'a [String], needle: &str) -> &'a str {
@@ -177,7 +177,7 @@ fn line_with<'a>(lines: &'a [String], needle: &str) -> &'a str {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_outcome_has_its_line_in_the_combined_format() {
-    let (lines, g, log) = every_outcome("combined").await;
+    let (lines, (g, _b), log) = every_outcome("combined").await;
     let ok = line_with(&lines, "GET /fine HTTP/1.1");
     assert!(ok.starts_with("127.0.0.1 - - ["), "{ok}");
     assert!(

@@ -151,9 +151,11 @@ async fn a_drained_address_finishes_its_requests_and_gets_no_new_ones() {
             get_once(gw, "/slow/1500", &[]).await.status
         }));
     }
+    // Every slow request has reached its back end, and some are on a.
     assert!(
         eventually(Duration::from_secs(5), || async {
-            address_state(&status(admin).await, a)["in_flight"].as_u64() >= Some(1)
+            sa.served.load(SeqCst) + sb.served.load(SeqCst) == 4
+                && address_state(&status(admin).await, a)["in_flight"].as_u64() >= Some(1)
         })
         .await
     );

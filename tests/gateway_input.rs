@@ -151,3 +151,63 @@ async fn an_idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
         started.elapsed()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_answered_at_once_leaves_its_keep_alive_connection_quiet() {
+    let (_b, backend) = backend(4, 0, &[]);
+    // No refill: every request is refused at once, on a connection that stays open.
+    let cfg = format!(
+        "[listener]\naddress = \"127.0.0.1:0\"\nhead_timeout_ms = 200\nidle_timeout_ms = 30000\n[admin]\naddress = \"127.0.0.1:0\"\n[[backend]]\nname = \"app\"\naddresses = [\"{backend}\"]\n[[class]]\nname = \"all\"\nbackend = \"app\"\naccept_rate = {{ rate_per_sec = 0, burst = 1 }}\n"
+    );
+    let (_g, gw, _, _) = gateway(&cfg, &[], &[]);
+    let mut s = TcpStream::connect(gw).await.expect("connect");
+    let mut buf = [0u8; 4096];
+    for want in ["HTTP/1.1 503"; 3] {
+        s.write_all(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .expect("write");
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+            .await
+            .expect("answered in time")
+            .expect("read");
+        let text = String::from_utf8_lossy(&buf[..n]);
+        assert!(text.starts_with(want), "want {want}, got {text:?}");
+        // Well past the head timeout: a connection between requests owes no head, so it
+        // gets no 408 and stays open.
+        let quiet = tokio::time::timeout(Duration::from_millis(600), s.read(&mut buf)).await;
+        assert!(
+            quiet.is_err(),
+            "the idle connection got {:?}",
+            quiet.map(|r| r.map(|n| String::from_utf8_lossy(&buf[..n]).into_owned()))
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_two_readers_could_frame_differently_are_refused() {
+    let (_b, backend) = backend(4, 0, &[]);
+    let cfg = format!(
+        "[listener]\naddress = \"127.0.0.1:0\"\n[admin]\naddress = \"127.0.0.1:0\"\n[[backend]]\nname = \"app\"\naddresses = [\"{backend}\"]\n[[class]]\nname = \"all\"\nbackend = \"app\"\n"
+    );
+    let (_g, gw, _, _) = gateway(&cfg, &[], &[]);
+    let cases: [(&str, &str); 8] = [
+        ("POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n", "501"),
+        ("POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", "400"),
+        ("GET example.com:80 HTTP/1.1\r\nHost: x\r\n\r\n", "400"),
+        ("GET * HTTP/1.1\r\nHost: x\r\n\r\n", "400"),
+        ("GET / HTTP/1.1\r\nHost: x y\r\n\r\n", "400"),
+        ("GET / HTTP/1.1\r\nHost: user@x\r\n\r\n", "400"),
+        ("GET http://x/ HTTP/1.1\r\n\r\n", "400"),
+        ("GET http://user@x/ HTTP/1.1\r\nHost: x\r\n\r\n", "400"),
+    ];
+    for (request, want) in cases {
+        let status = raw(gw, request.as_bytes(), Duration::ZERO).await;
+        assert!(
+            status.starts_with(&format!("HTTP/1.1 {want}")),
+            "{request:?}: got {status:?}, want {want}"
+        );
+    }
+    // None of them reached the back end, and the gateway still serves.
+    assert_eq!(backend_stats(backend).await["requests"], 0);
+    assert_eq!(get_once(gw, "/after", &[]).await.status, 200);
+}

@@ -18,7 +18,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
 use super::conn::ConnState;
@@ -27,7 +26,8 @@ use crate::runtime::{ClassCore, InFlight};
 use crate::sched::Permit;
 use crate::shape::BandwidthGroup;
 use crate::stats::{AbortReason, BackendFailure, BackendStats};
-use crate::upstream::Lease;
+use crate::upstream::h1::{ResponseBody, ResponseError};
+use crate::upstream::{BodyFailure, Lease};
 
 /// Why a response body ended early, as the client's connection sees it.
 #[derive(Debug, thiserror::Error)]
@@ -46,7 +46,7 @@ pub enum ResponseBodyError {
     },
     /// The back end broke off.
     #[error(transparent)]
-    Backend(#[from] hyper::Error),
+    Backend(#[from] ResponseError),
 }
 
 /// What a proxied response holds while it streams.
@@ -73,7 +73,7 @@ pub struct Held {
 
 /// A back end's response body with everything its request holds until the last byte.
 pub struct Proxied {
-    inner: Incoming,
+    inner: ResponseBody,
     lease: Option<Lease>,
     held: Option<Held>,
     /// Paces the body through the bandwidth group, and times pauses of the back end.
@@ -88,7 +88,7 @@ pub struct Proxied {
 
 impl Proxied {
     /// A back end's response body, holding `held` and the connection's `lease`.
-    pub fn new(inner: Incoming, lease: Lease, held: Held, conn: ConnState) -> Proxied {
+    pub fn new(inner: ResponseBody, lease: Lease, held: Held, conn: ConnState) -> Proxied {
         Proxied {
             inner,
             lease: Some(lease),
@@ -115,7 +115,7 @@ impl Proxied {
         match aborted {
             None => {
                 if let Some(lease) = self.lease.take() {
-                    lease.release_clean(crate::clock::to_nanos(ended));
+                    lease.release(self.inner.take_reusable(), crate::clock::to_nanos(ended));
                 }
                 if let Some((core, path)) = &held.learn {
                     core.scheduler.observe_size(&core.sched, path, self.bytes);
@@ -177,16 +177,8 @@ impl Proxied {
             }
             return Poll::Ready(self.shaped.take().map(Ok));
         }
-        // The back-end connection has no task of its own: reading this body drives it,
-        // when what it already read is used up.
-        let mut frame = Pin::new(&mut self.inner).poll_frame(cx);
-        if frame.is_pending() {
-            if let Some(lease) = self.lease.as_mut() {
-                lease.poll_io(cx);
-                frame = Pin::new(&mut self.inner).poll_frame(cx);
-            }
-        }
-        let frame = match frame {
+        // The back-end connection has no task of its own: reading this body reads it.
+        let frame = match Pin::new(&mut self.inner).poll_frame(cx) {
             Poll::Ready(f) => f,
             Poll::Pending => {
                 if let Some(e) = self.timed_out(cx) {
@@ -233,7 +225,15 @@ impl Proxied {
                 Poll::Ready(Some(Ok(frame)))
             }
             Some(Err(e)) => {
-                self.finish(Some(AbortReason::BackendBodyBroken));
+                let reason = match &e {
+                    ResponseError::Server(_) => AbortReason::BackendBodyBroken,
+                    // The client's upload, still going up beside the answer, failed.
+                    ResponseError::Upload(Some(BodyFailure::Timeout)) => {
+                        AbortReason::RequestBodyTimeout
+                    }
+                    ResponseError::Upload(_) => AbortReason::RequestBodyBroken,
+                };
+                self.finish(Some(reason));
                 Poll::Ready(Some(Err(e.into())))
             }
             None => {

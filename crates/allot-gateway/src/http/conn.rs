@@ -9,7 +9,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::Relaxed};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -27,6 +27,10 @@ pub struct ConnState(Arc<Shared>);
 struct Shared {
     /// Between a parsed head and the end of its response (awaiting a head otherwise).
     in_request: AtomicBool,
+    /// Responses finished on this connection: tells the socket that a request began and
+    /// ended between two of its reads (an answer made at once), so the head it was timing
+    /// is over.
+    responses_done: AtomicU32,
     /// The client left a response unread past the send timeout.
     send_timed_out: AtomicBool,
 }
@@ -40,6 +44,7 @@ impl ConnState {
     /// The response is over: the next bytes start a new head.
     pub fn response_done(&self) {
         self.0.in_request.store(false, Relaxed);
+        self.0.responses_done.fetch_add(1, Relaxed);
     }
 
     /// Whether the connection was cut off because the client stopped reading.
@@ -83,6 +88,8 @@ pub struct TimedIo<T> {
     armed: bool,
     /// No byte of a head has come yet on this connection.
     fresh: bool,
+    /// The service's count of finished responses when this socket last looked.
+    responses_seen: u32,
     timeouts: Timeouts,
     /// Times a write the client's socket does not take; made on the first such write.
     send_timer: Option<Pin<Box<Sleep>>>,
@@ -101,6 +108,7 @@ impl<T> TimedIo<T> {
             timer: Box::pin(tokio::time::sleep_until(now + timeouts.first_byte)),
             armed: false,
             fresh: true,
+            responses_seen: 0,
             timeouts,
             send_timer: None,
             send_waiting_since: None,
@@ -135,8 +143,13 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for TimedIo<T> {
         let this = self.get_mut();
         // Follow the service's view of the connection.
         let in_request = this.state.0.in_request.load(Relaxed);
+        let done = this.state.0.responses_done.load(Relaxed);
+        let answered = done != this.responses_seen;
+        this.responses_seen = done;
         match (&this.phase, in_request) {
             (Phase::Busy, false) => this.phase = Phase::Idle(Instant::now()),
+            // A request came and went between two reads: the head timed is long over.
+            (Phase::Head(_), false) if answered => this.phase = Phase::Idle(Instant::now()),
             (Phase::Idle(_) | Phase::Head(_), true) => this.phase = Phase::Busy,
             _ => {}
         }

@@ -31,8 +31,15 @@ pub(crate) enum Answer {
     BodyTimeout,
     /// The client's body was malformed or cut short (400, and the connection closes).
     BodyBroken,
-    /// CONNECT: the gateway is a reverse proxy, not a tunnel (501).
-    Connect,
+    /// The request passed its class's whole-request limit before the back end answered
+    /// (504).
+    RequestTimeout {
+        /// The limit.
+        timeout_ms: u64,
+    },
+    /// Something the gateway does not do: CONNECT (a reverse proxy, not a tunnel), a
+    /// transfer coding other than chunked (501, and the connection closes).
+    NotImplemented(&'static str),
     /// A configuration names something that is not there (500).
     Internal(&'static str),
     /// The back end could not be reached (502) or did not answer in time (504).
@@ -80,9 +87,15 @@ pub(crate) fn respond(answer: Answer, retry_after_s: u64) -> Response<GatewayBod
             None,
             true,
         ),
-        Answer::Connect => (
+        Answer::RequestTimeout { timeout_ms } => (
+            StatusCode::GATEWAY_TIMEOUT,
+            format!("allot: the request took longer than its class's {timeout_ms} ms\n").into(),
+            None,
+            false,
+        ),
+        Answer::NotImplemented(what) => (
             StatusCode::NOT_IMPLEMENTED,
-            Bytes::from_static(b"allot: CONNECT is not supported: this is a reverse proxy\n"),
+            format!("allot: {what}\n").into(),
             None,
             true,
         ),

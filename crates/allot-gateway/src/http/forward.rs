@@ -5,19 +5,17 @@
 //! two `Host` headers, or an HTTP/1.1 request without one, is refused with 400; an
 //! absolute-form target's authority replaces `Host` (classified and forwarded alike);
 //! `Connection` cannot strip `Host`. Towards the back end: HTTP/1.1, hop-by-hop headers
-//! removed, the client appended to `X-Forwarded-For` and `Forwarded`, origin-form target,
-//! and a body of unknown length sent chunked whatever the method (hyper would otherwise
-//! drop a GET's body).
+//! removed, the client appended to `X-Forwarded-For` and `Forwarded`, origin-form target;
+//! a body of unknown length goes chunked whatever the method (`upstream::h1` frames it).
 
 use std::net::SocketAddr;
 use std::sync::Mutex;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Version};
-use http_body::Body;
 
 use super::error::Answer;
-use crate::upstream::RequestBody;
+use crate::upstream::h1::Outgoing;
 
 /// A client connection's addresses and their forms in the forwarding headers, formatted
 /// once per connection rather than once per request.
@@ -114,20 +112,50 @@ impl Target {
     }
 }
 
-/// Checks the request's method and target, and finds its host.
+/// Checks the request's method, framing and target, and finds its host.
 pub(crate) fn target<B>(req: &Request<B>) -> Result<Target, Answer> {
     if req.method() == Method::CONNECT {
-        return Err(Answer::Connect);
+        return Err(Answer::NotImplemented(
+            "CONNECT is not supported: this is a reverse proxy",
+        ));
+    }
+    framing(req.headers())?;
+    let uri = req.uri();
+    if uri.scheme().is_none() && uri.authority().is_some() {
+        return Err(Answer::BadRequest(
+            "an authority-form target is only for CONNECT",
+        ));
+    }
+    if uri.path() == "*" && req.method() != Method::OPTIONS {
+        return Err(Answer::BadRequest(
+            "the asterisk-form target is only for OPTIONS",
+        ));
     }
     let mut hosts = req.headers().get_all(header::HOST).iter();
     let first = hosts.next();
     if hosts.next().is_some() {
         return Err(Answer::BadRequest("more than one Host header"));
     }
-    if let Some(authority) = req.uri().authority() {
-        // Absolute form: the target's authority is the host, whatever `Host` says.
-        let host = authority.as_str().rsplit('@').next().unwrap_or("");
-        let host = HeaderValue::from_str(host)
+    if let Some(h) = first {
+        if h.is_empty() {
+            return Err(Answer::BadRequest("empty Host header"));
+        }
+        if !h.as_bytes().iter().all(|&b| is_host_byte(b)) {
+            return Err(Answer::BadRequest(
+                "Host is not a host name or address with an optional port",
+            ));
+        }
+    }
+    if let Some(authority) = uri.authority() {
+        // Absolute form: the target's authority is the host, whatever `Host` says; an
+        // HTTP/1.1 client must still send `Host` (RFC 9112 §3.2).
+        if first.is_none() && req.version() == Version::HTTP_11 {
+            return Err(Answer::BadRequest("HTTP/1.1 request without Host"));
+        }
+        if authority.as_str().contains('@') {
+            return Err(Answer::BadRequest("user information in the request target"));
+        }
+        let host = HeaderValue::from_str(authority.as_str())
             .map_err(|_| Answer::BadRequest("request target authority is not a valid host"))?;
         return Ok(Target {
             host: Some(host),
@@ -135,7 +163,6 @@ pub(crate) fn target<B>(req: &Request<B>) -> Result<Target, Answer> {
         });
     }
     match first {
-        Some(h) if h.is_empty() => Err(Answer::BadRequest("empty Host header")),
         Some(h) => Ok(Target {
             host: Some(h.clone()),
             replaces_host: false,
@@ -150,7 +177,47 @@ pub(crate) fn target<B>(req: &Request<B>) -> Result<Target, Answer> {
     }
 }
 
-const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+/// A byte of `uri-host [ ":" port ]` (RFC 3986 §3.2.2: reg-name, IPv4, IP literal).
+fn is_host_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=:[]".contains(&b)
+}
+
+/// Refuses a body whose length the gateway and the back end could read differently
+/// (RFC 9112 §6.1, §6.3): `chunked` applied twice or not last (400), or a transfer coding
+/// other than `chunked` (501: the gateway would have to undo it to frame the body).
+/// `Transfer-Encoding` with `Content-Length` never gets here: the parser keeps the
+/// former, drops the latter and closes the connection after the response.
+fn framing(headers: &HeaderMap) -> Result<(), Answer> {
+    let mut codings = 0;
+    let mut chunked_last = false;
+    for value in headers.get_all(header::TRANSFER_ENCODING) {
+        let text = value
+            .to_str()
+            .map_err(|_| Answer::BadRequest("Transfer-Encoding is not text"))?;
+        for coding in text.split(',').map(str::trim).filter(|c| !c.is_empty()) {
+            let chunked = coding.eq_ignore_ascii_case("chunked");
+            if chunked && chunked_last {
+                return Err(Answer::BadRequest("chunked applied twice"));
+            }
+            chunked_last = chunked;
+            codings += 1;
+        }
+    }
+    if codings == 0 {
+        return Ok(());
+    }
+    if !chunked_last {
+        return Err(Answer::BadRequest(
+            "the last transfer coding is not chunked",
+        ));
+    }
+    if codings > 1 {
+        return Err(Answer::NotImplemented(
+            "transfer codings other than chunked are not supported",
+        ));
+    }
+    Ok(())
+}
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1), and
 /// `Expect`, which the gateway answers itself.
@@ -190,65 +257,32 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove(header::TRANSFER_ENCODING);
 }
 
-/// The request as the back end gets it.
+/// The request as the back end gets it: hop-by-hop headers gone, origin-form target, and
+/// the headers the gateway adds (written with the head, never inserted into the map).
 pub(crate) fn upstream_request(
     mut parts: http::request::Parts,
-    body: RequestBody,
     peer: &Peer,
     target: Target,
-) -> Request<RequestBody> {
+) -> Outgoing {
     strip_hop_by_hop(&mut parts.headers);
-    // Room for the headers added below, in one step.
-    parts.headers.reserve(3);
-    match target.host {
-        Some(host) if target.replaces_host => {
-            parts.headers.insert(header::HOST, host);
-        }
-        Some(_) => {}
-        None => {
-            parts.headers.insert(header::HOST, peer.local.clone());
-        }
-    }
-    let xff = match parts.headers.get(&X_FORWARDED_FOR) {
-        Some(prev) => joined(prev.as_bytes(), peer.xff.as_bytes()),
-        None => Some(peer.xff.clone()),
+    let host = match target.host {
+        Some(host) if target.replaces_host => Some(host),
+        Some(_) => None,
+        None => Some(peer.local.clone()),
     };
-    if let Some(v) = xff {
-        parts.headers.insert(X_FORWARDED_FOR, v);
-    }
-    if let Some(element) = peer.forwarded_element(parts.headers.get(header::HOST)) {
-        let forwarded = match parts.headers.get(header::FORWARDED) {
-            Some(prev) => joined(prev.as_bytes(), element.as_bytes()),
-            None => Some(element),
-        };
-        if let Some(v) = forwarded {
-            parts.headers.insert(header::FORWARDED, v);
-        }
-    }
-    // A body of unknown length goes chunked, whatever the method.
-    if !body.is_end_stream() && body.size_hint().exact().is_none() {
-        parts.headers.insert(
-            header::TRANSFER_ENCODING,
-            HeaderValue::from_static("chunked"),
-        );
-    }
-    // Origin form towards the back end, in HTTP/1.1.
+    let forwarded = peer.forwarded_element(host.as_ref().or(parts.headers.get(header::HOST)));
     if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
         if let Some(pq) = parts.uri.path_and_query().cloned() {
             parts.uri = http::Uri::from(pq);
         }
     }
     parts.version = Version::HTTP_11;
-    Request::from_parts(parts, body)
-}
-
-/// `prev, next`: a list header with one more element; `None` if `prev` is not a valid value.
-fn joined(prev: &[u8], next: &[u8]) -> Option<HeaderValue> {
-    let mut v = Vec::with_capacity(prev.len() + 2 + next.len());
-    v.extend_from_slice(prev);
-    v.extend_from_slice(b", ");
-    v.extend_from_slice(next);
-    HeaderValue::from_maybe_shared(bytes::Bytes::from(v)).ok()
+    Outgoing {
+        parts,
+        host,
+        forwarded_for: peer.xff.clone(),
+        forwarded,
+    }
 }
 
 #[cfg(test)]
@@ -324,6 +358,71 @@ mod tests {
             .uri("example.com:443")
             .body(())
             .unwrap();
-        assert!(matches!(target(&connect), Err(Answer::Connect)));
+        assert!(matches!(target(&connect), Err(Answer::NotImplemented(_))));
+    }
+
+    fn refused(r: &Request<()>) -> &'static str {
+        match target(r) {
+            Err(Answer::BadRequest(_)) => "400",
+            Err(Answer::NotImplemented(_)) => "501",
+            Err(_) => "other",
+            Ok(_) => "accepted",
+        }
+    }
+
+    /// Headers, target, and the answer expected.
+    type Case = (
+        &'static [(&'static str, &'static str)],
+        &'static str,
+        &'static str,
+    );
+
+    #[test]
+    fn requests_two_readers_could_read_differently_are_refused() {
+        let h11 = Version::HTTP_11;
+        let cases: [Case; 9] = [
+            (
+                &[("host", "a"), ("transfer-encoding", "gzip, chunked")],
+                "/",
+                "501",
+            ),
+            (
+                &[("host", "a"), ("transfer-encoding", "chunked, chunked")],
+                "/",
+                "400",
+            ),
+            (
+                &[
+                    ("host", "a"),
+                    ("transfer-encoding", "chunked"),
+                    ("transfer-encoding", "chunked"),
+                ],
+                "/",
+                "400",
+            ),
+            (&[("host", "a b")], "/", "400"),
+            (&[("host", "user@a")], "/", "400"),
+            (&[], "http://a/x", "400"),
+            (&[("host", "a")], "http://user@a/x", "400"),
+            (&[("host", "a")], "a:80", "400"),
+            (&[("host", "a")], "*", "400"),
+        ];
+        for (headers, uri, want) in cases {
+            assert_eq!(refused(&req(headers, uri, h11)), want, "{headers:?} {uri}");
+        }
+        let options = Request::builder()
+            .method(Method::OPTIONS)
+            .uri("*")
+            .header("host", "a")
+            .body(())
+            .unwrap();
+        assert_eq!(refused(&options), "accepted");
+        let chunked = req(
+            &[("host", "a:8080"), ("transfer-encoding", "chunked")],
+            "/",
+            h11,
+        );
+        assert_eq!(refused(&chunked), "accepted");
+        assert_eq!(refused(&req(&[("host", "[::1]:80")], "/", h11)), "accepted");
     }
 }

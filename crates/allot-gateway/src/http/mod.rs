@@ -233,10 +233,30 @@ async fn forward(
         listener.request_body_timeout,
         Arc::clone(&class.core.stats),
     );
-    let verdict = body.verdict();
-    let upstream = forward::upstream_request(parts, body, peer, target);
+    let upstream = forward::upstream_request(parts, peer, target);
     let started_ns = crate::clock::to_nanos(started);
-    match backend.send(upstream, started, started_ns).await {
+    let sending = backend.send(&upstream, body, started, started_ns);
+    // The class's whole-request limit covers the wait for the response head too.
+    let sent = match class.request_timeout {
+        Some(limit) => match tokio::time::timeout_at(started + limit, sending).await {
+            Ok(sent) => sent,
+            Err(_) => {
+                let stats = &class.core.stats;
+                stats.service_time.observe(started.elapsed());
+                stats.abort(AbortReason::RequestTimeout);
+                drop((permit, in_flight));
+                if let Some(e) = entry.as_mut() {
+                    e.service = started.elapsed();
+                    e.reason = Some(AbortReason::RequestTimeout.as_str());
+                }
+                return Err(Answer::RequestTimeout {
+                    timeout_ms: limit.as_millis() as u64,
+                });
+            }
+        },
+        None => sending.await,
+    };
+    match sent {
         Ok((resp, lease)) => {
             let (mut parts, body) = resp.into_parts();
             forward::strip_hop_by_hop(&mut parts.headers);
@@ -262,20 +282,22 @@ async fn forward(
             let body = Proxied::new(body, lease, held, conn.clone());
             Ok(Response::from_parts(parts, GatewayBody::proxied(body)))
         }
-        Err(err) => {
+        Err((err, body)) => {
             let stats = &class.core.stats;
             stats.service_time.observe(started.elapsed());
             drop((permit, in_flight));
+            let failure = body.failure();
+            drop(body);
             if let Some(e) = entry.as_mut() {
                 e.service = started.elapsed();
-                e.reason = Some(match verdict.get() {
+                e.reason = Some(match failure {
                     Some(BodyFailure::TooLarge) => "request_body_too_large",
                     Some(BodyFailure::Timeout) => AbortReason::RequestBodyTimeout.as_str(),
                     Some(BodyFailure::Broken) => AbortReason::RequestBodyBroken.as_str(),
                     None => err.kind().as_str(),
                 });
             }
-            match verdict.get() {
+            match failure {
                 // The client's body failed, not the back end.
                 Some(BodyFailure::TooLarge) => Err(Answer::TooLarge {
                     limit_bytes: listener.max_body_bytes,

@@ -1,12 +1,12 @@
 //! The client's request body on its way to the back end: streamed, counted, cut off past
-//! the size limit or a pause longer than the body timeout. Why it failed is kept in a
-//! [`BodyVerdict`] the request's handler reads after the exchange, so a client's broken
-//! or stalled upload is answered as the client's fault (400, 408, 413) and never counted
-//! against the back end.
+//! the size limit or a pause longer than the body timeout. Why it failed is kept in it
+//! ([`RequestBody::failure`]) for the request's handler to read after the exchange, so a
+//! client's broken or stalled upload is answered as the client's fault (400, 408, 413)
+//! and never counted against the back end.
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, Ordering::Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -49,32 +49,6 @@ pub enum BodyFailure {
     Broken,
 }
 
-/// Shared between a [`RequestBody`] and its request's handler: why the body failed, if it
-/// did.
-#[derive(Debug, Default, Clone)]
-pub struct BodyVerdict(Arc<AtomicU8>);
-
-impl BodyVerdict {
-    fn set(&self, f: BodyFailure) {
-        let code = match f {
-            BodyFailure::TooLarge => 1,
-            BodyFailure::Timeout => 2,
-            BodyFailure::Broken => 3,
-        };
-        let _ = self.0.compare_exchange(0, code, Relaxed, Relaxed);
-    }
-
-    /// The failure, if the body failed.
-    pub fn get(&self) -> Option<BodyFailure> {
-        match self.0.load(Relaxed) {
-            1 => Some(BodyFailure::TooLarge),
-            2 => Some(BodyFailure::Timeout),
-            3 => Some(BodyFailure::Broken),
-            _ => None,
-        }
-    }
-}
-
 /// The client's request body on its way to the back end.
 #[derive(Debug)]
 pub struct RequestBody {
@@ -86,7 +60,7 @@ pub struct RequestBody {
     /// When the last frame came (or the body was first polled).
     last_frame: Option<Instant>,
     timer: Option<Pin<Box<Sleep>>>,
-    verdict: BodyVerdict,
+    failure: Option<BodyFailure>,
 }
 
 impl RequestBody {
@@ -105,13 +79,13 @@ impl RequestBody {
             idle,
             last_frame: None,
             timer: None,
-            verdict: BodyVerdict::default(),
+            failure: None,
         }
     }
 
-    /// Where this body records why it failed.
-    pub fn verdict(&self) -> BodyVerdict {
-        self.verdict.clone()
+    /// Why the body failed, if it did.
+    pub fn failure(&self) -> Option<BodyFailure> {
+        self.failure
     }
 
     fn fail(
@@ -119,7 +93,7 @@ impl RequestBody {
         f: BodyFailure,
         e: BodyError,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        self.verdict.set(f);
+        self.failure.get_or_insert(f);
         self.inner = None;
         self.timer = None;
         Poll::Ready(Some(Err(e)))

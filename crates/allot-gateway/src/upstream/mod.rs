@@ -1,15 +1,15 @@
 //! Back ends: addresses, pooled keep-alive connections, balancing and passive health.
 //!
-//! The pool is ours rather than hyper-util's legacy client because a request may be
-//! retried on another address only when nothing of it was sent: we open (or reuse) the
-//! connection first and hand the request over only then, so a connect failure leaves the
-//! request, body and all, in our hands for the next address.
+//! The pool is ours, and so is the HTTP/1.1 spoken on it ([`h1`]): a request may be
+//! retried on another address only when nothing of it was sent, so the connection is
+//! opened (or taken from the pool) first and the request handed over only then; a connect
+//! failure leaves the request, body and all, for the next address.
 //!
-//! A back-end connection has no task of its own: the request that holds it drives its I/O
-//! (while waiting for the response head, then from the response body as the client's
-//! connection pulls it), so a request never hops between tasks. An idle pooled connection
-//! is not polled; one the server closed meanwhile is found closed when next used, before
-//! anything is written, and the request goes on a fresh connection.
+//! A back-end connection has no task of its own: the request that holds it writes and
+//! reads it (the response head, then the body as the client's connection pulls it), so a
+//! request never hops between tasks. An idle pooled connection is not polled; one the
+//! server closed meanwhile is found closed when next taken, before anything is written,
+//! and the request goes on a fresh connection.
 //!
 //! What lasts across reloads (sensors, pools, health, the adaptive limit's gate) is in a
 //! [`BackendCore`]; each configuration snapshot has its own [`Backend`] with that
@@ -18,27 +18,25 @@
 //! count, never once per request.
 
 pub mod body;
+pub mod h1;
 
 use std::collections::VecDeque;
-use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use hyper::body::Incoming;
-use hyper::client::conn::http1::SendRequest;
-use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
+use hyper::Response;
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
+
+use self::h1::{ExchangeError, H1Conn, Outcome, Outgoing, ResponseBody};
 
 use crate::config::{BackendConfig, Balance};
 use crate::sched::BackendGate;
 use crate::stats::{BackendFailure, BackendStats};
-pub use body::{BodyError, BodyFailure, BodyVerdict, RequestBody};
+pub use body::{BodyError, BodyFailure, RequestBody};
 
 /// Failed requests of one back end are logged at most this often, with their count.
 pub const FAILURE_LOG_PERIOD: Duration = Duration::from_secs(10);
@@ -86,75 +84,28 @@ impl ForwardError {
     }
 }
 
-/// How one exchange ended when it did not produce a response.
-enum Exchange {
-    /// Nothing was written: the request may go elsewhere.
-    NotSent(Box<Request<RequestBody>>),
-    /// The request was handed over and failed.
-    Failed(ForwardError),
+/// How one attempt at an address ended.
+// Returned once per request and matched at once: boxing would cost an allocation each.
+#[allow(clippy::large_enum_variant)]
+enum Attempt {
+    /// The request was handed over: its response, or why it failed.
+    Done(Result<(Response<ResponseBody>, Lease), (ForwardError, RequestBody)>),
+    /// Nothing was written: the request may go elsewhere, with its body.
+    NotSent(RequestBody),
 }
 
-/// hyper's state machine of one back-end connection.
-type Driver = hyper::client::conn::http1::Connection<TokioIo<TcpStream>, RequestBody>;
-
-/// One keep-alive connection to an address: the handle requests are sent on and the
-/// protocol state machine whose I/O the request holding the connection drives.
+/// One keep-alive connection to an address, with the timer of its response heads.
 struct Conn {
-    sender: SendRequest<RequestBody>,
-    /// `None` once the connection has ended (dropping it hands back requests not sent).
-    driver: Option<Pin<Box<Driver>>>,
+    h1: H1Conn,
     /// Times the wait for each response head. Armed once and moved only when it fires
     /// before the current deadline, so a busy connection keeps the timer wheel out of its
     /// per-request path.
     timer: Pin<Box<Sleep>>,
-    /// When it last went back to the pool (`clock::now()`, ns).
-    idle_since_ns: u64,
 }
 
 impl std::fmt::Debug for Conn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Conn")
-            .field("ended", &self.driver.is_none())
-            .finish()
-    }
-}
-
-impl Conn {
-    /// Whether `deadline` has passed, making sure `cx` is woken by then if not.
-    fn poll_deadline(&mut self, deadline: Instant, cx: &mut Context<'_>) -> bool {
-        if self.timer.deadline() > deadline {
-            self.timer.as_mut().reset(deadline);
-        }
-        while self.timer.as_mut().poll(cx).is_ready() {
-            if Instant::now() >= deadline {
-                return true;
-            }
-            // Armed for an earlier exchange: move it to this one's deadline.
-            self.timer.as_mut().reset(deadline);
-        }
-        false
-    }
-
-    /// Moves the connection's I/O on as far as it can go now; `cx` is woken when it can
-    /// go further.
-    fn poll_io(&mut self, cx: &mut Context<'_>) {
-        if let Some(driver) = self.driver.as_mut() {
-            if let Poll::Ready(result) = driver.as_mut().poll(cx) {
-                if let Err(e) = result {
-                    tracing::debug!(error = %e, "back-end connection ended");
-                }
-                self.driver = None;
-            }
-        }
-    }
-
-    /// Whether another request can be sent on it, after letting it finish any work left
-    /// from the last exchange.
-    fn reusable(&mut self) -> bool {
-        if !self.sender.is_ready() {
-            self.poll_io(&mut Context::from_waker(std::task::Waker::noop()));
-        }
-        self.driver.is_some() && !self.sender.is_closed() && self.sender.is_ready()
+        f.debug_struct("Conn").finish_non_exhaustive()
     }
 }
 
@@ -163,7 +114,7 @@ impl Conn {
 pub struct Address {
     addr: SocketAddr,
     /// Idle connections, oldest first; the newest is reused first.
-    idle: Mutex<VecDeque<Conn>>,
+    idle: Mutex<VecDeque<(H1Conn, Pin<Box<Sleep>>)>>,
     in_flight: AtomicUsize,
     consecutive_failures: AtomicU32,
     /// While `clock::now()` is before this (ns), the address is out.
@@ -239,9 +190,10 @@ impl Address {
 
     fn take_idle(&self) -> Option<Conn> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        while let Some(c) = idle.pop_back() {
-            if !c.sender.is_closed() && c.sender.is_ready() {
-                return Some(c);
+        while let Some((mut h1, timer)) = idle.pop_back() {
+            // One the server closed while it sat here goes, before anything is written.
+            if !h1.is_stale() {
+                return Some(Conn { h1, timer });
             }
         }
         None
@@ -307,13 +259,12 @@ impl Drop for StreamLease {
     }
 }
 
-/// A connection lent to one exchange; returned to the pool if the response ends cleanly.
-/// Its holder drives the connection's I/O with [`Lease::poll_io`] while the response body
-/// is read.
+/// A request's hold on an address while its response streams: counted in flight there
+/// until dropped; the connection goes back to the pool if the response ended cleanly.
 #[derive(Debug)]
 pub struct Lease {
     address: Arc<Address>,
-    conn: Option<Conn>,
+    timer: Option<Pin<Box<Sleep>>>,
     max_idle: usize,
     pool_idle_timeout_ns: u64,
     stats: Arc<BackendStats>,
@@ -325,32 +276,28 @@ impl Lease {
         self.address.addr
     }
 
-    /// Moves the connection's I/O on (reads more of the response body); `cx` is woken
-    /// when there is more to do.
-    pub fn poll_io(&mut self, cx: &mut Context<'_>) {
-        if let Some(conn) = self.conn.as_mut() {
-            conn.poll_io(cx);
+    /// The response ended: its connection, if it can carry another request, goes back to
+    /// the pool. Connections left unused in the pool past the idle timeout are closed
+    /// here: an idle connection is not polled, so one the server closed would otherwise
+    /// linger.
+    pub(crate) fn release(mut self, conn: Option<H1Conn>, now: allot_model::Nanos) {
+        let (Some(mut h1), Some(timer)) = (conn, self.timer.take()) else {
+            return;
+        };
+        if self.address.mode() != AddressMode::Enabled {
+            return;
         }
-    }
-
-    /// The response body ended cleanly: the connection can carry another request.
-    /// Connections left unused in the pool past the idle timeout are closed here: an idle
-    /// connection is not polled, so one the server closed would otherwise linger.
-    pub fn release_clean(mut self, now: allot_model::Nanos) {
-        if let Some(mut conn) = self.conn.take() {
-            if conn.reusable() {
-                let now = now.0;
-                conn.idle_since_ns = now;
-                let mut idle = self.address.idle.lock().unwrap_or_else(|p| p.into_inner());
-                while idle.front().is_some_and(|c| {
-                    now.saturating_sub(c.idle_since_ns) > self.pool_idle_timeout_ns
-                }) {
-                    idle.pop_front();
-                }
-                if idle.len() < self.max_idle {
-                    idle.push_back(conn);
-                }
-            }
+        let now = now.0;
+        h1.idle_since_ns = now;
+        let mut idle = self.address.idle.lock().unwrap_or_else(|p| p.into_inner());
+        while idle
+            .front()
+            .is_some_and(|(c, _)| now.saturating_sub(c.idle_since_ns) > self.pool_idle_timeout_ns)
+        {
+            idle.pop_front();
+        }
+        if idle.len() < self.max_idle {
+            idle.push_back((h1, timer));
         }
     }
 }
@@ -637,17 +584,21 @@ impl Backend {
         }
     }
 
-    /// Sends `req` to one of the addresses, trying the next while nothing was sent. The
-    /// response head must come within the response timeout from `started`. Returns the
-    /// response head and the lease of its connection.
+    /// Sends `req` with `body` to one of the addresses, trying the next while nothing
+    /// was sent. The response head must come within the response timeout from `started`
+    /// (from the body's last byte, for a request with one). Returns the response (its
+    /// body read from its connection) and the lease of its address; on failure, the
+    /// request body comes back when it still exists, so its own failure can be read.
     pub async fn send(
         &self,
-        mut req: Request<RequestBody>,
+        req: &Outgoing,
+        body: RequestBody,
         started: Instant,
         now: allot_model::Nanos,
-    ) -> Result<(Response<Incoming>, Lease), ForwardError> {
+    ) -> Result<(Response<ResponseBody>, Lease), (ForwardError, RequestBody)> {
         let deadline = started + self.settings.response_timeout;
         let mut last = String::from("no addresses");
+        let mut body = body;
         // Ejected addresses only as a last resort, so a back end whose every address was
         // ejected is still probed rather than failing forever.
         let mut ejected = Vec::new();
@@ -656,21 +607,22 @@ impl Backend {
                 ejected.push(address);
                 continue;
             }
-            req = match self.attempt(address, req, deadline, &mut last).await {
-                Ok(done) => return done,
-                Err(back) => back,
-            };
+            match self.attempt(address, req, body, deadline, &mut last).await {
+                Attempt::Done(done) => return done,
+                Attempt::NotSent(b) => body = b,
+            }
         }
         for address in ejected {
-            req = match self.attempt(address, req, deadline, &mut last).await {
-                Ok(done) => return done,
-                Err(back) => back,
-            };
+            match self.attempt(address, req, body, deadline, &mut last).await {
+                Attempt::Done(done) => return done,
+                Attempt::NotSent(b) => body = b,
+            }
         }
-        Err(ForwardError::Connect {
+        let err = ForwardError::Connect {
             backend: self.core.name.clone(),
             detail: last,
-        })
+        };
+        Err((err, body))
     }
 
     /// The addresses in the balancing order for one request.
@@ -696,48 +648,49 @@ impl Backend {
             .filter(|a| a.usable())
     }
 
-    /// One address: a pooled connection, else a new one. `Ok` with the outcome once the
-    /// request was handed over; `Err` with the request back when nothing of it was sent.
+    /// One address: a pooled connection, else a new one. `NotSent` gives the body back
+    /// when nothing of the request was sent.
     async fn attempt(
         &self,
         address: &Arc<Address>,
-        mut req: Request<RequestBody>,
+        req: &Outgoing,
+        mut body: RequestBody,
         deadline: Instant,
         last: &mut String,
-    ) -> Result<Result<(Response<Incoming>, Lease), ForwardError>, Request<RequestBody>> {
-        if let Some(conn) = address.take_idle() {
-            match self.exchange(conn, address, req, deadline).await {
-                Ok(done) => return Ok(Ok(done)),
-                Err(Exchange::NotSent(back)) => req = *back,
-                Err(Exchange::Failed(e)) => return Ok(Err(e)),
+    ) -> Attempt {
+        while let Some(conn) = address.take_idle() {
+            match self.exchange(conn, address, req, body, deadline).await {
+                // The server closed it just now: another, or a fresh one.
+                Attempt::NotSent(b) => body = b,
+                done => return done,
             }
         }
         match connect(address.addr, self.settings.connect_timeout).await {
-            Ok(conn) => match self.exchange(conn, address, req, deadline).await {
-                Ok(done) => Ok(Ok(done)),
-                Err(Exchange::NotSent(back)) => {
+            Ok(conn) => match self.exchange(conn, address, req, body, deadline).await {
+                Attempt::NotSent(b) => {
                     *last = format!("{}: connection closed before sending", address.addr);
-                    Err(*back)
+                    Attempt::NotSent(b)
                 }
-                Err(Exchange::Failed(e)) => Ok(Err(e)),
+                done => done,
             },
             Err(detail) => {
                 self.connect_failed(address, &detail);
                 *last = format!("{}: {detail}", address.addr);
-                Err(req)
+                Attempt::NotSent(body)
             }
         }
     }
 
-    /// One exchange on one connection, driving its I/O until the response head is in. A
-    /// connection found closed before anything was written hands the request back.
+    /// One exchange on one connection, until the response head is in. A connection found
+    /// closed before anything was written hands the request back.
     async fn exchange(
         &self,
-        mut conn: Conn,
+        conn: Conn,
         address: &Arc<Address>,
-        req: Request<RequestBody>,
+        req: &Outgoing,
+        body: RequestBody,
         deadline: Instant,
-    ) -> Result<(Response<Incoming>, Lease), Exchange> {
+    ) -> Attempt {
         self.connected(address);
         address.in_flight.fetch_add(1, Relaxed);
         let stats = &self.core.stats;
@@ -745,43 +698,49 @@ impl Backend {
         let s = &self.settings;
         let mut lease = Lease {
             address: Arc::clone(address),
-            conn: None,
+            timer: None,
             max_idle: s.max_idle_per_address,
             pool_idle_timeout_ns: s.pool_idle_timeout_ns,
             stats: Arc::clone(stats),
         };
-        let mut response = std::pin::pin!(conn.sender.try_send_request(req));
-        let driven = std::future::poll_fn(|cx| {
-            conn.poll_io(cx);
-            match response.as_mut().poll(cx) {
-                Poll::Ready(r) => Poll::Ready(Ok(r)),
-                Poll::Pending if conn.poll_deadline(deadline, cx) => Poll::Ready(Err(())),
-                Poll::Pending => Poll::Pending,
-            }
-        });
-        match driven.await {
-            Ok(Ok(resp)) => {
+        let Conn { mut h1, mut timer } = conn;
+        let outcome = h1
+            .exchange(req, body, &mut timer, deadline, s.response_timeout)
+            .await;
+        let backend = || self.core.name.clone();
+        let failed = |e: ForwardError, body: RequestBody| {
+            stats.requests.fetch_add(1, Relaxed);
+            Attempt::Done(Err((e, body)))
+        };
+        match outcome {
+            Outcome::Head(head, upload) => {
                 stats.requests.fetch_add(1, Relaxed);
-                lease.conn = Some(conn);
-                Ok((resp, lease))
+                let body = ResponseBody::new(h1, &head, upload);
+                lease.timer = Some(timer);
+                Attempt::Done(Ok((Response::from_parts(head.parts, body), lease)))
             }
-            Ok(Err(mut e)) => match e.take_message() {
-                Some(back) => Err(Exchange::NotSent(Box::new(back))),
-                None => {
-                    stats.requests.fetch_add(1, Relaxed);
-                    Err(Exchange::Failed(ForwardError::Protocol {
-                        backend: self.core.name.clone(),
-                        detail: e.into_error().to_string(),
-                    }))
-                }
-            },
-            Err(_) => {
-                stats.requests.fetch_add(1, Relaxed);
-                Err(Exchange::Failed(ForwardError::Timeout {
-                    backend: self.core.name.clone(),
+            Outcome::NotSent(body) => Attempt::NotSent(body),
+            Outcome::Failed(ExchangeError::Broken(detail), body) => failed(
+                ForwardError::Protocol {
+                    backend: backend(),
+                    detail,
+                },
+                body,
+            ),
+            Outcome::Failed(ExchangeError::Body, body) => failed(
+                ForwardError::Protocol {
+                    backend: backend(),
+                    detail: "the request body failed".into(),
+                },
+                body,
+            ),
+            Outcome::Failed(ExchangeError::Timeout, body) => failed(
+                ForwardError::Timeout {
+                    backend: backend(),
                     timeout_ms: s.response_timeout.as_millis() as u64,
-                }))
-            }
+                },
+                body,
+            ),
         }
     }
 
@@ -852,15 +811,8 @@ async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Conn, String> {
         }
     };
     let _ = stream.set_nodelay(true);
-    let (sender, driver) = hyper::client::conn::http1::Builder::new()
-        .writev(false)
-        .handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| e.to_string())?;
     Ok(Conn {
-        sender,
-        driver: Some(Box::pin(driver)),
+        h1: H1Conn::new(stream),
         timer: Box::pin(tokio::time::sleep(timeout)),
-        idle_since_ns: 0,
     })
 }

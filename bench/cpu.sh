@@ -4,6 +4,7 @@
 #
 #   bench/cpu.sh            # compare allot cpu, cpulimit, cgroup cpu.shares / cpu.weight
 #   bench/cpu.sh scale      # largest equal-share group under 10% RMS at 10, 20, 40 ms
+#   bench/cpu.sh experiments  # the precision experiments of tests/cpu.rs and tests/adapt.rs
 #
 # Error: every WINDOW seconds (default 5) the script reads each worker's CPU time from
 # /proc and computes the RMS relative error of what each got against its share of what
@@ -157,8 +158,16 @@ scale() {
   done
 }
 
+# The `#[ignore]`d experiment_* tests: precision figures CI does not judge (they move
+# with the machine's load). Each prints its figures on a line starting "experiment".
+experiments() {
+  cargo test --release --test cpu --test adapt -- --ignored --nocapture --test-threads 1 experiment_ 2>&1 |
+    grep -E '^(experiment|test |f: |c: )|panicked|FAILED|ok$' || true
+}
+
 case "${1:-compare}" in
   compare) compare ;;
   scale) scale ;;
-  *) echo "usage: $0 [compare|scale]"; exit 2 ;;
+  experiments) experiments ;;
+  *) echo "usage: $0 [compare|scale|experiments]"; exit 2 ;;
 esac

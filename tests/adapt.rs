@@ -248,3 +248,43 @@ fn two_groups_converge_to_fair_limits() {
 fn experiment_two_groups_within_a_quarter() {
     two_groups(60, 0.25);
 }
+
+/// Whatever ends `allot adapt` — SIGTERM, SIGHUP, SIGQUIT, a closed standard output, an
+/// error, SIGKILL followed by `allot cpu resume` — no member and no process of a
+/// member's wrapper (runuser, which stops itself when its child stops) is left stopped.
+#[test]
+fn adapt_leaves_nothing_stopped_whatever_ends_it() {
+    let cpu = experiment_cpu();
+    let runuser = Wrapper::available().contains(&Wrapper::Runuser);
+    for end in ["TERM", "HUP", "QUIT", "PIPE", "error", "KILL"] {
+        let wrapped = runuser.then(|| Wrapped::start(Wrapper::Runuser, cpu));
+        let workers = Workers::busy(3, cpu);
+        let mut pids = workers.pids();
+        let mut watch = pids.clone();
+        if let Some(w) = &wrapped {
+            pids.push(w.member);
+            watch.extend(w.tree());
+        }
+        let scratch = Scratch::new(&format!("adapt-{end}-{}", pids[0]));
+        let state_dir = scratch.0.join("state");
+        let state_file = state_dir.join("adapt.state").display().to_string();
+        let mut a = adapt_args(&pids, "1", "200ms", "2.5");
+        a.extend(["--state".to_string(), state_file.clone()]);
+        a.extend(["--sensor".to_string(), "run-queue-wait".to_string()]);
+        let allot = Allot::start(&a);
+        assert!(
+            wait_for(Duration::from_secs(10), || pids
+                .iter()
+                .any(|p| state(*p) == 'T')),
+            "adapt never stopped a member"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        end_allot(allot, end, &state_dir, &state_file);
+        let clean = wait_for(Duration::from_secs(2), || stopped_among(&watch).is_empty());
+        assert!(
+            clean,
+            "adapt, after {end}: left stopped: {:?}",
+            stopped_among(&watch)
+        );
+    }
+}

@@ -28,6 +28,8 @@ struct Measured {
     report_totals_ms: Vec<f64>,
     own_totals_ms: Vec<f64>,
     stdout: String,
+    /// allot's "backend …" line from standard error.
+    backend_line: String,
 }
 
 fn measure(
@@ -38,9 +40,28 @@ fn measure(
     warm: u64,
     tag: &str,
 ) -> Measured {
+    measure_with(
+        workers,
+        shares,
+        &["--backend", "signals", "--quantum", quantum],
+        secs,
+        warm,
+        tag,
+    )
+}
+
+fn measure_with(
+    workers: &Workers,
+    shares: &[u64],
+    flags: &[&str],
+    secs: u64,
+    warm: u64,
+    tag: &str,
+) -> Measured {
     let scratch = Scratch::new(tag);
     let report = scratch.file("cycles.csv");
-    let mut a = args(&["cpu", "--quantum", quantum, "--report", &report, "--json"]);
+    let mut a = args(&["cpu", "--report", &report, "--json"]);
+    a.extend(args(flags));
     for (pid, s) in workers.pids().iter().zip(shares) {
         a.push("--pid".into());
         a.push(format!("{pid}:{s}"));
@@ -60,6 +81,11 @@ fn measure(
     allot.signal("INT");
     let (code, stdout, stderr) = allot.finish(Duration::from_secs(10));
     assert_eq!(code, Some(0), "allot failed: {stderr}");
+    let backend_line = stderr
+        .lines()
+        .find(|l| l.starts_with("allot cpu: backend"))
+        .unwrap_or_default()
+        .to_string();
     let used: Vec<f64> = end_cpu
         .iter()
         .zip(&warm_cpu)
@@ -85,6 +111,7 @@ fn measure(
         report_totals_ms,
         own_totals_ms,
         stdout,
+        backend_line,
     }
 }
 
@@ -131,6 +158,12 @@ fn linear_five_on_one_cpu_roughly_meets_shares_and_reports_agree_with_proc() {
     }
     assert_fractions(&m.fractions, &shares, 0.25, "long-run fractions");
     assert!(m.stdout.contains("\"mean_rms_rel_error\""), "{}", m.stdout);
+    assert!(m.stdout.contains("\"target\":0.04"), "{}", m.stdout);
+    assert!(
+        m.backend_line.contains("backend signals"),
+        "{}",
+        m.backend_line
+    );
 }
 
 /// Experiment: the same workload for 20 s, judged on precision — mean per-cycle RMS
@@ -180,7 +213,7 @@ fn three_instances(secs: u64, tolerance: f64) {
     let workers: Vec<Workers> = groups.iter().map(|_| Workers::busy(3, cpu)).collect();
     let mut allots = Vec::new();
     for (w, shares) in workers.iter().zip(&groups) {
-        let mut a = args(&["cpu", "--quantum", "20ms"]);
+        let mut a = args(&["cpu", "--backend", "signals", "--quantum", "20ms"]);
         for (pid, s) in w.pids().iter().zip(shares) {
             a.push("--pid".into());
             a.push(format!("{pid}:{s}"));
@@ -249,6 +282,8 @@ fn sleeping_member(secs: u64, tolerance: f64, max_stall: f64) {
     });
     let allot = Allot::start(&args(&[
         "cpu",
+        "--backend",
+        "signals",
         "--quantum",
         "20ms",
         "--pid",
@@ -392,7 +427,15 @@ fn safety_run(end: &str, members: &[(u32, u64)], watch: &[u32], what: &str) {
     let scratch = Scratch::new(&format!("e-{end}-{}", members[0].0));
     let state_dir = scratch.0.join("state");
     let state_file = state_dir.join("cpu.state").display().to_string();
-    let mut a = args(&["cpu", "--quantum", "20ms", "--state", &state_file]);
+    let mut a = args(&[
+        "cpu",
+        "--backend",
+        "signals",
+        "--quantum",
+        "20ms",
+        "--state",
+        &state_file,
+    ]);
     for (pid, s) in members {
         a.push("--pid".into());
         a.push(format!("{pid}:{s}"));
@@ -414,10 +457,10 @@ fn safety_run(end: &str, members: &[(u32, u64)], watch: &[u32], what: &str) {
     );
 }
 
-const ENDS: [&str; 4] = ["TERM", "INT", "error", "KILL"];
+const ENDS: [&str; 7] = ["TERM", "INT", "HUP", "QUIT", "PIPE", "error", "KILL"];
 
-/// Whatever ends allot — SIGTERM, SIGINT, an error, SIGKILL followed by `allot cpu
-/// resume` — no member is left stopped.
+/// Whatever ends allot — SIGTERM, SIGINT, SIGHUP, SIGQUIT, a closed standard output, an
+/// error, SIGKILL followed by `allot cpu resume` — no member is left stopped.
 #[test]
 fn no_member_is_left_stopped_whatever_ends_allot() {
     let cpu = experiment_cpu();
@@ -429,13 +472,75 @@ fn no_member_is_left_stopped_whatever_ends_allot() {
     }
 }
 
+/// A member started under a wrapper that stops itself when its child stops (runuser,
+/// su, sudo where present), exec'd by setpriv, or a job-control shell's foreground job:
+/// whatever ends allot, no process of the wrapper's tree (or the other member) that was
+/// running before is left stopped.
+#[test]
+fn no_wrapper_or_shell_is_left_stopped() {
+    let cpu = experiment_cpu();
+    for wrapper in Wrapper::available() {
+        for end in ["TERM", "INT", "HUP", "error", "KILL"] {
+            let w = Wrapped::start(wrapper, cpu);
+            let workers = Workers::busy(1, cpu);
+            let mut watch = w.tree();
+            assert!(
+                stopped_among(&watch).is_empty(),
+                "{wrapper:?} tree stopped before allot started"
+            );
+            watch.extend(workers.pids());
+            let members = [(w.member, 1), (workers.pids()[0], 20)];
+            safety_run(end, &members, &watch, &format!("{wrapper:?}"));
+        }
+    }
+}
+
+/// A non-member that was already stopped before allot started (someone else's stop) is
+/// left stopped; the member under it is continued as usual.
+#[test]
+fn a_wrapper_stopped_before_allot_started_is_left_stopped() {
+    if !Wrapper::available().contains(&Wrapper::Runuser) {
+        eprintln!("skipped: needs runuser as root");
+        return;
+    }
+    let cpu = experiment_cpu();
+    let w = Wrapped::start(Wrapper::Runuser, cpu);
+    let wrapper_pid = w.top.id();
+    assert_ne!(wrapper_pid, w.member);
+    let _ = std::process::Command::new("kill")
+        .args(["-STOP", &wrapper_pid.to_string()])
+        .status();
+    assert!(wait_for(Duration::from_secs(2), || state(wrapper_pid) == 'T'));
+    let workers = Workers::busy(1, cpu);
+    let members = [(w.member, 1), (workers.pids()[0], 20)];
+    let watch = [w.member, workers.pids()[0]];
+    for end in ["TERM", "KILL"] {
+        safety_run(end, &members, &watch, "member under a stopped runuser");
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(
+            state(wrapper_pid),
+            'T',
+            "after {end}: allot continued a process someone else had stopped"
+        );
+    }
+}
+
 /// A member that exits is dropped and allot carries on.
 #[test]
 fn an_exited_member_is_dropped() {
     let cpu = experiment_cpu();
     let mut workers = Workers::busy(3, cpu);
     let pids = workers.pids();
-    let mut a = args(&["cpu", "--quantum", "20ms", "--duration", "4s", "--json"]);
+    let mut a = args(&[
+        "cpu",
+        "--backend",
+        "signals",
+        "--quantum",
+        "20ms",
+        "--duration",
+        "4s",
+        "--json",
+    ]);
     for pid in &pids {
         a.push("--pid".into());
         a.push(format!("{pid}:1"));
@@ -597,6 +702,8 @@ fn a_tree_principal_counts_its_processes_together() {
     let single = w.pids()[0];
     let allot = Allot::start(&args(&[
         "cpu",
+        "--backend",
+        "signals",
         "--tree",
         &format!("{root}:1"),
         "--pid",
@@ -622,4 +729,195 @@ fn a_tree_principal_counts_its_processes_together() {
     let f = (t1 - t0) as f64 / ((t1 - t0) + (s1 - s0)) as f64;
     eprintln!("tree of two got {f:.3} against one process at 1:1");
     assert!((f - 0.5).abs() < 0.12, "tree fraction {f:.3}, want 0.5");
+}
+
+/// The cpu cgroup hierarchy this process is in, and whether allot could use it here
+/// (the test runs as root on a machine with a cpu controller, or skips).
+fn cgroup_of(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| {
+            let f: Vec<&str> = l.splitn(3, ':').collect();
+            f.len() == 3 && (f[1].split(',').any(|c| c == "cpu") || f[1].is_empty())
+        })
+        .unwrap_or_default()
+        .to_string()
+}
+
+fn cgroup_usable() -> bool {
+    let probe = std::process::Command::new(env!("CARGO_BIN_EXE_allot"))
+        .args([
+            "cpu",
+            "--backend",
+            "cgroup",
+            "--pid",
+            &format!("{}:1", std::process::id()),
+            "--duration",
+            "1ms",
+        ])
+        .output();
+    let err = probe
+        .map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
+        .unwrap_or_default();
+    // allot refuses its own ancestors; anything but "cgroup not usable" means it could.
+    !err.contains("--backend cgroup:")
+}
+
+/// `--backend auto` picks the kernel's cgroups where it may (and says so): five busy
+/// processes at 1:3:5:7:9 roughly hold their shares, and every one is back in its own
+/// cgroup afterwards, with allot's groups removed.
+#[test]
+fn auto_picks_cgroups_where_allowed_and_moves_everything_back() {
+    if !cgroup_usable() {
+        eprintln!("skipped: no cpu cgroup controller this user may write");
+        return;
+    }
+    let _x = exclusive();
+    let cpu = experiment_cpu();
+    let workers = Workers::busy(5, cpu);
+    let before: Vec<String> = workers.pids().iter().map(|p| cgroup_of(*p)).collect();
+    let shares = [1, 3, 5, 7, 9];
+    let m = measure_with(&workers, &shares, &["--backend", "auto"], 8, 2, "cg");
+    eprintln!(
+        "cgroup five: fractions {:?}, {}",
+        m.fractions, m.backend_line
+    );
+    assert!(
+        m.backend_line.contains("backend cgroup"),
+        "{}",
+        m.backend_line
+    );
+    assert!(m.stdout.contains("\"backend\":\"cgroup"), "{}", m.stdout);
+    assert_fractions(&m.fractions, &shares, 0.10, "cgroup long-run fractions");
+    let after: Vec<String> = workers.pids().iter().map(|p| cgroup_of(*p)).collect();
+    assert_eq!(before, after, "members not moved back");
+    assert!(!after.iter().any(|c| c.contains("allot-")), "{after:?}");
+    // After SIGKILL the groups stay; resume moves their processes out and removes them.
+    let a = Allot::start(&args(&[
+        "cpu",
+        "--backend",
+        "cgroup",
+        "--pid",
+        &format!("{}:1", workers.pids()[0]),
+        "--pid",
+        &format!("{}:2", workers.pids()[1]),
+    ]));
+    assert!(wait_for(Duration::from_secs(5), || cgroup_of(
+        workers.pids()[0]
+    )
+    .contains("allot-")));
+    a.signal("KILL");
+    let _ = a.finish(Duration::from_secs(5));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_allot"))
+        .args(["cpu", "resume"])
+        .output()
+        .expect("resume runs");
+    assert!(out.status.success());
+    assert!(
+        !cgroup_of(workers.pids()[0]).contains("allot-"),
+        "resume left a member in a dead allot's group: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+/// Experiment: the cgroup back end holds 1:3:5:7:9 within 1% long-run over 20 s.
+#[test]
+#[ignore = "experiment: precision moves with the machine's load; run by bench/cpu.sh"]
+fn experiment_cgroup_five_within_one_percent() {
+    if !cgroup_usable() {
+        println!("experiment cgroup five: skipped (no usable cpu cgroup)");
+        return;
+    }
+    let _x = exclusive();
+    let workers = Workers::busy(5, experiment_cpu());
+    let shares = [1, 3, 5, 7, 9];
+    let m = measure_with(&workers, &shares, &["--backend", "cgroup"], 20, 3, "xcg");
+    println!(
+        "experiment cgroup five 1:3:5:7:9: fractions {:?}, per-cycle RMS {:.2}%, overhead {:.3}%",
+        m.fractions,
+        mean(&m.rms) * 100.0,
+        m.overhead * 100.0
+    );
+    assert_fractions(&m.fractions, &shares, 0.01, "cgroup long-run fractions");
+}
+
+/// CPU each worker used per second of wall time over `secs`.
+fn cpu_rates(workers: &Workers, secs: u64) -> Vec<f64> {
+    let c0 = workers.cpu();
+    let t0 = Instant::now();
+    std::thread::sleep(Duration::from_secs(secs));
+    let c1 = workers.cpu();
+    let wall = t0.elapsed().as_nanos() as f64;
+    c1.iter()
+        .zip(&c0)
+        .map(|(b, a)| (b - a) as f64 / wall)
+        .collect()
+}
+
+/// `--work-conserving`: two members at 1:3, each pinned to its own CPU, both run: the
+/// 1-share one gets far more than the third of the other's time plain ALPS leaves it.
+#[test]
+fn work_conserving_lets_members_use_idle_cpus() {
+    let last = experiment_cpu();
+    if last == 0 {
+        eprintln!("skipped: needs two CPUs");
+        return;
+    }
+    let _x = exclusive();
+    let mut w = Workers {
+        children: Vec::new(),
+    };
+    w.spawn_sh("while :; do :; done", 0);
+    w.spawn_sh("while :; do :; done", last);
+    let pids = w.pids();
+    let allot = Allot::start(&args(&[
+        "cpu",
+        "--backend",
+        "signals",
+        "--work-conserving",
+        "--pid",
+        &format!("{}:1", pids[0]),
+        "--pid",
+        &format!("{}:3", pids[1]),
+    ]));
+    std::thread::sleep(Duration::from_secs(2));
+    let rates = cpu_rates(&w, 6);
+    allot.signal("TERM");
+    let (code, out, err) = allot.finish(Duration::from_secs(10));
+    assert_eq!(code, Some(0), "{err}");
+    eprintln!("work-conserving 1:3 on two CPUs: CPUs used {rates:?}; {out}");
+    assert!(
+        rates[0] > 0.3 && rates[1] > 0.3,
+        "each should get most of a CPU: {rates:?}"
+    );
+    assert!(
+        rates[0] / rates[1] > 0.6,
+        "the 1-share member was held back: {rates:?}"
+    );
+    assert!(!any_stopped(&pids));
+}
+
+/// Experiment: with `--work-conserving` on one CPU (nothing idle), 1:3 still splits
+/// within 2%.
+#[test]
+#[ignore = "experiment: precision moves with the machine's load; run by bench/cpu.sh"]
+fn experiment_work_conserving_on_one_cpu_splits_within_two_percent() {
+    let _x = exclusive();
+    let workers = Workers::busy(2, experiment_cpu());
+    let shares = [1, 3];
+    let m = measure_with(
+        &workers,
+        &shares,
+        &["--backend", "signals", "--work-conserving"],
+        20,
+        3,
+        "xwc",
+    );
+    println!(
+        "experiment work-conserving 1:3 on one CPU: fractions {:?}, per-cycle RMS {:.2}%",
+        m.fractions,
+        mean(&m.rms) * 100.0
+    );
+    assert_fractions(&m.fractions, &shares, 0.02, "work-conserving on one CPU");
 }

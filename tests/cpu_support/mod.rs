@@ -358,7 +358,12 @@ impl Wrapper {
             (Wrapper::Sudo, "sudo", true),
             (Wrapper::JobShell, "script", false),
         ] {
-            if has(tool) && (root || !needs_root) && (w != Wrapper::JobShell || has("bash")) {
+            let extra = match w {
+                Wrapper::JobShell => has("bash"),
+                Wrapper::Runuser | Wrapper::Su => has("script"),
+                _ => true,
+            };
+            if has(tool) && (root || !needs_root) && extra {
                 out.push(w);
             } else {
                 eprintln!("skipped {w:?}: {tool} missing or not root");

@@ -302,8 +302,8 @@ struct Policed {
     name: String,
     group: Group,
     policer: Policer,
-    /// The cap while unfriendly.
-    ctrl: Option<MplOrRate>,
+    /// Capped (unfriendly): held to allot's own group's limit and duty cycle.
+    capped: bool,
     offset: usize,
     demand_sum: f64,
     demand_n: u32,
@@ -318,15 +318,15 @@ impl Policed {
         self.demand_n += 1;
     }
 
-    /// Lets every member run, or (capped) the controller's number of them, rotating.
-    fn apply(&mut self) -> Result<Option<usize>, ProcError> {
+    /// Lets every member run, or (capped) as many as allot's own group may run now,
+    /// rotating: an unfriendly group gets no more than the friendly one it crowded.
+    fn apply(&mut self, own_running: usize) -> Result<Option<usize>, ProcError> {
         let members: Vec<i32> = self.group.members().keys().copied().collect();
-        let Some(ctrl) = self.ctrl.as_mut() else {
+        if !self.capped {
             self.group.apply(&members)?;
             return Ok(None);
-        };
-        ctrl.set_max_running(members.len());
-        let running = ctrl.decision().running.min(members.len());
+        }
+        let running = own_running.min(members.len());
         let n = members.len().max(1);
         self.offset %= n;
         let run: Vec<i32> = (0..running)
@@ -379,7 +379,7 @@ pub fn run_adapt(
             },
             policer: Policer::new(config.police_config)
                 .map_err(|e| ProcError::Config(e.to_string()))?,
-            ctrl: None,
+            capped: false,
             offset: 0,
             demand_sum: 0.0,
             demand_n: 0,
@@ -502,7 +502,7 @@ fn adapt_loop(
             p.group.refresh(false)?;
             p.group.stopped.ensure_file()?;
             p.group.stopped.sweep_ancestors();
-            caps.push(p.apply()?);
+            caps.push(p.apply(decision.running)?);
             (p.demand_sum, p.demand_n) = (0.0, 0);
         }
         let contention_before = group.contention();
@@ -541,6 +541,9 @@ fn adapt_loop(
             }
             if is_duty_end {
                 group.apply(&[])?;
+                for p in policed.iter_mut().filter(|p| p.capped) {
+                    p.group.apply(&[])?;
+                }
             } else if let Some(probe) = probe.as_mut() {
                 let t = probe.run()?;
                 // The built-in probe's unloaded time is the CPU time it needs.
@@ -588,7 +591,7 @@ fn adapt_loop(
             let label = match verdict {
                 Verdict::Friendly => {
                     p.watching_since = None;
-                    if p.ctrl.take().is_some() {
+                    if std::mem::take(&mut p.capped) {
                         tracing::info!(group = %p.name, "released on probation");
                     }
                     "friendly"
@@ -600,30 +603,16 @@ fn adapt_loop(
                     "watching"
                 }
                 Verdict::Unfriendly {
-                    onset_demand,
+                    onset_demand: _,
                     newly,
                 } => {
                     if newly {
-                        let members = p.group.members().len();
-                        let initial = (onset_demand / config.decrease).floor().max(1.0);
-                        p.ctrl = Some(
-                            MplOrRate::new(
-                                members.max(1),
-                                initial,
-                                config.mpl_increase,
-                                config.rate_increase,
-                                config.decrease,
-                                1.0,
-                            )
-                            .map_err(|e| ProcError::Config(e.to_string()))?,
-                        );
+                        p.capped = true;
                         p.first_capped.get_or_insert(period);
                         if p.first_watched.is_none() {
                             p.first_watched = p.watching_since;
                         }
                         tracing::warn!(group = %p.name, demand, "did not back off: capped");
-                    } else if let Some(c) = p.ctrl.as_mut() {
-                        c.update(reading.congested);
                     }
                     "unfriendly"
                 }

@@ -83,13 +83,21 @@ PY
 compare() {
   echo "workload: ${#SHARES[@]} busy loops on CPU $CPU, target shares ${SHARES[*]}, ${SECS}s each"
 
-  # 1. allot cpu
-  start_workers ${#SHARES[@]}
-  args=(); for i in "${!SHARES[@]}"; do args+=(--pid "${WORKERS[$i]}:${SHARES[$i]}"); done
-  "$ALLOT" cpu --quantum 20ms "${args[@]}" --duration "$((SECS + 2))s" >/dev/null 2>&1 &
-  CONTROLLERS+=($!)
-  printf '%-22s ' "allot cpu (20 ms)"; measure "$SECS" "${SHARES[*]}" "${WORKERS[*]}" "${CONTROLLERS[*]}"
-  cleanup
+  # 1. allot cpu, both back ends. Their own per-cycle RMS (cycles of S·Q = 25 quanta)
+  # comes from --json; the windowed figures are measured here like the others'.
+  for backend in signals cgroup; do
+    start_workers ${#SHARES[@]}
+    args=(); for i in "${!SHARES[@]}"; do args+=(--pid "${WORKERS[$i]}:${SHARES[$i]}"); done
+    json=$(mktemp)
+    "$ALLOT" cpu --backend "$backend" --quantum 20ms "${args[@]}" --duration "$((SECS + 2))s" --json >"$json" 2>/dev/null &
+    CONTROLLERS+=($!)
+    printf '%-22s ' "allot cpu $backend"; measure "$SECS" "${SHARES[*]}" "${WORKERS[*]}" "${CONTROLLERS[*]}"
+    wait "${CONTROLLERS[0]}" 2>/dev/null
+    python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print("%-22s per-cycle RMS error %6.2f%% over %d cycles (allot report)" % ("", 100*d["mean_rms_rel_error"], d["cycles"]))' "$json" 2>/dev/null \
+      || echo "                       (no JSON summary: $backend back end not available here)"
+    rm -f "$json"
+    cleanup
+  done
 
   # 2. cpulimit: one instance per process, each limited to its share of one CPU.
   if ! command -v cpulimit >/dev/null; then

@@ -169,7 +169,7 @@ scale() {
 # The `#[ignore]`d experiment_* tests: precision figures CI does not judge (they move
 # with the machine's load). Each prints its figures on a line starting "experiment".
 experiments() {
-  cargo test --release --test cpu --test adapt -- --ignored --nocapture --test-threads 1 experiment_ 2>&1 |
+  cargo test --release --no-fail-fast --test cpu --test adapt -- --ignored --nocapture --test-threads 1 experiment_ 2>&1 |
     grep -E '^(experiment|test |f: |c: )|panicked|FAILED|ok$' || true
 }
 

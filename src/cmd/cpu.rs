@@ -1,5 +1,7 @@
 //! `allot cpu`: proportional CPU shares for groups of processes, by ALPS (user-level,
-//! SIGSTOP/SIGCONT), and `allot cpu resume` to continue what a killed allot left stopped.
+//! SIGSTOP/SIGCONT) or by child cgroups weighted by shares where allowed (`--backend`),
+//! and `allot cpu resume` to continue what a killed allot left stopped (and move out
+//! what it left in its cgroups).
 
 use std::fs::File;
 use std::io::{BufWriter, Write};

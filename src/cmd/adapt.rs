@@ -7,7 +7,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use allot_proc::adapt::{run_adapt, AdaptConfig, AdaptObserver, PeriodReport, Sensor};
+use allot_model::police::PoliceConfig;
+use allot_proc::adapt::{
+    run_adapt, AdaptConfig, AdaptObserver, PeriodReport, PolicedGroup, Sensor,
+};
 use allot_proc::probe::Probe;
 use allot_proc::selector::{parse_selector, SelectorKind};
 use allot_proc::stopped;
@@ -94,6 +97,53 @@ pub struct Args {
     /// State file for the stopped set (default under $XDG_RUNTIME_DIR or /tmp).
     #[arg(long)]
     pub state: Option<PathBuf>,
+    /// Police another group: NAME=pid:PID, tree:PID, user:NAME or comm:REGEX (repeat with
+    /// the same NAME to add processes). allot does not adapt it, but if its demand (its
+    /// runnable tasks) does not fall within --police-periods of a congested signal it is
+    /// marked unfriendly and capped (AIMD on how many of its members run) until the
+    /// machine has been uncongested for --police-release periods.
+    #[arg(long = "police", value_name = "NAME=KIND:VALUE")]
+    pub police: Vec<String>,
+    /// Periods a policed group has to back off after a congested one (N).
+    #[arg(long, default_value_t = 3)]
+    pub police_periods: u32,
+    /// Uncongested periods after which a capped group is released, on probation.
+    #[arg(long, default_value_t = 5)]
+    pub police_release: u32,
+}
+
+/// Parses `--police NAME=KIND:VALUE` flags into groups (one per NAME, in order).
+fn parse_police(flags: &[String]) -> anyhow::Result<Vec<PolicedGroup>> {
+    let mut out: Vec<PolicedGroup> = Vec::new();
+    for f in flags {
+        let (name, sel) = f.split_once('=').ok_or_else(|| {
+            anyhow::anyhow!("--police {f:?}: expected NAME=KIND:VALUE, e.g. batch=comm:^make$")
+        })?;
+        let (kind, value) = sel.split_once(':').ok_or_else(|| {
+            anyhow::anyhow!(
+                "--police {f:?}: expected KIND:VALUE after '=' (pid, tree, user or comm)"
+            )
+        })?;
+        let kind = match kind {
+            "pid" => SelectorKind::Pid,
+            "tree" => SelectorKind::Tree,
+            "user" => SelectorKind::User,
+            "comm" => SelectorKind::Comm,
+            k => bail!("--police {f:?}: unknown kind {k:?} (use pid, tree, user or comm)"),
+        };
+        if name.is_empty() {
+            bail!("--police {f:?}: the group needs a name before '='");
+        }
+        let selector = parse_selector(kind, value)?;
+        match out.iter_mut().find(|g| g.name == name) {
+            Some(g) => g.selectors.push(selector),
+            None => out.push(PolicedGroup {
+                name: name.to_string(),
+                selectors: vec![selector],
+            }),
+        }
+    }
+    Ok(out)
 }
 
 struct Lines {
@@ -115,12 +165,17 @@ impl AdaptObserver for Lines {
             if r.congested { " congested" } else { "" },
             r.probe_ms
         );
-        if self.json {
-            eprintln!("{line}");
-        } else {
-            println!("{line}");
+        let mut line = line;
+        for p in &r.policed {
+            line.push_str(&format!(
+                " | police {}: members={} demand={:.1} {}",
+                p.name, p.members, p.demand, p.verdict
+            ));
+            if let Some(cap) = p.cap {
+                line.push_str(&format!(" (capped to {cap} running)"));
+            }
         }
-        Ok(())
+        super::cpu::live_line(&line, self.json)
     }
 }
 
@@ -156,6 +211,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     if !(args.initial.is_finite() && args.initial >= 1.0) {
         bail!("--initial {}: expected a number >= 1", args.initial);
     }
+    let sensor_arg = args.sensor;
     let sensor = match (args.sensor, args.probe_cmd) {
         (SensorArg::Probe, Some(cmd)) => Sensor::Probe(Probe::Command(cmd)),
         (SensorArg::Probe, None) => Sensor::Probe(Probe::BuiltIn {
@@ -167,6 +223,15 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
         (SensorArg::RunQueueWait, None) => Sensor::RunQueueWait,
     };
+    let police = parse_police(&args.police)?;
+    let police_config = PoliceConfig {
+        grace_periods: args.police_periods,
+        fall: 0.9,
+        release_periods: args.police_release,
+    };
+    police_config
+        .validate()
+        .map_err(|e| anyhow::anyhow!("--police-periods/--police-release: {e}"))?;
     let shutdown = allot_proc::shutdown::install()?;
     let config = AdaptConfig {
         selectors,
@@ -186,10 +251,13 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         state_file: args
             .state
             .unwrap_or_else(|| stopped::default_state_file("adapt")),
+        police,
+        police_config,
     };
     let s = run_adapt(config, shutdown, &mut Lines { json: args.json })?;
-    if args.json {
-        println!(
+    let sensor = sensor_arg;
+    let text = if args.json {
+        format!(
             "{}",
             serde_json::json!({
                 "periods": s.periods,
@@ -200,19 +268,33 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 "overhead_cpu_fraction": s.overhead_cpu_fraction,
                 "wall_s": s.wall_s,
                 "signal": s.signal,
+                "policed": s.policed.iter().map(|p| serde_json::json!({
+                    "group": p.name,
+                    "offences": p.offences,
+                    "capped_periods": p.capped_periods,
+                    "first_capped_period": p.first_capped_period,
+                    "first_watched_period": p.first_watched_period,
+                })).collect::<Vec<_>>(),
             })
-        );
+        )
     } else {
-        println!(
-            "summary: {} periods in {:.1}s; second half: mean L {:.2}, mean R {:.2}, mean probe {:.2}ms (unloaded {:.2}ms); allot CPU {:.2}%",
+        format!(
+            "summary: {} periods in {:.1}s; second half: mean L {:.2}, mean R {:.2}, {}; allot CPU {:.2}%",
             s.periods,
             s.wall_s,
             s.mean_limit,
             s.mean_slowdown,
-            s.mean_probe_ms,
-            s.reference_probe_ms,
+            if sensor == SensorArg::RunQueueWait {
+                "sensor run-queue wait (unloaded stretch 1)".to_string()
+            } else {
+                format!(
+                    "mean probe {:.2}ms (unloaded {:.2}ms)",
+                    s.mean_probe_ms, s.reference_probe_ms
+                )
+            },
             s.overhead_cpu_fraction * 100.0
-        );
-    }
+        )
+    };
+    super::cpu::live_line(&text, false).map_err(anyhow::Error::msg)?;
     Ok(ExitCode::SUCCESS)
 }

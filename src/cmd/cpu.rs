@@ -1,5 +1,7 @@
 //! `allot cpu`: proportional CPU shares for groups of processes, by ALPS (user-level,
-//! SIGSTOP/SIGCONT), and `allot cpu resume` to continue what a killed allot left stopped.
+//! SIGSTOP/SIGCONT) or by child cgroups weighted by shares where allowed (`--backend`),
+//! and `allot cpu resume` to continue what a killed allot left stopped (and move out
+//! what it left in its cgroups).
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -8,7 +10,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use allot_model::alps::Algorithm;
-use allot_proc::scheduler::{run_cpu, CpuConfig, CpuObserver, CpuSummary, CycleRow, LiveStatus};
+use allot_proc::scheduler::{
+    run_cpu, Backend, CpuConfig, CpuObserver, CpuSummary, CycleRow, LiveStatus,
+};
 use allot_proc::selector::{parse_selector, split_shares, Selector, SelectorKind};
 use allot_proc::stopped;
 use anyhow::{bail, Context};
@@ -57,6 +61,27 @@ pub struct Args {
     /// State file for the stopped set (default under $XDG_RUNTIME_DIR or /tmp).
     #[arg(long)]
     pub state: Option<PathBuf>,
+    /// How the CPU is shared: `signals` (ALPS, SIGSTOP/SIGCONT, no privileges),
+    /// `cgroup` (a child cgroup per principal weighted by its shares: the kernel shares
+    /// it), or `auto` (cgroup where this user may, signals otherwise).
+    #[arg(long, value_enum, default_value_t = BackendArg::Auto)]
+    pub backend: BackendArg,
+    /// Signals back end: while the principals within their share leave a CPU idle, let
+    /// the others run too (not charged to them). Without it a principal that used its
+    /// share waits for the cycle's end even on an idle machine. (cgroups always do this.)
+    #[arg(long)]
+    pub work_conserving: bool,
+}
+
+/// `--backend` values.
+#[derive(Debug, Clone, Copy, clap::ValueEnum, PartialEq, Eq)]
+pub enum BackendArg {
+    /// ALPS by SIGSTOP/SIGCONT.
+    Signals,
+    /// Child cgroups with cpu.weight (v2) or cpu.shares (v1).
+    Cgroup,
+    /// cgroup where allowed, signals otherwise.
+    Auto,
 }
 
 /// Subcommands of `allot cpu`.
@@ -187,13 +212,14 @@ impl CpuObserver for Output {
             for r in rows {
                 writeln!(
                     w,
-                    "{},{},{},{:.3},{:.3},{:.5}",
+                    "{},{},{},{:.3},{:.3},{:.5},{:.3}",
                     r.cycle,
                     csv_field(&r.principal),
                     r.share,
                     r.consumed_ms,
                     r.entitlement_ms,
-                    r.rel_error
+                    r.rel_error,
+                    r.borrowed_ms
                 )?;
             }
             w.flush()
@@ -201,8 +227,8 @@ impl CpuObserver for Output {
         write(w).map_err(|e| format!("--report {}: {e}", path.display()))
     }
 
-    fn on_status(&mut self, s: &LiveStatus) {
-        let line = format!(
+    fn on_status(&mut self, s: &LiveStatus) -> Result<(), String> {
+        let mut line = format!(
             "t={:.0}s cycles={} cycle={:.1}ms rms_rel_error(last 10)={:.2}% own_cpu={:.2}% stopped={} timer_late={:.2}ms",
             s.elapsed_s,
             s.cycles,
@@ -212,16 +238,45 @@ impl CpuObserver for Output {
             s.stopped,
             s.late_ms
         );
-        if self.json {
-            eprintln!("{line}");
-        } else {
-            println!("{line}");
+        // Each principal: target → what it got over the last ten cycles (error).
+        for p in &s.principals {
+            line.push_str(&format!(
+                " | {} target {:.1}% got {:.1}% ({:+.1}%)",
+                p.label,
+                p.target * 100.0,
+                p.got * 100.0,
+                p.rel_error * 100.0
+            ));
+            if p.borrowed > 0.0 {
+                line.push_str(&format!(" +{:.1}% borrowed", p.borrowed * 100.0));
+            }
         }
+        live_line(&line, self.json)
+    }
+
+    fn on_start(&mut self, backend: &str) {
+        let _ = writeln!(std::io::stderr(), "allot cpu: backend {backend}");
     }
 
     fn on_membership(&mut self, principal: &str, added: &[i32], removed: &[i32]) {
         tracing::debug!(principal, ?added, ?removed, "membership changed");
     }
+}
+
+/// Writes a live line to standard output (standard error with `--json`). A failed write
+/// (the output closed, the terminal gone) is an error that ends the run in order, with
+/// every member continued, instead of a panic.
+pub(crate) fn live_line(line: &str, to_stderr: bool) -> Result<(), String> {
+    let r = if to_stderr {
+        writeln!(std::io::stderr(), "{line}")
+    } else {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "{line}").and_then(|()| out.flush())
+    };
+    r.map_err(|e| {
+        let which = if to_stderr { "error" } else { "output" };
+        format!("standard {which}: {e}")
+    })
 }
 
 /// Quotes a CSV field that holds a comma, quote or newline (a `--comm` regex may).
@@ -233,7 +288,8 @@ fn csv_field(s: &str) -> String {
     }
 }
 
-fn print_summary(s: &CpuSummary, json: bool) {
+fn print_summary(s: &CpuSummary, json: bool) -> std::io::Result<()> {
+    let mut out = std::io::stdout().lock();
     if json {
         let principals: Vec<serde_json::Value> = s
             .principals
@@ -242,8 +298,11 @@ fn print_summary(s: &CpuSummary, json: bool) {
                 serde_json::json!({
                     "principal": p.label,
                     "share": p.share,
+                    "target": p.target,
                     "cpu_ms": p.cpu_ms,
                     "fraction": p.fraction,
+                    "rel_error": if p.target > 0.0 { (p.fraction - p.target) / p.target } else { 0.0 },
+                    "borrowed_ms": p.borrowed_ms,
                 })
             })
             .collect();
@@ -255,34 +314,46 @@ fn print_summary(s: &CpuSummary, json: bool) {
             "reads": s.reads,
             "wall_s": s.wall_s,
             "signal": s.signal,
+            "backend": s.backend,
             "principals": principals,
         });
-        println!("{v}");
-        return;
+        writeln!(out, "{v}")?;
+        return out.flush();
     }
-    println!(
-        "summary: {} cycles in {:.1}s, mean RMS relative error {:.2}%, allot CPU {:.3}% of wall time{}",
+    writeln!(
+        out,
+        "summary ({}): {} cycles in {:.1}s, mean RMS relative error {:.2}%, allot CPU {:.3}% of wall time{}",
+        s.backend,
         s.cycles,
         s.wall_s,
         s.mean_rms_rel_error * 100.0,
         s.overhead_cpu_fraction * 100.0,
         s.signal.as_ref().map(|x| format!(" (ended by {x})")).unwrap_or_default()
-    );
-    let total_share: u64 = s.principals.iter().map(|p| p.share).sum();
-    println!(
-        "{:<28} {:>6} {:>12} {:>9} {:>9}",
-        "principal", "share", "cpu_ms", "got", "target"
-    );
+    )?;
+    writeln!(
+        out,
+        "{:<28} {:>6} {:>12} {:>9} {:>9} {:>8} {:>12}",
+        "principal", "share", "cpu_ms", "target", "got", "error", "borrowed_ms"
+    )?;
     for p in &s.principals {
-        println!(
-            "{:<28} {:>6} {:>12.1} {:>8.2}% {:>8.2}%",
+        let err = if p.target > 0.0 {
+            (p.fraction - p.target) / p.target
+        } else {
+            0.0
+        };
+        writeln!(
+            out,
+            "{:<28} {:>6} {:>12.1} {:>8.2}% {:>8.2}% {:>+7.2}% {:>12.1}",
             p.label,
             p.share,
             p.cpu_ms,
+            p.target * 100.0,
             p.fraction * 100.0,
-            p.share as f64 / total_share.max(1) as f64 * 100.0
-        );
+            err * 100.0,
+            p.borrowed_ms
+        )?;
     }
+    out.flush()
 }
 
 fn resume(state: Option<PathBuf>) -> anyhow::Result<ExitCode> {
@@ -290,6 +361,10 @@ fn resume(state: Option<PathBuf>) -> anyhow::Result<ExitCode> {
         Some(f) => vec![f],
         None => stopped::orphaned_state_files(&stopped::state_dir()),
     };
+    let (groups, moved) = allot_proc::cgroup::recover_orphans();
+    if groups > 0 {
+        println!("moved {moved} process(es) out of {groups} cgroup(s) a dead allot left");
+    }
     if files.is_empty() {
         println!(
             "nothing to resume: no state file of a stopped allot in {}",
@@ -366,7 +441,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             // there, and everything stopped is continued on the way out.
             writeln!(
                 w,
-                "cycle,principal,share,consumed_ms,entitlement_ms,rel_error"
+                "cycle,principal,share,consumed_ms,entitlement_ms,rel_error,borrowed_ms"
             )
             .with_context(|| format!("--report {}", path.display()))?;
             Some((path.clone(), w))
@@ -385,13 +460,19 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             .clone()
             .unwrap_or_else(|| stopped::default_state_file("cpu")),
         refresh: Duration::from_secs(1),
+        backend: match args.backend {
+            BackendArg::Signals => Backend::Signals,
+            BackendArg::Cgroup => Backend::Cgroup,
+            BackendArg::Auto => Backend::Auto,
+        },
+        work_conserving: args.work_conserving,
     };
     let mut out = Output {
         report,
         json: args.json,
     };
     let summary = run_cpu(config, shutdown, &mut out)?;
-    print_summary(&summary, args.json);
+    print_summary(&summary, args.json).context("standard output")?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -271,3 +271,280 @@ pub fn mean(v: &[f64]) -> f64 {
         v.iter().sum::<f64>() / v.len() as f64
     }
 }
+
+/// The parent PID of a process (0 if gone).
+pub fn ppid(pid: u32) -> u32 {
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|t| {
+            let close = t.rfind(')')?;
+            t[close + 1..].split_whitespace().nth(1)?.parse().ok()
+        })
+        .unwrap_or(0)
+}
+
+/// Every live descendant of `root`, read from /proc.
+pub fn descendants(root: u32) -> Vec<u32> {
+    let all: Vec<u32> = fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect();
+    let mut out = Vec::new();
+    let mut frontier = vec![root];
+    while let Some(p) = frontier.pop() {
+        for &c in &all {
+            if ppid(c) == p && !out.contains(&c) {
+                out.push(c);
+                frontier.push(c);
+            }
+        }
+    }
+    out
+}
+
+/// The command line of a process, arguments joined by spaces.
+pub fn cmdline(pid: u32) -> String {
+    fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|b| {
+            b.split(|c| *c == 0)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect::<Vec<_>>()
+                .join(" ")
+                .trim()
+                .to_string()
+        })
+        .unwrap_or_default()
+}
+
+/// How a wrapped busy loop is started: under a program that stays its parent and may
+/// stop itself when its child stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wrapper {
+    /// util-linux `runuser -u root --`.
+    Runuser,
+    /// `su root -c`.
+    Su,
+    /// util-linux `setpriv` (it execs: no process in between).
+    Setpriv,
+    /// `sudo` (only where installed).
+    Sudo,
+    /// An interactive bash with job control on a pseudo-terminal (`script`), the loop
+    /// its foreground job.
+    JobShell,
+}
+
+impl Wrapper {
+    /// The wrappers this machine can run (sudo only if present; all but setpriv need
+    /// root to switch to root without a password).
+    pub fn available() -> Vec<Wrapper> {
+        let root = fs::read_to_string("/proc/self/status")
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"));
+        let has = |tool: &str| {
+            Command::new("sh")
+                .args(["-c", &format!("command -v {tool}")])
+                .stdout(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        let mut out = Vec::new();
+        for (w, tool, needs_root) in [
+            (Wrapper::Runuser, "runuser", true),
+            (Wrapper::Su, "su", true),
+            (Wrapper::Setpriv, "setpriv", false),
+            (Wrapper::Sudo, "sudo", true),
+            (Wrapper::JobShell, "script", false),
+        ] {
+            let extra = match w {
+                Wrapper::JobShell => has("bash"),
+                Wrapper::Runuser | Wrapper::Su => has("script"),
+                _ => true,
+            };
+            if has(tool) && (root || !needs_root) && extra {
+                out.push(w);
+            } else {
+                eprintln!("skipped {w:?}: {tool} missing or not root");
+            }
+        }
+        out
+    }
+}
+
+const BUSY: &str = "while :; do :; done";
+
+/// A busy loop started under a [`Wrapper`], pinned to a CPU. Drop continues and kills
+/// the whole tree.
+pub struct Wrapped {
+    /// The first process (the wrapper, or the loop itself for setpriv).
+    pub top: Child,
+    /// The busy loop: the member.
+    pub member: u32,
+    /// What it was started under.
+    pub wrapper: Wrapper,
+    stdin: Option<std::process::ChildStdin>,
+}
+
+impl Wrapped {
+    /// Starts the loop under `wrapper` on `cpu`, and waits (bounded) for it to run.
+    pub fn start(wrapper: Wrapper, cpu: usize) -> Wrapped {
+        let cpu_s = cpu.to_string();
+        let mut cmd = Command::new("taskset");
+        cmd.args(["-c", &cpu_s]);
+        match wrapper {
+            Wrapper::Runuser => {
+                cmd.args(["runuser", "-u", "root", "--", "sh", "-c", BUSY]);
+            }
+            Wrapper::Su => {
+                cmd.args([
+                    "su",
+                    "root",
+                    "-s",
+                    "/bin/sh",
+                    "-c",
+                    &format!("sh -c '{BUSY}'"),
+                ]);
+            }
+            Wrapper::Setpriv => {
+                cmd.args(["setpriv", "--reuid=0", "sh", "-c", BUSY]);
+            }
+            Wrapper::Sudo => {
+                cmd.args(["sudo", "-n", "sh", "-c", &format!("sh -c '{BUSY}'; :")]);
+            }
+            Wrapper::JobShell => {
+                cmd.env("SHELL", "/bin/sh").args([
+                    "script",
+                    "-qfec",
+                    "bash --norc --noprofile -i",
+                    "/dev/null",
+                ]);
+            }
+        }
+        let mut top = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("the wrapper starts");
+        let mut stdin = top.stdin.take();
+        if wrapper == Wrapper::JobShell {
+            use std::io::Write;
+            std::thread::sleep(Duration::from_millis(300));
+            if let Some(i) = stdin.as_mut() {
+                let _ = writeln!(i, "sh -c '{BUSY}'");
+                let _ = i.flush();
+            }
+        }
+        let top_pid = top.id();
+        let mut member = 0;
+        wait_for(Duration::from_secs(5), || {
+            let mut cands: Vec<u32> = descendants(top_pid);
+            cands.push(top_pid);
+            if let Some(&m) = cands
+                .iter()
+                .find(|p| cmdline(**p) == format!("sh -c {BUSY}") && descendants(**p).is_empty())
+            {
+                member = m;
+                true
+            } else {
+                false
+            }
+        });
+        assert!(member != 0, "{wrapper:?}: the busy loop never appeared");
+        Wrapped {
+            top,
+            member,
+            wrapper,
+            stdin,
+        }
+    }
+
+    /// Every process of the tree (wrapper, shells, the loop).
+    pub fn tree(&self) -> Vec<u32> {
+        let mut t = vec![self.top.id()];
+        t.extend(descendants(self.top.id()));
+        t
+    }
+}
+
+impl Drop for Wrapped {
+    fn drop(&mut self) {
+        let tree = self.tree();
+        for p in &tree {
+            let _ = Command::new("kill")
+                .args(["-CONT", &p.to_string()])
+                .status();
+        }
+        // The loop first (the wrapper then sees it end), then everything else.
+        let _ = Command::new("kill")
+            .args(["-KILL", &self.member.to_string()])
+            .status();
+        drop(self.stdin.take());
+        for p in tree.iter().rev() {
+            let _ = Command::new("kill")
+                .args(["-KILL", &p.to_string()])
+                .status();
+        }
+        let _ = self.top.kill();
+        let _ = self.top.wait();
+    }
+}
+
+/// The processes among `pids` in state T (stopped), with their command lines.
+pub fn stopped_among(pids: &[u32]) -> Vec<(u32, String)> {
+    pids.iter()
+        .filter(|p| state(**p) == 'T')
+        .map(|p| (*p, cmdline(*p)))
+        .collect()
+}
+
+/// Ends a running allot in one of the ways it can end: a signal (`TERM`, `INT`, `HUP`,
+/// `QUIT`: exit 0), its standard output closed (`PIPE`: an error, exit 2), a forced error
+/// (`error`: the state file's directory replaced by a plain file while members are
+/// stopped, so the next record fails: exit 2), or `KILL` followed by `allot cpu resume`.
+pub fn end_allot(mut allot: Allot, end: &str, state_dir: &std::path::Path, state_file: &str) {
+    match end {
+        "TERM" | "INT" | "HUP" | "QUIT" => {
+            allot.signal(end);
+            let (code, _, err) = allot.finish(Duration::from_secs(10));
+            assert_eq!(code, Some(0), "after SIG{end}: {err}");
+        }
+        "PIPE" => {
+            drop(allot.child.stdout.take());
+            let (code, _, err) = allot.finish(Duration::from_secs(10));
+            assert_eq!(
+                code,
+                Some(2),
+                "a closed standard output must end the run: {err}"
+            );
+            assert!(err.contains("standard output"), "{err}");
+        }
+        "error" => {
+            let _ = std::fs::remove_dir_all(state_dir);
+            std::fs::write(state_dir, "not a directory").expect("replace the state directory");
+            let (code, _, err) = allot.finish(Duration::from_secs(20));
+            assert_eq!(code, Some(2), "expected the state-file error: {err}");
+            assert!(err.contains("state"), "{err}");
+        }
+        "KILL" => {
+            allot.signal("KILL");
+            let _ = allot.finish(Duration::from_secs(10));
+            assert!(
+                std::path::Path::new(state_file).exists(),
+                "no state file left behind"
+            );
+            let out = Command::new(env!("CARGO_BIN_EXE_allot"))
+                .args(["cpu", "resume", "--state", state_file])
+                .output()
+                .expect("allot cpu resume runs");
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        _ => unreachable!("unknown end {end}"),
+    }
+}

@@ -232,6 +232,43 @@ impl Alps {
         (t < q).then_some(t as u64)
     }
 
+    /// Work-conserving mode (not in the paper): the present members past their allowance
+    /// that may run anyway because the eligible ones cannot use every CPU. The eligible
+    /// members' parallelism counts as busy CPUs; the idle rest goes to ineligible members,
+    /// the least over their share (most allowance) first, until it is filled. Empty when
+    /// the eligible members can use every CPU, so ALPS's shares hold whenever the CPUs
+    /// are contended. The caller should not charge what a borrower uses (see
+    /// [`Alps::prime`]).
+    pub fn borrowers(&self) -> Vec<usize> {
+        let busy: u32 = self
+            .members
+            .iter()
+            .filter(|m| m.active && m.eligible)
+            .map(|m| m.parallelism)
+            .sum();
+        let mut idle = self.cpus.saturating_sub(busy);
+        if idle == 0 {
+            return Vec::new();
+        }
+        let mut candidates: Vec<usize> = (0..self.members.len())
+            .filter(|&i| self.members[i].active && !self.members[i].eligible)
+            .collect();
+        candidates.sort_by(|&a, &b| {
+            self.members[b]
+                .allowance
+                .total_cmp(&self.members[a].allowance)
+        });
+        let mut out = Vec::new();
+        for id in candidates {
+            if idle == 0 {
+                break;
+            }
+            idle = idle.saturating_sub(self.members[id].parallelism);
+            out.push(id);
+        }
+        out
+    }
+
     /// Tells the model how many CPUs all members together can use (at least 1).
     pub fn set_cpus(&mut self, cpus: u32) {
         self.cpus = cpus.max(1);
@@ -383,6 +420,53 @@ mod tests {
     use super::*;
     use crate::accuracy::AccuracyTracker;
     use proptest::prelude::*;
+
+    #[test]
+    fn borrowers_fill_only_idle_cpus() {
+        let config = AlpsConfig {
+            quantum_ns: 10_000_000,
+            algorithm: Algorithm::Basic,
+            io_rule: false,
+        };
+        let mut a = Alps::new(config, &[1, 3]).unwrap();
+        a.prime(0, 0);
+        a.prime(1, 0);
+        a.set_cpus(2);
+        // Nothing is past its allowance yet: nobody borrows.
+        assert!(a.borrowers().is_empty());
+        // Member 0 uses its one quantum (and more); member 1 a little.
+        let due = a.begin_quantum(Nanos(10_000_000));
+        assert_eq!(due, vec![0, 1]);
+        let out = a.end_quantum(
+            Nanos(10_000_000),
+            &[
+                (
+                    0,
+                    Progress {
+                        cpu_ns: 12_000_000,
+                        blocked: false,
+                    },
+                ),
+                (
+                    1,
+                    Progress {
+                        cpu_ns: 1_000_000,
+                        blocked: false,
+                    },
+                ),
+            ],
+        );
+        assert_eq!(out.stop, vec![0]);
+        // Two CPUs, one eligible member using one: member 0 may use the idle one.
+        assert_eq!(a.borrowers(), vec![0]);
+        // On one CPU the eligible member uses it all: no borrowing.
+        a.set_cpus(1);
+        assert!(a.borrowers().is_empty());
+        // A member that can use both CPUs leaves none idle.
+        a.set_cpus(2);
+        a.set_parallelism(1, 2);
+        assert!(a.borrowers().is_empty());
+    }
 
     /// A simulated one-CPU kernel: in each quantum the runnable, non-stopped processes
     /// share the CPU in slices, round robin from a rotating start, so consumption per

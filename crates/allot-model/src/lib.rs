@@ -15,6 +15,7 @@
 //! - [`pi`], [`gradient`], [`utilisation`]: the QoS manager's controllers (PI delay
 //!   guarantee, Envoy's gradient rule, two-level utilisation control).
 //! - [`alps`]: basic and optimised ALPS decisions with the I/O rule.
+//! - [`police`]: finding groups that do not back off when congested (FVM section 4).
 //! - [`fvm`]: the FVM fluid model (section 3, eqs. 3–7).
 //! - [`accuracy`]: relative error, RMS, fairness indices.
 //! - [`agreements`]: principals, agreements, and the access levels (MI/OI/MC/OC) they imply.
@@ -33,6 +34,7 @@ pub mod fvm;
 pub mod gradient;
 pub mod pi;
 pub mod planner;
+pub mod police;
 pub mod queue;
 pub mod slowdown;
 pub mod time;

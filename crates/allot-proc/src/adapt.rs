@@ -29,6 +29,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use allot_model::aimd::{Mode, MplOrRate};
+use allot_model::police::{PoliceConfig, Policer, Verdict};
 use allot_model::slowdown::{SlowdownConfig, SlowdownSignal};
 use allot_model::Nanos;
 
@@ -83,6 +84,51 @@ pub struct AdaptConfig {
     pub duration: Option<Duration>,
     /// Where the stopped set is recorded.
     pub state_file: PathBuf,
+    /// Other groups sharing the machine, expected to back off on their own when
+    /// congested; one that does not is capped (FVM paper section 4).
+    pub police: Vec<PolicedGroup>,
+    /// How policed groups are judged.
+    pub police_config: PoliceConfig,
+}
+
+/// A group allot watches but does not adapt, unless it turns out unfriendly.
+#[derive(Debug, Clone)]
+pub struct PolicedGroup {
+    /// Its name in reports.
+    pub name: String,
+    /// Its processes: every one any selector picks.
+    pub selectors: Vec<Selector>,
+}
+
+/// A policed group in one period's report.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PolicedReport {
+    /// Its name.
+    pub name: String,
+    /// Member processes.
+    pub members: usize,
+    /// Mean runnable tasks over the period (its demand).
+    pub demand: f64,
+    /// `friendly`, `watching` (congested, waiting for its demand to fall) or
+    /// `unfriendly` (capped).
+    pub verdict: &'static str,
+    /// Members allowed to run while capped.
+    pub cap: Option<usize>,
+}
+
+/// A policed group in the summary.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PolicedSummary {
+    /// Its name.
+    pub name: String,
+    /// Times it was found unfriendly.
+    pub offences: u64,
+    /// Periods it spent capped.
+    pub capped_periods: u64,
+    /// The period it was first found unfriendly.
+    pub first_capped_period: Option<u64>,
+    /// The first congested period it was then judged from.
+    pub first_watched_period: Option<u64>,
 }
 
 /// What happened in one period.
@@ -108,6 +154,8 @@ pub struct PeriodReport {
     pub slowdown: f64,
     /// R > H.
     pub congested: bool,
+    /// The policed groups.
+    pub policed: Vec<PolicedReport>,
 }
 
 /// End-of-run summary.
@@ -115,8 +163,9 @@ pub struct PeriodReport {
 pub struct AdaptSummary {
     /// Periods completed.
     pub periods: u64,
-    /// Unloaded reference probe time, ms (0 if not measured: the built-in probe's
-    /// reference is its own CPU time).
+    /// Unloaded reference probe time, ms: the built-in probe's least CPU time per run
+    /// (what it takes with a CPU to itself), or the timed `--probe-cmd` with the group
+    /// stopped; 0 with the run-queue-wait sensor, whose unloaded stretch is 1.
     pub reference_probe_ms: f64,
     /// Mean limit over the second half of the run.
     pub mean_limit: f64,
@@ -130,6 +179,8 @@ pub struct AdaptSummary {
     pub wall_s: f64,
     /// The signal that ended the run, if one did.
     pub signal: Option<String>,
+    /// The policed groups.
+    pub policed: Vec<PolicedSummary>,
 }
 
 /// Receives each period's report; an error ends the run.
@@ -211,6 +262,17 @@ impl Group {
         (run, wait)
     }
 
+    /// Runnable member tasks now (a member two selectors pick counts twice).
+    fn runnable(&mut self) -> u32 {
+        let mut n = 0;
+        for p in &mut self.principals {
+            if let Some(s) = p.sample(&mut self.stopped) {
+                n += s.runnable;
+            }
+        }
+        n
+    }
+
     /// Members by PID, each once even if several selectors pick it.
     fn members(&self) -> BTreeMap<i32, &ProcHandle> {
         members_of(&self.principals)
@@ -235,6 +297,47 @@ impl Group {
     }
 }
 
+/// A policed group while the loop runs.
+struct Policed {
+    name: String,
+    group: Group,
+    policer: Policer,
+    /// Capped (unfriendly): held to allot's own group's limit and duty cycle.
+    capped: bool,
+    offset: usize,
+    demand_sum: f64,
+    demand_n: u32,
+    watching_since: Option<u64>,
+    first_capped: Option<u64>,
+    first_watched: Option<u64>,
+}
+
+impl Policed {
+    fn sample_demand(&mut self) {
+        self.demand_sum += f64::from(self.group.runnable());
+        self.demand_n += 1;
+    }
+
+    /// Lets every member run, or (capped) as many as allot's own group may run now,
+    /// rotating: an unfriendly group gets no more than the friendly one it crowded.
+    fn apply(&mut self, own_running: usize) -> Result<Option<usize>, ProcError> {
+        let members: Vec<i32> = self.group.members().keys().copied().collect();
+        if !self.capped {
+            self.group.apply(&members)?;
+            return Ok(None);
+        }
+        let running = own_running.min(members.len());
+        let n = members.len().max(1);
+        self.offset %= n;
+        let run: Vec<i32> = (0..running)
+            .map(|i| members[(self.offset + i) % n])
+            .collect();
+        self.offset += running;
+        self.group.apply(&run)?;
+        Ok(Some(running))
+    }
+}
+
 /// Runs the adapt loop until the duration passes, `shutdown` is set, or an error; every
 /// stopped member is continued before it returns.
 pub fn run_adapt(
@@ -255,16 +358,49 @@ pub fn run_adapt(
             .collect(),
         stopped: StoppedSet::new(config.state_file.clone()),
     };
-    let result = adapt_loop(&config, &mut group, shutdown, observer);
-    let all: Vec<&ProcHandle> = group.principals.iter().flat_map(|p| p.handles()).collect();
-    group.stopped.cont_all(all);
-    group.stopped.release();
+    let mut policed = Vec::new();
+    for (i, g) in config.police.iter().enumerate() {
+        let dir = config
+            .state_file
+            .parent()
+            .map(PathBuf::from)
+            .unwrap_or_default();
+        policed.push(Policed {
+            name: g.name.clone(),
+            group: Group {
+                principals: g
+                    .selectors
+                    .iter()
+                    .map(|s| Principal::new(s.clone(), 1))
+                    .collect(),
+                stopped: StoppedSet::new(
+                    dir.join(format!("adapt-police{i}-{}.state", std::process::id())),
+                ),
+            },
+            policer: Policer::new(config.police_config)
+                .map_err(|e| ProcError::Config(e.to_string()))?,
+            capped: false,
+            offset: 0,
+            demand_sum: 0.0,
+            demand_n: 0,
+            watching_since: None,
+            first_capped: None,
+            first_watched: None,
+        });
+    }
+    let result = adapt_loop(&config, &mut group, &mut policed, shutdown, observer);
+    for g in std::iter::once(&mut group).chain(policed.iter_mut().map(|p| &mut p.group)) {
+        let all: Vec<&ProcHandle> = g.principals.iter().flat_map(|p| p.handles()).collect();
+        g.stopped.cont_all(all);
+        g.stopped.release();
+    }
     result
 }
 
 fn adapt_loop(
     config: &AdaptConfig,
     group: &mut Group,
+    policed: &mut [Policed],
     shutdown: &AtomicBool,
     observer: &mut dyn AdaptObserver,
 ) -> Result<AdaptSummary, ProcError> {
@@ -281,6 +417,9 @@ fn adapt_loop(
         return Err(ProcError::Selector(
             "no process matches the group's selectors".into(),
         ));
+    }
+    for p in policed.iter_mut() {
+        p.group.refresh(true)?;
     }
     let mut ctrl = MplOrRate::new(
         group.members().len(),
@@ -300,6 +439,7 @@ fn adapt_loop(
 
     // Unloaded reference (see the module comment).
     let mut reference_ms = 0.0;
+    let mut builtin_cpu_ms = f64::INFINITY;
     let builtin = matches!(
         config.sensor,
         Sensor::Probe(Probe::BuiltIn { .. }) | Sensor::RunQueueWait
@@ -341,6 +481,7 @@ fn adapt_loop(
         }
         group.refresh(false)?;
         group.stopped.ensure_file()?;
+        group.stopped.sweep_ancestors();
         let members: Vec<i32> = group.members().keys().copied().collect();
         ctrl.set_max_running(members.len());
         let decision = ctrl.decision();
@@ -356,6 +497,14 @@ fn adapt_loop(
             r
         };
         group.apply(&running)?;
+        let mut caps = Vec::with_capacity(policed.len());
+        for p in policed.iter_mut() {
+            p.group.refresh(false)?;
+            p.group.stopped.ensure_file()?;
+            p.group.stopped.sweep_ancestors();
+            caps.push(p.apply(decision.running)?);
+            (p.demand_sum, p.demand_n) = (0.0, 0);
+        }
         let contention_before = group.contention();
 
         // Events within the period: probe samples, and the end of the duty cycle.
@@ -387,10 +536,23 @@ fn adapt_loop(
                     break;
                 }
             }
+            for p in policed.iter_mut() {
+                p.sample_demand();
+            }
             if is_duty_end {
                 group.apply(&[])?;
+                for p in policed.iter_mut().filter(|p| p.capped) {
+                    p.group.apply(&[])?;
+                }
             } else if let Some(probe) = probe.as_mut() {
                 let t = probe.run()?;
+                // The built-in probe's unloaded time is the CPU time it needs.
+                if let (true, Some(cpu)) = (builtin, t.cpu) {
+                    let ms = cpu.as_secs_f64() * 1e3;
+                    if ms > 0.0 {
+                        builtin_cpu_ms = builtin_cpu_ms.min(ms);
+                    }
+                }
                 let ms = t.wall.as_secs_f64() * 1e3;
                 match (builtin, t.stretch()) {
                     (true, Some(stretch)) if config.reference => signal.record(stretch),
@@ -421,6 +583,48 @@ fn adapt_loop(
         let now = monotonic_ns();
         let reading = signal.end_period(Nanos(now - start_ns));
         period += 1;
+        let mut policed_reports = Vec::with_capacity(policed.len());
+        for (p, cap) in policed.iter_mut().zip(caps) {
+            p.sample_demand();
+            let demand = p.demand_sum / f64::from(p.demand_n.max(1));
+            let verdict = p.policer.update(reading.congested, demand);
+            let label = match verdict {
+                Verdict::Friendly => {
+                    p.watching_since = None;
+                    if std::mem::take(&mut p.capped) {
+                        tracing::info!(group = %p.name, "released on probation");
+                    }
+                    "friendly"
+                }
+                Verdict::Watching { waited } => {
+                    if waited == 0 {
+                        p.watching_since = Some(period);
+                    }
+                    "watching"
+                }
+                Verdict::Unfriendly {
+                    onset_demand: _,
+                    newly,
+                } => {
+                    if newly {
+                        p.capped = true;
+                        p.first_capped.get_or_insert(period);
+                        if p.first_watched.is_none() {
+                            p.first_watched = p.watching_since;
+                        }
+                        tracing::warn!(group = %p.name, demand, "did not back off: capped");
+                    }
+                    "unfriendly"
+                }
+            };
+            policed_reports.push(PolicedReport {
+                name: p.name.clone(),
+                members: p.group.members().len(),
+                demand,
+                verdict: label,
+                cap,
+            });
+        }
         let report = PeriodReport {
             period,
             elapsed_s: (now - start_ns) as f64 / 1e9,
@@ -439,6 +643,7 @@ fn adapt_loop(
             },
             slowdown: reading.slowdown,
             congested: reading.congested,
+            policed: policed_reports,
         };
         ctrl.update(reading.congested);
         observer.on_period(&report).map_err(ProcError::Observer)?;
@@ -462,7 +667,11 @@ fn adapt_loop(
     };
     Ok(AdaptSummary {
         periods: period,
-        reference_probe_ms: reference_ms,
+        reference_probe_ms: if builtin_cpu_ms.is_finite() {
+            builtin_cpu_ms
+        } else {
+            reference_ms
+        },
         mean_limit: mean(&|r| r.limit),
         mean_slowdown: mean(&|r| r.slowdown),
         mean_probe_ms: mean(&|r| r.probe_ms),
@@ -477,5 +686,15 @@ fn adapt_loop(
         } else {
             None
         },
+        policed: policed
+            .iter()
+            .map(|p| PolicedSummary {
+                name: p.name.clone(),
+                offences: p.policer.offences,
+                capped_periods: p.policer.capped_periods,
+                first_capped_period: p.first_capped,
+                first_watched_period: p.first_watched,
+            })
+            .collect(),
     })
 }

@@ -33,6 +33,8 @@ pub struct PrincipalSample {
     pub blocked: bool,
     /// Live tasks.
     pub tasks: u32,
+    /// Tasks found runnable (running or waiting for a CPU).
+    pub runnable: u32,
     /// Run-queue wait of the live member tasks, in nanoseconds (see
     /// [`crate::handle::Sample::wait_ns`]).
     pub wait_ns: u64,
@@ -181,6 +183,7 @@ impl Principal {
             cpu_ns: self.cpu_ns(),
             blocked: runnable == 0 && stopped_tasks < tasks,
             tasks,
+            runnable,
             wait_ns,
         })
     }

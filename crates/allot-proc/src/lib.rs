@@ -12,7 +12,8 @@
 //! - [`group`]: a principal's members, refreshed; their CPU time counted together.
 //! - [`stopped`]: the stopped set, its state file, the guard, and `resume`.
 //! - [`timer`]: sleeping to absolute deadlines.
-//! - [`shutdown`]: SIGINT/SIGTERM as a flag.
+//! - [`shutdown`]: the signals that end allot, as a flag.
+//! - [`cgroup`]: the kernel back end (child cgroups weighted by shares).
 //! - [`probe`]: the slowdown probe (built-in work unit or a command).
 //! - [`scheduler`]: the ALPS loop (`allot cpu`).
 //! - [`adapt`]: the AIMD loop (`allot adapt`).
@@ -20,6 +21,7 @@
 
 pub mod adapt;
 pub mod affinity;
+pub mod cgroup;
 pub mod error;
 pub mod group;
 pub mod handle;

@@ -15,6 +15,7 @@ use allot_model::accuracy::{entitlements, relative_errors, AccuracyTracker};
 use allot_model::alps::{Algorithm, Alps, AlpsConfig, Progress};
 use allot_model::Nanos;
 
+use crate::cgroup::{self, CpuCgroups};
 use crate::error::ProcError;
 use crate::group::Principal;
 use crate::procfs;
@@ -39,6 +40,22 @@ pub struct CpuConfig {
     pub state_file: PathBuf,
     /// How often membership is refreshed.
     pub refresh: Duration,
+    /// Which mechanism shares the CPU.
+    pub backend: Backend,
+    /// Signals back end: let over-share principals run while the eligible ones leave a
+    /// CPU idle (the time they borrow is not charged to them).
+    pub work_conserving: bool,
+}
+
+/// The mechanism behind `allot cpu`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// ALPS: SIGSTOP/SIGCONT from user space (no privileges).
+    Signals,
+    /// Child cgroups weighted by shares (the kernel shares the CPU).
+    Cgroup,
+    /// The cgroup back end where this process may use it, signals otherwise.
+    Auto,
 }
 
 /// One row of the per-cycle report.
@@ -50,12 +67,14 @@ pub struct CycleRow {
     pub principal: String,
     /// Its shares.
     pub share: u64,
-    /// CPU it consumed in the cycle, ms.
+    /// CPU it consumed in the cycle, ms (charged: without what it borrowed).
     pub consumed_ms: f64,
     /// Its entitlement in the cycle, ms.
     pub entitlement_ms: f64,
     /// `(consumed − entitlement) / entitlement`.
     pub rel_error: f64,
+    /// CPU it borrowed in the cycle while a CPU was idle (work-conserving), ms.
+    pub borrowed_ms: f64,
 }
 
 /// The once-a-second status line.
@@ -75,6 +94,26 @@ pub struct LiveStatus {
     pub stopped: usize,
     /// Mean lateness of the quantum timer's wake-ups in the last second, ms.
     pub late_ms: f64,
+    /// Each principal's target against what it got in the last cycles.
+    pub principals: Vec<PrincipalStatus>,
+}
+
+/// One principal in the live status.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PrincipalStatus {
+    /// Label.
+    pub label: String,
+    /// Its target fraction of what the principals present consumed (share / Σ shares).
+    pub target: f64,
+    /// The fraction it consumed over the last (up to ten) cycles.
+    pub got: f64,
+    /// `(got − target) / target` over those cycles.
+    pub rel_error: f64,
+    /// CPU it borrowed beyond its share while a CPU was idle in those cycles, as a
+    /// fraction of what all consumed (work-conserving mode; 0 otherwise).
+    pub borrowed: f64,
+    /// Member processes now.
+    pub members: usize,
 }
 
 /// One principal in the summary.
@@ -88,6 +127,10 @@ pub struct PrincipalSummary {
     pub cpu_ms: f64,
     /// Its fraction of all principals' CPU.
     pub fraction: f64,
+    /// Its target fraction (share / Σ shares).
+    pub target: f64,
+    /// CPU it borrowed while a CPU was idle (work-conserving mode), ms; not charged.
+    pub borrowed_ms: f64,
 }
 
 /// The end-of-run summary.
@@ -109,14 +152,20 @@ pub struct CpuSummary {
     pub principals: Vec<PrincipalSummary>,
     /// The signal that ended the run, if one did.
     pub signal: Option<String>,
+    /// The mechanism used, e.g. `signals` or `cgroup (cpu.shares under …)`.
+    pub backend: String,
 }
 
 /// Receives the loop's output. An error from it ends the run (everything is continued).
 pub trait CpuObserver {
     /// A cycle ended.
     fn on_cycle(&mut self, rows: &[CycleRow]) -> Result<(), String>;
-    /// About once a second.
-    fn on_status(&mut self, status: &LiveStatus);
+    /// About once a second. An error (standard output closed, say) ends the run.
+    fn on_status(&mut self, status: &LiveStatus) -> Result<(), String>;
+    /// The back end chosen, once at start (e.g. `signals`, `cgroup (cpu.shares under …)`).
+    fn on_start(&mut self, backend: &str) {
+        let _ = backend;
+    }
     /// Membership changed (joins, leaves, refusals), for logging.
     fn on_membership(&mut self, principal: &str, added: &[i32], removed: &[i32]) {
         let _ = (principal, added, removed);
@@ -162,9 +211,172 @@ impl Runner {
     }
 }
 
-/// Runs ALPS over the principals until the duration passes, `shutdown` is set, or an
-/// error. Whatever ends it, every process it stopped is continued before it returns
-/// (and, on a panic, when the stopped set is dropped during unwinding).
+/// Per-cycle book-keeping both back ends share: what each principal consumed in a cycle
+/// (charged: without what it borrowed) against its entitlement, and the last ten cycles
+/// for the live status.
+struct CycleBook {
+    shares: Vec<f64>,
+    /// Cumulative CPU of each principal at the start of the cycle, ns.
+    mark: Vec<u64>,
+    /// Cumulative CPU each principal borrowed (work-conserving), ns, and at cycle start.
+    borrowed_ns: Vec<u64>,
+    borrowed_mark: Vec<u64>,
+    accuracy: AccuracyTracker,
+    recent_rms: VecDeque<f64>,
+    /// The last cycles: (charged consumption, borrowed, present) per principal.
+    recent: VecDeque<(Vec<f64>, Vec<f64>, Vec<bool>)>,
+    cycle_start_ns: u64,
+    lengths_ms: Vec<f64>,
+    cycles: u64,
+}
+
+const RECENT_CYCLES: usize = 10;
+
+impl CycleBook {
+    fn new(shares: Vec<f64>, start_ns: u64) -> CycleBook {
+        let n = shares.len();
+        CycleBook {
+            shares,
+            mark: vec![0; n],
+            borrowed_ns: vec![0; n],
+            borrowed_mark: vec![0; n],
+            accuracy: AccuracyTracker::new(),
+            recent_rms: VecDeque::new(),
+            recent: VecDeque::new(),
+            cycle_start_ns: start_ns,
+            lengths_ms: Vec::new(),
+            cycles: 0,
+        }
+    }
+
+    /// Ends cycle `cycle` at `now`, given each principal's cumulative CPU and presence.
+    fn close(
+        &mut self,
+        cycle: u64,
+        now: u64,
+        cpu: &[u64],
+        principals: &[Principal],
+    ) -> Vec<CycleRow> {
+        self.cycles = cycle;
+        let n = self.shares.len();
+        let mut consumed = vec![0.0; n];
+        let mut borrowed = vec![0.0; n];
+        for i in 0..n {
+            let b = self.borrowed_ns[i].saturating_sub(self.borrowed_mark[i]);
+            let used = cpu[i].saturating_sub(self.mark[i]);
+            consumed[i] = used.saturating_sub(b) as f64;
+            borrowed[i] = b as f64;
+            self.mark[i] = cpu[i];
+            self.borrowed_mark[i] = self.borrowed_ns[i];
+        }
+        let present: Vec<bool> = principals.iter().map(|p| !p.is_empty()).collect();
+        let ids: Vec<usize> = (0..n).filter(|&i| present[i]).collect();
+        let s: Vec<f64> = ids.iter().map(|&i| self.shares[i]).collect();
+        let c: Vec<f64> = ids.iter().map(|&i| consumed[i]).collect();
+        // The first cycles are start-up (ALPS paper section 3.3 leaves out four).
+        if cycle > 4 {
+            if let Some(rms) = self.accuracy.record_cycle(&s, &c) {
+                self.recent_rms.push_back(rms);
+                if self.recent_rms.len() > RECENT_CYCLES {
+                    self.recent_rms.pop_front();
+                }
+            }
+        }
+        self.recent.push_back((consumed, borrowed.clone(), present));
+        if self.recent.len() > RECENT_CYCLES {
+            self.recent.pop_front();
+        }
+        self.lengths_ms
+            .push(now.saturating_sub(self.cycle_start_ns) as f64 / 1e6);
+        self.cycle_start_ns = now;
+        let ent = entitlements(&s, &c);
+        let errs = relative_errors(&s, &c);
+        ids.iter()
+            .enumerate()
+            .map(|(k, &i)| CycleRow {
+                cycle,
+                principal: principals[i].label.clone(),
+                share: principals[i].shares,
+                consumed_ms: c[k] / 1e6,
+                entitlement_ms: ent[k] / 1e6,
+                rel_error: errs[k],
+                borrowed_ms: borrowed[i] / 1e6,
+            })
+            .collect()
+    }
+
+    fn recent_rms(&self) -> f64 {
+        if self.recent_rms.is_empty() {
+            0.0
+        } else {
+            self.recent_rms.iter().sum::<f64>() / self.recent_rms.len() as f64
+        }
+    }
+
+    /// Mean wall length of the cycles since the last call, ms.
+    fn take_cycle_ms(&mut self) -> f64 {
+        let v = std::mem::take(&mut self.lengths_ms);
+        if v.is_empty() {
+            0.0
+        } else {
+            v.iter().sum::<f64>() / v.len() as f64
+        }
+    }
+
+    /// Each principal's target against what it got over the recent cycles.
+    fn status(&self, principals: &[Principal]) -> Vec<PrincipalStatus> {
+        let n = self.shares.len();
+        let mut got = vec![0.0; n];
+        let mut borrowed = vec![0.0; n];
+        for (c, b, _) in &self.recent {
+            for i in 0..n {
+                got[i] += c[i];
+                borrowed[i] += b[i];
+            }
+        }
+        let present: Vec<bool> = principals.iter().map(|p| !p.is_empty()).collect();
+        let total_share: f64 = (0..n).filter(|&i| present[i]).map(|i| self.shares[i]).sum();
+        let total: f64 = (0..n).filter(|&i| present[i]).map(|i| got[i]).sum();
+        let total_all: f64 = total + borrowed.iter().sum::<f64>();
+        principals
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let target = if present[i] && total_share > 0.0 {
+                    self.shares[i] / total_share
+                } else {
+                    0.0
+                };
+                let g = if total > 0.0 && present[i] {
+                    got[i] / total
+                } else {
+                    0.0
+                };
+                PrincipalStatus {
+                    label: p.label.clone(),
+                    target,
+                    got: g,
+                    rel_error: if target > 0.0 {
+                        (g - target) / target
+                    } else {
+                        0.0
+                    },
+                    borrowed: if total_all > 0.0 {
+                        borrowed[i] / total_all
+                    } else {
+                        0.0
+                    },
+                    members: p.pids().count(),
+                }
+            })
+            .collect()
+    }
+}
+
+/// Runs `allot cpu` until the duration passes, `shutdown` is set, or an error, with the
+/// back end `config.backend` asks for. Whatever ends it, every process it stopped is
+/// continued (and every process it moved into a cgroup moved back) before it returns
+/// (and, on a panic, when the guards are dropped during unwinding).
 pub fn run_cpu(
     config: CpuConfig,
     shutdown: &AtomicBool,
@@ -190,6 +402,7 @@ pub fn run_cpu(
         .iter()
         .map(|(sel, s)| Principal::new(sel.clone(), *s))
         .collect();
+    let backend = config.backend;
     let mut runner = Runner {
         stopped: StoppedSet::new(config.state_file.clone()),
         config,
@@ -198,7 +411,53 @@ pub fn run_cpu(
         protected: Default::default(),
         ncpu: std::thread::available_parallelism().map_or(1, |n| n.get()),
     };
-    let result = run_loop(&mut runner, shutdown, observer);
+    let mut cgroups = None;
+    let mut why_not = String::new();
+    if backend != Backend::Signals {
+        let made = cgroup::detect().and_then(|h| {
+            CpuCgroups::create(h.clone(), &shares)
+                .map_err(|e| format!("cannot make groups under {}: {e}", h.base.display()))
+        });
+        match made {
+            Ok(cg) => cgroups = Some(cg),
+            Err(e) if backend == Backend::Auto => why_not = e,
+            Err(e) => return Err(ProcError::Config(format!("--backend cgroup: {e}"))),
+        }
+    }
+    let result = match cgroups.as_mut() {
+        Some(cg) => {
+            let desc = format!(
+                "cgroup ({} under {})",
+                cg.hierarchy().knob.file(),
+                cg.root().display()
+            );
+            match cgroup_join_all(&mut runner, cg, true, observer) {
+                Ok(()) => {
+                    observer.on_start(&desc);
+                    cgroup_loop(&mut runner, cg, shutdown, observer, desc)
+                }
+                Err(ProcError::NotPermitted { pid, .. }) if backend == Backend::Auto => {
+                    cg.release();
+                    let desc = format!("signals (cgroup: may not move process {pid})");
+                    observer.on_start(&desc);
+                    run_loop(&mut runner, shutdown, observer, desc)
+                }
+                Err(e) => Err(e),
+            }
+        }
+        None => {
+            let desc = if why_not.is_empty() {
+                "signals".to_string()
+            } else {
+                format!("signals (cgroup not available: {why_not})")
+            };
+            observer.on_start(&desc);
+            run_loop(&mut runner, shutdown, observer, desc)
+        }
+    };
+    if let Some(cg) = cgroups.as_mut() {
+        cg.release();
+    }
     // Continue everything before reporting, whatever happened.
     let all: Vec<&crate::handle::ProcHandle> =
         runner.principals.iter().flat_map(|p| p.handles()).collect();
@@ -207,14 +466,48 @@ pub fn run_cpu(
     result
 }
 
-fn run_loop(
+/// Refreshes membership and puts every member in its principal's group (and members
+/// that left back where they came from). `strict` (at start): a member that may not be
+/// moved is an error.
+fn cgroup_join_all(
     r: &mut Runner,
-    shutdown: &AtomicBool,
+    cg: &mut CpuCgroups,
+    strict: bool,
     observer: &mut dyn CpuObserver,
-) -> Result<CpuSummary, ProcError> {
-    let start_ns = monotonic_ns();
-    let own_start_ns = procfs::self_cpu_ns();
-    r.refresh(true, observer)?;
+) -> Result<(), ProcError> {
+    r.refresh(strict, observer)?;
+    for (id, p) in r.principals.iter().enumerate() {
+        let members: Vec<(i32, u64)> = p
+            .handles()
+            .map(|h| (h.pid(), h.start_time_ticks()))
+            .collect();
+        for pid in cg.members_of(id) {
+            if !members.iter().any(|m| m.0 == pid) {
+                cg.leave(pid);
+            }
+        }
+        for (pid, start) in members {
+            if cg.contains(pid) {
+                continue;
+            }
+            match cg.join(id, pid, start) {
+                Ok(()) | Err(ProcError::Gone { .. }) => {}
+                Err(e @ ProcError::NotPermitted { .. }) if strict => return Err(e),
+                Err(e) => tracing::warn!(pid, error = %e, "could not move a member"),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// What every loop reads at start and reports at the end.
+struct RunStart {
+    start_ns: u64,
+    own_start_ns: u64,
+    cpu: Vec<u64>,
+}
+
+fn check_start(r: &Runner) -> Result<(), ProcError> {
     for (p, (sel, _)) in r.principals.iter().zip(&r.config.principals) {
         if p.is_empty() {
             if let Selector::Pid(pid) | Selector::Tree(pid) = sel {
@@ -229,29 +522,237 @@ fn run_loop(
             "no process matches any selector".into(),
         ));
     }
+    Ok(())
+}
+
+fn fixed_and_gone(r: &Runner) -> bool {
+    let fixed = r
+        .config
+        .principals
+        .iter()
+        .all(|(sel, _)| matches!(sel, Selector::Pid(_) | Selector::Tree(_)));
+    fixed && r.principals.iter().all(|p| p.is_empty())
+}
+
+fn live_status(
+    r: &Runner,
+    book: &mut CycleBook,
+    start: &RunStart,
+    now: u64,
+    late_ms: f64,
+) -> LiveStatus {
+    let wall = now.saturating_sub(start.start_ns) as f64;
+    let own = procfs::self_cpu_ns().saturating_sub(start.own_start_ns) as f64;
+    LiveStatus {
+        elapsed_s: wall / 1e9,
+        cycles: book.cycles,
+        cycle_ms: book.take_cycle_ms(),
+        recent_rms: book.recent_rms(),
+        own_cpu_fraction: if wall > 0.0 { own / wall } else { 0.0 },
+        stopped: r.stopped.len(),
+        late_ms,
+        principals: book.status(&r.principals),
+    }
+}
+
+fn summary(
+    r: &mut Runner,
+    book: &CycleBook,
+    start: &RunStart,
+    quanta: u64,
+    reads: u64,
+    shutdown: &AtomicBool,
+    backend: String,
+) -> CpuSummary {
+    let end_ns = monotonic_ns();
+    let wall = end_ns.saturating_sub(start.start_ns) as f64;
+    let own = procfs::self_cpu_ns().saturating_sub(start.own_start_ns) as f64;
+    let n = r.principals.len();
+    let mut cpu: Vec<f64> = Vec::with_capacity(n);
+    for (id, p) in r.principals.iter_mut().enumerate() {
+        let now_cpu = p.sample(&mut r.stopped).map_or(p.cpu_ns(), |s| s.cpu_ns);
+        cpu.push(now_cpu.saturating_sub(start.cpu[id]) as f64);
+    }
+    let total: f64 = cpu.iter().sum();
+    let total_share: u64 = r.principals.iter().map(|p| p.shares).sum();
+    CpuSummary {
+        mean_rms_rel_error: book.accuracy.mean_rms(),
+        overhead_cpu_fraction: if wall > 0.0 { own / wall } else { 0.0 },
+        cycles: book.cycles,
+        quanta,
+        reads,
+        wall_s: wall / 1e9,
+        principals: r
+            .principals
+            .iter()
+            .zip(&cpu)
+            .enumerate()
+            .map(|(i, (p, c))| PrincipalSummary {
+                label: p.label.clone(),
+                share: p.shares,
+                cpu_ms: c / 1e6,
+                fraction: if total > 0.0 { c / total } else { 0.0 },
+                target: p.shares as f64 / total_share.max(1) as f64,
+                borrowed_ms: book.borrowed_ns[i] as f64 / 1e6,
+            })
+            .collect(),
+        signal: if shutdown.load(Ordering::SeqCst) {
+            crate::shutdown::received().map(|s| s.to_string())
+        } else {
+            None
+        },
+        backend,
+    }
+}
+
+/// The kernel back end's loop: membership kept in the groups about once a second; every
+/// quantum the principals are read, and a cycle is closed each time they have consumed
+/// S·Q together (as ALPS's cycle), so the reports compare with the signals back end's.
+fn cgroup_loop(
+    r: &mut Runner,
+    cg: &mut CpuCgroups,
+    shutdown: &AtomicBool,
+    observer: &mut dyn CpuObserver,
+    backend: String,
+) -> Result<CpuSummary, ProcError> {
+    check_start(r)?;
+    let n = r.principals.len();
+    let start_ns = monotonic_ns();
+    let mut start = RunStart {
+        start_ns,
+        own_start_ns: procfs::self_cpu_ns(),
+        cpu: vec![0; n],
+    };
+    let mut book = CycleBook::new(
+        r.principals.iter().map(|p| p.shares as f64).collect(),
+        start_ns,
+    );
+    for (id, p) in r.principals.iter_mut().enumerate() {
+        if let Some(s) = p.sample(&mut r.stopped) {
+            start.cpu[id] = s.cpu_ns;
+            book.mark[id] = s.cpu_ns;
+        }
+    }
+    let g = r
+        .principals
+        .iter()
+        .map(|p| p.shares)
+        .fold(0, gcd_u64)
+        .max(1);
+    let cycle_ns: u64 = r.principals.iter().map(|p| p.shares / g).sum::<u64>()
+        * r.config.quantum.as_nanos().min(u128::from(u64::MAX / 1024)) as u64;
+    let mut timer = PeriodicTimer::new(r.config.quantum);
+    let refresh_ns = r.config.refresh.as_nanos() as u64;
+    let mut next_refresh = start_ns + refresh_ns;
+    let mut next_status = start_ns + 1_000_000_000;
+    let (mut late_sum_ns, mut late_count, mut quanta) = (0u64, 0u64, 0u64);
+    let deadline = r
+        .config
+        .duration
+        .map(|d| start_ns + d.as_nanos().min(u128::from(u64::MAX / 2)) as u64);
+    loop {
+        if shutdown.load(Ordering::SeqCst) {
+            break;
+        }
+        match timer.wait() {
+            Wait::Interrupted => continue,
+            Wait::Tick { late_ns } => {
+                late_sum_ns += late_ns;
+                late_count += 1;
+                quanta += 1;
+            }
+        }
+        let now = monotonic_ns();
+        if deadline.is_some_and(|d| now >= d) {
+            break;
+        }
+        if now >= next_refresh {
+            next_refresh = now + refresh_ns;
+            cgroup_join_all(r, cg, false, observer)?;
+            if fixed_and_gone(r) {
+                tracing::info!("every member has exited");
+                break;
+            }
+        }
+        let mut cpu = vec![0u64; n];
+        for (id, p) in r.principals.iter_mut().enumerate() {
+            cpu[id] = p.sample(&mut r.stopped).map_or(p.cpu_ns(), |s| s.cpu_ns);
+        }
+        let used: u64 = (0..n)
+            .filter(|&i| !r.principals[i].is_empty())
+            .map(|i| cpu[i].saturating_sub(book.mark[i]))
+            .sum();
+        if used >= cycle_ns {
+            let rows = book.close(book.cycles + 1, now, &cpu, &r.principals);
+            observer.on_cycle(&rows).map_err(ProcError::Observer)?;
+        }
+        if now >= next_status {
+            next_status += 1_000_000_000;
+            let late = late_sum_ns as f64 / late_count.max(1) as f64 / 1e6;
+            (late_sum_ns, late_count) = (0, 0);
+            let status = live_status(r, &mut book, &start, now, late);
+            observer.on_status(&status).map_err(ProcError::Observer)?;
+        }
+    }
+    Ok(summary(
+        r,
+        &book,
+        &start,
+        quanta,
+        quanta * n as u64,
+        shutdown,
+        backend,
+    ))
+}
+
+fn gcd_u64(a: u64, b: u64) -> u64 {
+    if b == 0 {
+        a
+    } else {
+        gcd_u64(b, a % b)
+    }
+}
+
+fn run_loop(
+    r: &mut Runner,
+    shutdown: &AtomicBool,
+    observer: &mut dyn CpuObserver,
+    backend: String,
+) -> Result<CpuSummary, ProcError> {
+    let start_ns = monotonic_ns();
+    let own_start_ns = procfs::self_cpu_ns();
+    r.refresh(true, observer)?;
+    check_start(r)?;
     let moved = crate::affinity::avoid_members(r.principals.iter().flat_map(|p| p.pids()));
     if !moved.is_empty() {
         tracing::debug!(cpus = ?moved, "running on CPUs the members are not pinned to");
         // The members may use the CPUs allot left.
         r.ncpu = r.ncpu.saturating_sub(moved.len()).max(1);
+        r.alps.set_cpus(r.ncpu as u32);
     }
     let n = r.principals.len();
-    let share_f: Vec<f64> = r.principals.iter().map(|p| p.shares as f64).collect();
-    let mut accuracy = AccuracyTracker::new();
-    let mut recent: VecDeque<f64> = VecDeque::new();
-    let mut cycle_mark: Vec<u64> = vec![0; n];
-    let mut run_start_cpu: Vec<u64> = vec![0; n];
+    let mut start = RunStart {
+        start_ns,
+        own_start_ns,
+        cpu: vec![0; n],
+    };
+    let mut book = CycleBook::new(
+        r.principals.iter().map(|p| p.shares as f64).collect(),
+        start_ns,
+    );
     // First readings: origins for the model, the cycle marks and the totals.
     let mut last_read: Vec<(u64, u64)> = vec![(0, start_ns); n];
     let mut run_since: Vec<u64> = vec![start_ns; n];
     for (id, p) in r.principals.iter_mut().enumerate() {
         if let Some(s) = p.sample(&mut r.stopped) {
-            cycle_mark[id] = s.cpu_ns;
-            run_start_cpu[id] = s.cpu_ns;
+            book.mark[id] = s.cpu_ns;
+            start.cpu[id] = s.cpu_ns;
             last_read[id] = (s.cpu_ns, start_ns);
             r.alps.prime(id, s.cpu_ns);
         }
     }
+    // Work-conserving: the CPU each borrowing principal had when it started borrowing.
+    let mut borrowing: Vec<Option<u64>> = vec![None; n];
     // The earliest moment a member is predicted to use up its allowance before the next
     // tick (see `Alps::exhaustion_in_ns`): the loop runs an extra step then.
     let mut early: Option<u64> = None;
@@ -260,8 +761,6 @@ fn run_loop(
     let refresh_ns = r.config.refresh.as_nanos() as u64;
     let mut next_refresh = start_ns + refresh_ns;
     let mut next_status = start_ns + 1_000_000_000;
-    let mut cycle_start_ns = start_ns;
-    let mut cycle_lengths_ms: Vec<f64> = Vec::new();
     let deadline = r
         .config
         .duration
@@ -290,13 +789,9 @@ fn run_loop(
             next_refresh = now + refresh_ns;
             r.refresh(false, observer)?;
             r.stopped.ensure_file()?;
+            r.stopped.sweep_ancestors();
             // Processes and trees cannot come back once gone: nothing left to schedule.
-            let fixed = r
-                .config
-                .principals
-                .iter()
-                .all(|(sel, _)| matches!(sel, Selector::Pid(_) | Selector::Tree(_)));
-            if fixed && r.principals.iter().all(|p| p.is_empty()) {
+            if fixed_and_gone(r) {
                 tracing::info!("every member has exited");
                 break;
             }
@@ -339,6 +834,35 @@ fn run_loop(
             r.stopped.cont_all(handles);
             run_since[id] = now;
         }
+        if r.config.work_conserving {
+            let want = r.alps.borrowers();
+            for id in 0..n {
+                match (borrowing[id], want.contains(&id)) {
+                    (None, true) => {
+                        let p = &mut r.principals[id];
+                        let cpu = p.sample(&mut r.stopped).map_or(p.cpu_ns(), |s| s.cpu_ns);
+                        let handles: Vec<&crate::handle::ProcHandle> = p.handles().collect();
+                        r.stopped.cont_all(handles);
+                        borrowing[id] = Some(cpu);
+                    }
+                    (Some(from), false) => {
+                        let p = &mut r.principals[id];
+                        let cpu = p.sample(&mut r.stopped).map_or(p.cpu_ns(), |s| s.cpu_ns);
+                        book.borrowed_ns[id] += cpu.saturating_sub(from);
+                        // What it borrowed is not charged to its allowance.
+                        r.alps.prime(id, cpu);
+                        last_read[id] = (cpu, now);
+                        borrowing[id] = None;
+                        if !r.alps.is_eligible(id) {
+                            let handles: Vec<&crate::handle::ProcHandle> =
+                                r.principals[id].handles().collect();
+                            r.stopped.stop_all(handles)?;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
         for (id, rate) in rates {
             if let Some(t) = r.alps.exhaustion_in_ns(id, rate) {
                 let at = now + t.max(500_000);
@@ -346,104 +870,25 @@ fn run_loop(
             }
         }
         if outcome.cycle_ended {
-            let mut consumed = vec![0.0; n];
+            let mut cpu = vec![0u64; n];
             for (id, p) in r.principals.iter_mut().enumerate() {
-                let cpu = p.sample(&mut r.stopped).map_or(p.cpu_ns(), |s| s.cpu_ns);
-                consumed[id] = cpu.saturating_sub(cycle_mark[id]) as f64;
-                cycle_mark[id] = cpu;
-            }
-            // Only principals present count towards this cycle's entitlements.
-            let present: Vec<usize> = (0..n).filter(|&i| !r.principals[i].is_empty()).collect();
-            let s: Vec<f64> = present.iter().map(|&i| share_f[i]).collect();
-            let c: Vec<f64> = present.iter().map(|&i| consumed[i]).collect();
-            // The first cycles are start-up (ALPS paper section 3.3 leaves out four).
-            let cycle_rms = if r.alps.cycles() > 4 {
-                accuracy.record_cycle(&s, &c)
-            } else {
-                None
-            };
-            if let Some(cycle_rms) = cycle_rms {
-                recent.push_back(cycle_rms);
-                if recent.len() > 10 {
-                    recent.pop_front();
+                cpu[id] = p.sample(&mut r.stopped).map_or(p.cpu_ns(), |s| s.cpu_ns);
+                if let Some(from) = borrowing[id] {
+                    book.borrowed_ns[id] += cpu[id].saturating_sub(from);
+                    borrowing[id] = Some(cpu[id]);
                 }
             }
-            let ent = entitlements(&s, &c);
-            let errs = relative_errors(&s, &c);
-            let rows: Vec<CycleRow> = present
-                .iter()
-                .enumerate()
-                .map(|(k, &i)| CycleRow {
-                    cycle: r.alps.cycles(),
-                    principal: r.principals[i].label.clone(),
-                    share: r.principals[i].shares,
-                    consumed_ms: c[k] / 1e6,
-                    entitlement_ms: ent[k] / 1e6,
-                    rel_error: errs[k],
-                })
-                .collect();
-            cycle_lengths_ms.push((now - cycle_start_ns) as f64 / 1e6);
-            cycle_start_ns = now;
+            let rows = book.close(r.alps.cycles(), now, &cpu, &r.principals);
             observer.on_cycle(&rows).map_err(ProcError::Observer)?;
         }
         if now >= next_status {
             next_status += 1_000_000_000;
-            let wall = (now - start_ns) as f64;
-            let own = procfs::self_cpu_ns().saturating_sub(own_start_ns) as f64;
-            let status = LiveStatus {
-                elapsed_s: wall / 1e9,
-                cycles: r.alps.cycles(),
-                cycle_ms: if cycle_lengths_ms.is_empty() {
-                    0.0
-                } else {
-                    cycle_lengths_ms.iter().sum::<f64>() / cycle_lengths_ms.len() as f64
-                },
-                recent_rms: if recent.is_empty() {
-                    0.0
-                } else {
-                    recent.iter().sum::<f64>() / recent.len() as f64
-                },
-                own_cpu_fraction: if wall > 0.0 { own / wall } else { 0.0 },
-                stopped: r.stopped.len(),
-                late_ms: late_sum_ns as f64 / late_count.max(1) as f64 / 1e6,
-            };
+            let late = late_sum_ns as f64 / late_count.max(1) as f64 / 1e6;
             (late_sum_ns, late_count) = (0, 0);
-            cycle_lengths_ms.clear();
-            observer.on_status(&status);
+            let status = live_status(r, &mut book, &start, now, late);
+            observer.on_status(&status).map_err(ProcError::Observer)?;
         }
     }
-
-    let end_ns = monotonic_ns();
-    let wall = (end_ns - start_ns) as f64;
-    let own = procfs::self_cpu_ns().saturating_sub(own_start_ns) as f64;
-    let mut cpu: Vec<f64> = Vec::with_capacity(n);
-    for (id, p) in r.principals.iter_mut().enumerate() {
-        let now_cpu = p.sample(&mut r.stopped).map_or(p.cpu_ns(), |s| s.cpu_ns);
-        cpu.push(now_cpu.saturating_sub(run_start_cpu[id]) as f64);
-    }
-    let total: f64 = cpu.iter().sum();
-    Ok(CpuSummary {
-        mean_rms_rel_error: accuracy.mean_rms(),
-        overhead_cpu_fraction: if wall > 0.0 { own / wall } else { 0.0 },
-        cycles: r.alps.cycles(),
-        quanta: r.alps.quanta(),
-        reads: r.alps.reads(),
-        wall_s: wall / 1e9,
-        principals: r
-            .principals
-            .iter()
-            .zip(&cpu)
-            .map(|(p, c)| PrincipalSummary {
-                label: p.label.clone(),
-                share: p.shares,
-                cpu_ms: c / 1e6,
-                fraction: if total > 0.0 { c / total } else { 0.0 },
-            })
-            .collect(),
-        signal: if shutdown.load(Ordering::SeqCst) {
-            crate::shutdown::received().map(|s| s.to_string())
-        } else {
-            None
-        },
-    })
+    let (quanta, reads) = (r.alps.quanta(), r.alps.reads());
+    Ok(summary(r, &book, &start, quanta, reads, shutdown, backend))
 }

@@ -1,5 +1,9 @@
-//! SIGINT and SIGTERM as a flag the loops poll: the handler only stores to an atomic
+//! Every signal that would end allot by default and that a user or the terminal sends —
+//! SIGINT, SIGTERM, SIGHUP (the terminal closed), SIGQUIT — as a flag the loops poll, so
+//! the members are continued before allot exits. The handler only stores to an atomic
 //! (async-signal-safe), and is installed without `SA_RESTART` so a sleeping loop wakes.
+//! (SIGPIPE is ignored by the Rust runtime: a closed output shows up as a write error,
+//! which the commands turn into an orderly end.)
 
 use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 
@@ -15,14 +19,20 @@ extern "C" fn on_signal(sig: nix::libc::c_int) {
     REQUESTED.store(true, Ordering::SeqCst);
 }
 
-/// Installs the handler for SIGINT and SIGTERM and returns the flag it sets.
+/// Installs the handler for SIGINT, SIGTERM, SIGHUP and SIGQUIT and returns the flag it
+/// sets.
 pub fn install() -> Result<&'static AtomicBool, ProcError> {
     let action = SigAction::new(
         SigHandler::Handler(on_signal),
         SaFlags::empty(),
         SigSet::empty(),
     );
-    for sig in [Signal::SIGINT, Signal::SIGTERM] {
+    for sig in [
+        Signal::SIGINT,
+        Signal::SIGTERM,
+        Signal::SIGHUP,
+        Signal::SIGQUIT,
+    ] {
         // SAFETY: the handler only stores to atomics, which is async-signal-safe.
         unsafe { sigaction(sig, &action) }.map_err(|e| ProcError::Sys {
             what: format!("install a {sig} handler"),

@@ -10,8 +10,17 @@
 //!
 //! [`StoppedSet`] is also the guard: when dropped (normal exit, error, or a panic
 //! unwinding) it continues everything still stopped and removes the file.
+//!
+//! Non-members stopped because of a member: a parent that waits for its child with
+//! `WUNTRACED` — `su`, `runuser`, `sudo` — stops itself when the child stops, and stays
+//! stopped after the child is continued. Before a member is stopped for the first time its
+//! non-member ancestors are noted (up to allot's own ancestors or init) with their state;
+//! one already stopped then was stopped by someone else and is never touched. The others
+//! are continued when found stopped: the member's parent (and up the chain from it) each
+//! time the member is continued, every one whose members all run about once a second, and
+//! all of them at exit and by `allot cpu resume` (the file lists them too).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -21,7 +30,25 @@ use nix::sys::signal::Signal;
 use crate::error::ProcError;
 use crate::handle::{signal_if_same, ProcHandle};
 
-const HEADER: &str = "# allot stopped set v1: pid start_time_ticks";
+const HEADER: &str =
+    "# allot stopped set v1: pid start_time_ticks [a: a non-member ancestor, continued if stopped]";
+
+/// How long the exit path and `resume` keep looking for ancestors that stop themselves a
+/// moment after their member was stopped, in milliseconds.
+const ANCESTOR_SETTLE_MS: u64 = 100;
+
+/// The deepest chain of non-member ancestors noted above a member.
+const MAX_ANCESTORS: usize = 8;
+
+/// A non-member ancestor of a member (see the module comment).
+#[derive(Debug, Clone, Copy)]
+struct Ancestor {
+    start: u64,
+    /// Its parent, if that is tracked too.
+    parent: Option<i32>,
+    /// Stopped when first seen: someone else's stop, left alone.
+    pre_stopped: bool,
+}
 
 /// The directory for state files: `$XDG_RUNTIME_DIR/allot`, else `/tmp/allot-<uid>`.
 pub fn state_dir() -> PathBuf {
@@ -44,6 +71,24 @@ pub struct StoppedSet {
     /// The identities the file holds (a superset of `stopped`).
     recorded: BTreeMap<i32, u64>,
     written: bool,
+    /// Each member's parent, where that is a tracked non-member ancestor.
+    parent_of: BTreeMap<i32, i32>,
+    ancestors: BTreeMap<i32, Ancestor>,
+    /// allot and its own ancestors (never tracked, never signalled).
+    own: HashSet<i32>,
+}
+
+fn own_ancestry() -> HashSet<i32> {
+    let mut out = HashSet::from([0, 1]);
+    let mut cur = std::process::id() as i32;
+    while cur > 1 && out.insert(cur) {
+        cur = crate::procfs::read_stat(cur).map_or(0, |s| s.ppid);
+    }
+    out
+}
+
+fn is_stopped(state: char) -> bool {
+    matches!(state, 'T' | 't')
 }
 
 impl StoppedSet {
@@ -54,6 +99,117 @@ impl StoppedSet {
             stopped: BTreeMap::new(),
             recorded: BTreeMap::new(),
             written: false,
+            parent_of: BTreeMap::new(),
+            ancestors: BTreeMap::new(),
+            own: own_ancestry(),
+        }
+    }
+
+    /// Notes the non-member ancestors of `pid` (before it is stopped for the first time).
+    fn track_ancestors(&mut self, pid: i32) {
+        let Ok(stat) = crate::procfs::read_stat(pid) else {
+            return;
+        };
+        let mut child = pid;
+        let mut cur = stat.ppid;
+        for _ in 0..MAX_ANCESTORS {
+            if self.own.contains(&cur) || self.recorded.contains_key(&cur) {
+                break;
+            }
+            if child == pid {
+                self.parent_of.insert(pid, cur);
+            }
+            if self.ancestors.contains_key(&cur) {
+                break;
+            }
+            let Ok(s) = crate::procfs::read_stat(cur) else {
+                break;
+            };
+            self.ancestors.insert(
+                cur,
+                Ancestor {
+                    start: s.start_time_ticks,
+                    parent: None,
+                    pre_stopped: is_stopped(s.state),
+                },
+            );
+            if let Some(a) = self.ancestors.get_mut(&child) {
+                a.parent = Some(cur);
+            }
+            child = cur;
+            cur = s.ppid;
+        }
+    }
+
+    /// Continues `pid` if it is a tracked ancestor stopped not by someone else and not a
+    /// member allot holds stopped; returns whether it was found stopped.
+    fn wake_ancestor(&mut self, pid: i32) -> bool {
+        let Some(a) = self.ancestors.get(&pid).copied() else {
+            return false;
+        };
+        if a.pre_stopped || self.stopped.contains_key(&pid) {
+            return false;
+        }
+        match crate::procfs::read_stat(pid) {
+            Ok(s) if s.start_time_ticks == a.start => {
+                if is_stopped(s.state) {
+                    let _ = signal_if_same(pid, a.start, Signal::SIGCONT);
+                    return true;
+                }
+                false
+            }
+            _ => {
+                self.ancestors.remove(&pid);
+                false
+            }
+        }
+    }
+
+    /// Continues the stopped ancestors of members that were just continued: each
+    /// member's parent, and up the chain while they are found stopped.
+    fn wake_parents(&mut self, members: &[i32]) {
+        let mut parents: Vec<i32> = members
+            .iter()
+            .filter_map(|m| self.parent_of.get(m).copied())
+            .collect();
+        parents.sort_unstable();
+        parents.dedup();
+        for p in parents {
+            let mut cur = Some(p);
+            while let Some(pid) = cur {
+                if !self.wake_ancestor(pid) {
+                    break;
+                }
+                cur = self.ancestors.get(&pid).and_then(|a| a.parent);
+            }
+        }
+    }
+
+    /// Continues every tracked ancestor found stopped none of whose members allot holds
+    /// stopped (continuing a wrapper continues its child, which would undo a stop). Cheap
+    /// when there are none; the loops call it about once a second.
+    pub fn sweep_ancestors(&mut self) {
+        if self.ancestors.is_empty() {
+            return;
+        }
+        let mut held: HashSet<i32> = HashSet::new();
+        for m in self.stopped.keys() {
+            let mut cur = self.parent_of.get(m).copied();
+            while let Some(p) = cur {
+                if !held.insert(p) {
+                    break;
+                }
+                cur = self.ancestors.get(&p).and_then(|a| a.parent);
+            }
+        }
+        let free: Vec<i32> = self
+            .ancestors
+            .keys()
+            .filter(|p| !held.contains(p))
+            .copied()
+            .collect();
+        for p in free {
+            self.wake_ancestor(p);
         }
     }
 
@@ -90,6 +246,11 @@ impl StoppedSet {
         for (pid, start) in &self.recorded {
             text.push_str(&format!("{pid} {start}\n"));
         }
+        for (pid, a) in &self.ancestors {
+            if !a.pre_stopped && !self.recorded.contains_key(pid) {
+                text.push_str(&format!("{pid} {} a\n", a.start));
+            }
+        }
         let write = || -> std::io::Result<()> {
             let mut f = fs::File::create(&tmp)?;
             f.write_all(text.as_bytes())?;
@@ -124,13 +285,18 @@ impl StoppedSet {
         if handles.is_empty() {
             return Ok(Vec::new());
         }
-        let mut new = false;
+        let mut new = Vec::new();
         for h in &handles {
             let id = (h.pid(), h.start_time_ticks());
             self.stopped.insert(id.0, id.1);
-            new |= self.recorded.insert(id.0, id.1) != Some(id.1);
+            if self.recorded.insert(id.0, id.1) != Some(id.1) {
+                new.push(id.0);
+            }
         }
-        if new {
+        for &pid in &new {
+            self.track_ancestors(pid);
+        }
+        if !new.is_empty() {
             self.write()?;
         }
         let mut gone = Vec::new();
@@ -151,13 +317,18 @@ impl StoppedSet {
     /// Continues these processes. They stay in the file (see the module comment).
     pub fn cont_all<'a>(&mut self, handles: impl IntoIterator<Item = &'a ProcHandle>) -> Vec<i32> {
         let mut gone = Vec::new();
+        let mut continued = Vec::new();
         for h in handles {
             if self.stopped.remove(&h.pid()).is_none() {
                 continue;
             }
-            if let Err(ProcError::Gone { pid }) = h.signal(Some(Signal::SIGCONT)) {
-                gone.push(pid);
+            match h.signal(Some(Signal::SIGCONT)) {
+                Err(ProcError::Gone { pid }) => gone.push(pid),
+                _ => continued.push(h.pid()),
             }
+        }
+        if !self.parent_of.is_empty() {
+            self.wake_parents(&continued);
         }
         gone
     }
@@ -166,6 +337,7 @@ impl StoppedSet {
     pub fn forget(&mut self, pid: i32) {
         self.stopped.remove(&pid);
         self.recorded.remove(&pid);
+        self.parent_of.remove(&pid);
     }
 
     /// Continues everything still stopped (checking identities) and removes the file.
@@ -178,6 +350,15 @@ impl StoppedSet {
                 n += 1;
             }
         }
+        let ancestors: Vec<(i32, u64)> = self
+            .ancestors
+            .iter()
+            .filter(|(_, a)| !a.pre_stopped)
+            .map(|(p, a)| (*p, a.start))
+            .collect();
+        continue_stopped_ancestors(&ancestors);
+        self.ancestors.clear();
+        self.parent_of.clear();
         if self.written {
             let _ = fs::remove_file(&self.path);
             self.written = false;
@@ -192,28 +373,66 @@ impl Drop for StoppedSet {
     }
 }
 
-/// Parses a state file's entries.
+/// Continues each of these (PID, start time) that is found stopped, looking again for
+/// [`ANCESTOR_SETTLE_MS`]: a wrapper stops itself a moment after its child stopped.
+fn continue_stopped_ancestors(ancestors: &[(i32, u64)]) {
+    if ancestors.is_empty() {
+        return;
+    }
+    let passes = 5;
+    for pass in 0..passes {
+        for &(pid, start) in ancestors {
+            if let Ok(s) = crate::procfs::read_stat(pid) {
+                if s.start_time_ticks == start && is_stopped(s.state) {
+                    let _ = signal_if_same(pid, start, Signal::SIGCONT);
+                }
+            }
+        }
+        if pass + 1 < passes {
+            std::thread::sleep(std::time::Duration::from_millis(
+                ANCESTOR_SETTLE_MS / (passes - 1),
+            ));
+        }
+    }
+}
+
+/// Parses a state file's member entries (PID, start time).
 pub fn parse_state(text: &str) -> Vec<(i32, u64)> {
+    parse_state_all(text)
+        .into_iter()
+        .filter(|e| !e.2)
+        .map(|e| (e.0, e.1))
+        .collect()
+}
+
+/// Parses every entry: (PID, start time, whether it is a non-member ancestor).
+fn parse_state_all(text: &str) -> Vec<(i32, u64, bool)> {
     text.lines()
         .filter(|l| !l.starts_with('#'))
         .filter_map(|l| {
             let mut it = l.split_whitespace();
-            Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
+            let pid = it.next()?.parse().ok()?;
+            let start = it.next()?.parse().ok()?;
+            Some((pid, start, it.next() == Some("a")))
         })
         .collect()
 }
 
-/// Continues every process recorded in `path` that still is the process recorded (a
-/// reused PID is left alone), then removes the file. Returns how many were continued.
+/// Continues every member recorded in `path` that still is the process recorded (a
+/// reused PID is left alone), and every recorded ancestor found stopped, then removes
+/// the file. Returns how many were continued.
 pub fn resume_file(path: &Path) -> Result<usize, ProcError> {
     let text =
         fs::read_to_string(path).map_err(|e| ProcError::io(path.display().to_string(), e))?;
     let mut n = 0;
-    for (pid, start) in parse_state(&text) {
+    let entries = parse_state_all(&text);
+    for &(pid, start, _) in entries.iter().filter(|e| !e.2) {
         if signal_if_same(pid, start, Signal::SIGCONT).is_ok() {
             n += 1;
         }
     }
+    let ancestors: Vec<(i32, u64)> = entries.iter().filter(|e| e.2).map(|e| (e.0, e.1)).collect();
+    continue_stopped_ancestors(&ancestors);
     fs::remove_file(path).map_err(|e| ProcError::io(path.display().to_string(), e))?;
     Ok(n)
 }

@@ -66,7 +66,13 @@ initial_limit = 3
     let stop = Arc::new(AtomicBool::new(false));
     let s = samples();
     let clients = closed_loop(gaddr, 12, "/x", Arc::clone(&stop), Arc::clone(&s));
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        common::eventually(Duration::from_secs(10), || async {
+            backend_stats(baddr).await["max_concurrent"].as_u64() >= Some(3)
+        })
+        .await,
+        "the back end never saw 3 at once"
+    );
     let stats = backend_stats(baddr).await;
     assert_eq!(stats["max_concurrent"], 3, "{stats}");
 
@@ -80,6 +86,8 @@ initial_limit = 3
 
     // Pause: ticks stop advancing; resume: they go on.
     assert_eq!(ctl(&["pause", "adapt"]).0, 0);
+    // A tick that began before the pause may still finish: let it (three periods).
+    tokio::time::sleep(Duration::from_millis(150)).await;
     let before = readout(&controllers(admin).await, "adapt")["ticks"].as_u64();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let paused = controllers(admin).await;

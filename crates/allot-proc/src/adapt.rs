@@ -20,7 +20,7 @@
 //! mean is unchanged). Two groups sharing the machine must not keep a fixed phase order:
 //! whichever closes its period first after the machine slows down takes the cut, the other
 //! then sees the relief and does not, and with fixed phases that is the same group every
-//! time, so their limits settle apart (issue 4 (f)). With jitter the order reshuffles
+//! time, so their limits settle apart. With jitter the order reshuffles
 //! within a few periods.
 
 use std::collections::BTreeMap;

@@ -9,6 +9,7 @@ pub mod ctl;
 pub mod demo;
 pub mod gateway;
 pub mod plan;
+pub mod plot;
 pub mod sim;
 pub mod sim_fvm;
 pub mod sim_plan;

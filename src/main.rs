@@ -3,14 +3,17 @@
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 mod cmd;
+
+/// The version and the commit it was built from (see build.rs).
+pub const VERSION: &str = env!("ALLOT_VERSION_LONG");
 
 /// Quality of service and sharing agreements for servers and process groups that were
 /// never written for it.
 #[derive(Debug, Parser)]
-#[command(name = "allot", version, about)]
+#[command(name = "allot", version = VERSION, about)]
 struct Cli {
     /// Log format on standard error.
     #[arg(long, global = true, value_enum, default_value = "text")]
@@ -29,8 +32,10 @@ enum Command {
     Gateway(cmd::gateway::Args),
     /// Change a running gateway through its admin API (rules, actuators).
     Ctl(cmd::ctl::Args),
-    /// Print a running gateway's sensors as a table.
+    /// Print a running gateway's sensors as a table: totals and rates per second.
     Stat(cmd::stat::Args),
+    /// A live terminal dashboard of a running gateway (over its admin API).
+    Top(cmd::top::Args),
     /// Solve the agreement planner once and print the allocation.
     Plan(cmd::plan::Args),
     /// Models for analysis: replay a demand trace, or the friendly-VM fluid model.
@@ -40,6 +45,10 @@ enum Command {
     Cpu(cmd::cpu::Args),
     /// Friendly adaptation: AIMD on a group's running processes from a slowdown signal.
     Adapt(cmd::adapt::Args),
+    /// Print shell completions (bash, zsh, fish, …) generated from these flags.
+    Completions(cmd::completions::CompletionsArgs),
+    /// Print the man page (roff) generated from these flags.
+    Man(cmd::completions::ManArgs),
     /// A synthetic HTTP back end (fixed workers and service time) for demos, tests and benchmarks.
     #[command(hide = true)]
     Backend(cmd::backend::Args),
@@ -53,11 +62,14 @@ fn main() -> ExitCode {
         Command::Gateway(args) => cmd::gateway::run(args),
         Command::Ctl(args) => cmd::ctl::run(args),
         Command::Stat(args) => cmd::stat::run(args),
+        Command::Top(args) => cmd::top::run(args),
         Command::Plan(args) => cmd::plan::run(args),
         Command::Sim(command) => cmd::sim::run(command),
         Command::Cpu(args) => cmd::cpu::run(args),
         Command::Adapt(args) => cmd::adapt::run(args),
         Command::Backend(args) => cmd::backend::run(args),
+        Command::Completions(args) => cmd::completions::completions(args, Cli::command()),
+        Command::Man(args) => cmd::completions::man(args, Cli::command()),
     };
     match result {
         Ok(code) => code,

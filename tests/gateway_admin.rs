@@ -102,7 +102,7 @@ async fn rules_and_actuators_change_at_run_time_and_writes_need_the_token() {
         class_field(&after, "two", "arrivals") - class_field(&before, "two", "arrivals"),
         1.0
     );
-    let (_, listed, _) = ctl(admin, None, &["rules", "list"]);
+    let (_, listed, _) = ctl(admin, None, &["rules", "list", "--json"]);
     assert!(listed.contains("\"api\""), "{listed}");
 
     // A bad rule is refused and changes nothing.

@@ -76,7 +76,7 @@ initial_limit = 3
     let stats = backend_stats(baddr).await;
     assert_eq!(stats["max_concurrent"], 3, "{stats}");
 
-    let (code, out, err) = ctl(&["list"]);
+    let (code, out, err) = ctl(&["list", "--json"]);
     assert_eq!(code, 0, "{err}");
     let list: serde_json::Value = serde_json::from_str(&out).expect("JSON list");
     let r = readout(&list, "adapt");

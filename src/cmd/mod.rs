@@ -3,15 +3,19 @@
 pub mod adapt;
 pub mod admin_client;
 pub mod backend;
+pub mod completions;
 pub mod cpu;
 pub mod ctl;
 pub mod demo;
 pub mod gateway;
 pub mod plan;
+pub mod plot;
 pub mod sim;
 pub mod sim_fvm;
 pub mod sim_plan;
 pub mod stat;
+pub mod top;
+pub mod top_view;
 
 /// How log lines are written to standard error.
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -22,12 +26,19 @@ pub enum LogFormat {
     Json,
 }
 
+/// Colour (and other ANSI styling) only on a terminal, and never with `NO_COLOR` set to
+/// anything but the empty string.
+pub fn colour_allowed(stream: &impl std::io::IsTerminal) -> bool {
+    stream.is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
 /// Sets up `tracing` on standard error; `RUST_LOG` filters (default `info`).
 pub fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour_allowed(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),

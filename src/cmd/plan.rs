@@ -236,6 +236,10 @@ fn to_table(set: &AgreementSet, demand: Option<&[f64]>, allocation: Option<&Allo
         "{:<width$}  {:>11}  {:>11}  {:>11}  {:>11}  {:>11}\n",
         "principal", "capacity", "mandatory", "optional", "demand", "allocation"
     );
+    out += &format!(
+        "{:<width$}  {:>11}  {:>11}  {:>11}  {:>11}  {:>11}\n",
+        "", "units/s", "units/s", "units/s", "units/s", "units/s"
+    );
     for (i, p) in set.principals().iter().enumerate() {
         let dash = || "-".to_string();
         out += &format!(
@@ -247,6 +251,16 @@ fn to_table(set: &AgreementSet, demand: Option<&[f64]>, allocation: Option<&Allo
             demand.map_or_else(dash, |d| cell(d[i])),
             allocation.map_or_else(dash, |a| cell(a.units[i])),
         );
+    }
+    out +=
+        "\nunits/s: cost units per second (a plain request costs 1 unless [agreements] cost says\n\
+            otherwise). capacity: what the principal owns itself. mandatory: what its agreements\n\
+            guarantee it whatever others ask. optional: what it may use beyond that when others\n\
+            leave it unused. allocation: this window's plan for the demand given.\n";
+    if allocation.is_some_and(|a| a.theta.is_some()) {
+        out +=
+            "theta (community objective): the smallest fraction of its demand that any principal\n\
+                with demand is served; 1 means every demand is met in full.\n";
     }
     out
 }

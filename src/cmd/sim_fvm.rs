@@ -34,6 +34,9 @@ pub struct Args {
     /// Print one JSON object (the final state and the steady-state check) instead of CSV.
     #[arg(long)]
     pub json: bool,
+    /// Also draw n_v(t), c(t) and the fairness index over time as an SVG file.
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<std::path::PathBuf>,
 }
 
 /// Runs the model.
@@ -62,8 +65,18 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         println!("t,{},c,fairness", names.join(","));
     }
     let mut next = 0.0;
+    let mut rows: Vec<(f64, Vec<f64>, f64, f64)> = Vec::new();
     loop {
         model.run_until(next);
+        {
+            let s = model.state();
+            rows.push((
+                s.t,
+                s.n.clone(),
+                s.congestion(model.params()),
+                jain_index(&s.n),
+            ));
+        }
         if !args.json {
             let s = model.state();
             let ns: Vec<String> = s.n.iter().map(|n| format!("{n:.4}")).collect();
@@ -79,6 +92,9 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             break;
         }
         next = (next + args.every).min(args.duration);
+    }
+    if let Some(path) = &args.plot {
+        super::plot::write(path, &fvm_charts(&rows))?;
     }
     let s = model.state();
     let c = s.congestion(model.params());
@@ -111,4 +127,41 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The `--plot` charts: demands, congestion, fairness, each against model time.
+fn fvm_charts(rows: &[(f64, Vec<f64>, f64, f64)]) -> Vec<super::plot::Chart> {
+    use super::plot::{Chart, Series};
+    let v = rows.first().map_or(0, |r| r.1.len());
+    let demands = (0..v)
+        .map(|i| {
+            Series::new(
+                format!("n{}", i + 1),
+                rows.iter().map(|r| (r.0, r.1[i])).collect(),
+            )
+        })
+        .collect();
+    vec![
+        Chart {
+            title: "Demand of each group, n_v(t)".into(),
+            x_label: "model time t".into(),
+            y_label: "n_v (threads)".into(),
+            series: demands,
+        },
+        Chart {
+            title: "Congestion signal c(t)".into(),
+            x_label: "model time t".into(),
+            y_label: "c".into(),
+            series: vec![Series::new("c", rows.iter().map(|r| (r.0, r.2)).collect())],
+        },
+        Chart {
+            title: "Jain's fairness index of the demands".into(),
+            x_label: "model time t".into(),
+            y_label: "fairness (1 = equal)".into(),
+            series: vec![Series::new(
+                "fairness",
+                rows.iter().map(|r| (r.0, r.3)).collect(),
+            )],
+        },
+    ]
 }

@@ -37,6 +37,9 @@ pub struct Args {
     /// Print exactly one JSON object instead of a table.
     #[arg(long)]
     json: bool,
+    /// Also draw each principal's allocation (and demand) per window as an SVG file.
+    #[arg(long, value_name = "FILE.svg")]
+    plot: Option<std::path::PathBuf>,
 }
 
 /// `allot sim plan --json`.
@@ -61,6 +64,9 @@ struct ShareJson<'a> {
     allocation: f64,
 }
 
+/// One window replayed: its start (ms), the demand in force, and the plan.
+type Row = (u64, Vec<f64>, allot_model::planner::Allocation);
+
 /// One trace row, resolved.
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Step {
@@ -80,7 +86,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let n = set.principals().len();
     let mut demand = vec![0.0; n];
     let mut next = 0;
-    let mut rows = Vec::new();
+    let mut rows: Vec<Row> = Vec::new();
     let mut previous: Option<(Vec<f64>, allot_model::planner::Allocation)> = None;
     for w in 0..windows {
         let start_ms = w * window_ms;
@@ -97,6 +103,37 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         };
         rows.push((start_ms, demand.clone(), allocation.clone()));
         previous = Some((demand.clone(), allocation));
+    }
+    if let Some(path) = &args.plot {
+        use super::plot::{Chart, Series};
+        let names: Vec<&str> = set.principals().iter().map(|p| p.name.as_str()).collect();
+        let series = |what: &str, pick: &dyn Fn(&Row, usize) -> f64| {
+            names
+                .iter()
+                .enumerate()
+                .map(|(i, n)| {
+                    Series::new(
+                        format!("{n} {what}"),
+                        rows.iter().map(|r| (r.0 as f64, pick(r, i))).collect(),
+                    )
+                })
+                .collect::<Vec<_>>()
+        };
+        let charts = [
+            Chart {
+                title: "Allocation per principal, window by window".into(),
+                x_label: "window start (ms)".into(),
+                y_label: "allocation (units/s)".into(),
+                series: series("allocation", &|r, i| r.2.units[i]),
+            },
+            Chart {
+                title: "Demand per principal (from the trace)".into(),
+                x_label: "window start (ms)".into(),
+                y_label: "demand (units/s)".into(),
+                series: series("demand", &|r, i| r.1[i]),
+            },
+        ];
+        super::plot::write(path, &charts)?;
     }
     if args.json {
         let doc = SimJson {

@@ -1,0 +1,40 @@
+//! Build script: the commit the binary was built from, for `allot --version`.
+//!
+//! Read from git when the source is a git checkout; `ALLOT_BUILD_COMMIT` overrides it
+//! (a packager building from a tarball); with neither, the version stands alone.
+
+use std::process::Command;
+
+fn git(args: &[&str]) -> Option<String> {
+    let out = Command::new("git").args(args).output().ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let text = String::from_utf8(out.stdout).ok()?.trim().to_string();
+    (!text.is_empty()).then_some(text)
+}
+
+fn main() {
+    println!("cargo:rerun-if-env-changed=ALLOT_BUILD_COMMIT");
+    let version = env!("CARGO_PKG_VERSION");
+    let commit = std::env::var("ALLOT_BUILD_COMMIT")
+        .ok()
+        .filter(|c| !c.trim().is_empty())
+        .or_else(|| git(&["rev-parse", "--short=12", "HEAD"]));
+    // Build again when HEAD moves: HEAD itself, the branch it points to, packed refs.
+    for path in ["HEAD", "packed-refs"] {
+        if let Some(p) = git(&["rev-parse", "--path-format=absolute", "--git-path", path]) {
+            println!("cargo:rerun-if-changed={p}");
+        }
+    }
+    if let Some(branch) = git(&["symbolic-ref", "-q", "HEAD"]) {
+        if let Some(p) = git(&["rev-parse", "--path-format=absolute", "--git-path", &branch]) {
+            println!("cargo:rerun-if-changed={p}");
+        }
+    }
+    let long = match commit {
+        Some(c) => format!("{version} (commit {c})"),
+        None => version.to_string(),
+    };
+    println!("cargo:rustc-env=ALLOT_VERSION_LONG={long}");
+}

@@ -9,6 +9,7 @@ pub mod demo;
 pub mod gateway;
 pub mod plan;
 pub mod sim;
+pub mod sim_cluster;
 pub mod sim_fvm;
 pub mod sim_plan;
 pub mod stat;

@@ -13,7 +13,7 @@
 //! two plans never mix inside one window.
 //!
 //! What a node enforces in window `v` ([`Node::enforce`]): the quota for `v` (fresh), or
-//! failing that the one for `v − 1` (stale by one); after [`PARENT_SILENT_WINDOWS`]
+//! failing that the lesser of the ones for `v − 1` and before (stale by one); after [`PARENT_SILENT_WINDOWS`]
 //! without a quota, its share of the mandatory-only plan (fallback: the planner's plan
 //! when every principal asks for its guarantee, split like the quotas, so the shares of
 //! all gateways never sum above capacity). A quota of a lower epoch than the highest seen,
@@ -556,10 +556,26 @@ impl Node {
             .find(|h| h.target_window <= window && h.epoch >= self.epoch);
         if let Some(h) = current {
             let age_windows = window - h.target_window;
-            if age_windows < PARENT_SILENT_WINDOWS && age_windows <= STALE_WINDOWS {
+            if age_windows < PARENT_SILENT_WINDOWS.min(STALE_WINDOWS + 1) {
                 self.fallback_since = None;
+                // Stale, the last plan may be an outlier the others have moved on from (a
+                // sibling dropped in it and back since): the lesser of it and the plan
+                // before, so a missed quota never enforces more than two plans agree on.
+                let mut units = h.units.clone();
+                if age_windows > 0 {
+                    if let Some(before) = self
+                        .held
+                        .iter()
+                        .rev()
+                        .find(|p| p.target_window < h.target_window && p.epoch == h.epoch)
+                    {
+                        for (u, b) in units.iter_mut().zip(&before.units) {
+                            *u = u.min(*b);
+                        }
+                    }
+                }
                 return Enforcement {
-                    units: h.units.clone(),
+                    units,
                     source: if age_windows == 0 {
                         Source::Fresh
                     } else {

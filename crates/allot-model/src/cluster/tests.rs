@@ -234,6 +234,30 @@ fn the_root_plans_global_demand_and_each_gateway_gets_its_part_two_windows_later
 }
 
 #[test]
+fn a_stale_quota_is_the_lesser_of_the_last_two_plans() {
+    let planner = two_tenants();
+    let (shape, mut nodes) = tree(&names(2), "g00000", 4, &planner);
+    // g1's share of A: all of A's 10 in the first plan, half of it in the second.
+    let first = |name: &str| match name {
+        "g00001" => vec![0.0, 20.0, 40.0],
+        _ => vec![0.0, 0.0, 40.0],
+    };
+    let second = |_: &str| vec![0.0, 20.0, 40.0];
+    run_window(&mut nodes, &shape, 1, &first, &mut || false);
+    run_window(&mut nodes, &shape, 2, &second, &mut || false);
+    let g1 = nodes.get_mut("g00001").expect("member");
+    assert!(near(g1.enforce(3).units[1], 10.0));
+    assert!(near(g1.enforce(4).units[1], 5.0));
+    let stale = g1.enforce(5);
+    assert_eq!(stale.source, Source::Stale { age_windows: 1 });
+    assert!(
+        near(stale.units[1], 5.0) && near(stale.units[2], 15.0),
+        "{:?}",
+        stale.units
+    );
+}
+
+#[test]
 fn a_gateway_never_told_its_share_falls_back_to_an_equal_part_of_the_guarantees() {
     let planner = two_tenants();
     let (_, mut nodes) = tree(&names(4), "g00000", 4, &planner);

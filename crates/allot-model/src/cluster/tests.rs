@@ -476,9 +476,9 @@ proptest! {
                 let mut global = vec![0.0; 3];
                 for v in d.values() { for (g, x) in global.iter_mut().zip(v) { *g += x; } }
                 let plan = planner.solve(&global).expect("solves");
-                for i in 0..3 {
-                    prop_assert!(near(fresh[i], plan.units[i]) || (fresh[i] - plan.units[i]).abs() < 1e-6,
-                        "window {w} principal {i}: {} vs {}", fresh[i], plan.units[i]);
+                for (i, (got, want)) in fresh.iter().zip(&plan.units).enumerate() {
+                    prop_assert!(near(*got, *want) || (got - want).abs() < 1e-6,
+                        "window {w} principal {i}: {got} vs {want}");
                 }
                 for (name, node) in nodes.iter_mut() {
                     let e = node.enforce(target);

@@ -139,9 +139,11 @@ fn holds_slowdown(secs: u64, max_slowdown: f64, min_share: f64) {
         out.contains("(unloaded ") && !out.contains("(unloaded 0.00ms)"),
         "{out}"
     );
+    // Only the ceiling is behaviour: on a shared machine the quiet baseline can itself be
+    // slowed by another process, so the ratio may fall below 1.
     assert!(
-        (0.8..=max_slowdown).contains(&slowdown),
-        "mean probe slowdown {slowdown:.2} outside [0.8, {max_slowdown}]"
+        slowdown > 0.0 && slowdown <= max_slowdown,
+        "mean probe slowdown {slowdown:.2} outside (0, {max_slowdown}]"
     );
     assert!(
         share >= min_share,

@@ -11,6 +11,7 @@ pub mod gateway;
 pub mod plan;
 pub mod plot;
 pub mod sim;
+pub mod sim_cluster;
 pub mod sim_fvm;
 pub mod sim_plan;
 pub mod stat;

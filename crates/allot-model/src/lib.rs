@@ -20,6 +20,7 @@
 //! - [`accuracy`]: relative error, RMS, fairness indices.
 //! - [`agreements`]: principals, agreements, and the access levels (MI/OI/MC/OC) they imply.
 //! - [`planner`]: the per-window linear program (community and provider objectives).
+//! - [`cluster`]: several gateways enforcing one agreement set (the combining tree).
 #![deny(missing_docs)]
 
 pub mod accuracy;
@@ -28,6 +29,7 @@ pub mod aimd;
 pub mod alps;
 pub mod bucket;
 pub mod classify;
+pub mod cluster;
 pub mod dispatch;
 pub mod ewma;
 pub mod fvm;

@@ -1,0 +1,701 @@
+//! The cluster link: one loop per gateway that carries its node of the combining tree
+//! (`allot_model::cluster::Node`) over an [`Engine`]. Sensor: the gateway's local demand
+//! and the engine's keys and messages; controller: the model's node; actuator: the quota
+//! the gateway enforces this window, published on a watch channel.
+//!
+//! Each window boundary `b` (window numbers from the wall clock, so every gateway agrees):
+//! renew the root's lease (if this node is root) or stand for election when the root's
+//! key has not been renewed for a lease; renew this node's membership and reread the
+//! members every few windows; take the node's place in the tree when root, epoch or
+//! members changed; close window `b − 1` with the local demand (a report up, or the plan
+//! at the root); publish what the node enforces in `b`. Between boundaries: reports from
+//! children, quotas from the parent, an aggregator's deadline, changes of the root's key
+//! and of the agreement set.
+//!
+//! Election (DESIGN.md "Cluster"): the root's key is won by create-if-absent; its
+//! revision is the fencing epoch, written into the key's value so that every member
+//! learns it, and kept on disk as the highest seen: a root of a lower epoch (a rolled-back
+//! engine, a split leader) is never obeyed.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use allot_model::agreements::{AgreementSet, AgreementsSpec};
+use allot_model::cluster::{Enforcement, Node, Outgoing, Quotas, Report, Shape, Source};
+use allot_model::planner::Planner;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+use crate::engine::{Bucket, Engine, EngineError};
+
+/// The key of the root's lease in [`Bucket::Election`].
+pub const ROOT_KEY: &str = "root";
+/// The key of the agreement set in [`Bucket::Config`].
+pub const AGREEMENTS_KEY: &str = "agreements";
+/// The key of the mandatory-only plan in [`Bucket::Config`].
+pub const MANDATORY_KEY: &str = "mandatory";
+
+/// Settings of one link.
+#[derive(Debug, Clone)]
+pub struct LinkConfig {
+    /// The cluster's name (subjects are `allot.<cluster>.up.<node>` and `….down.<node>`).
+    pub cluster: String,
+    /// This node's name, unique in the cluster.
+    pub node: String,
+    /// Most children per node.
+    pub fanout: usize,
+    /// Window length.
+    pub window: Duration,
+    /// How long an aggregator waits per level below it for its children's reports.
+    pub hop: Duration,
+    /// The root's lease (the election bucket's `max_age` should be the same).
+    pub root_lease: Duration,
+    /// A member's key lives this long unless renewed (the members bucket's `max_age`).
+    pub member_lease: Duration,
+    /// How often membership is renewed and reread, in windows.
+    pub member_refresh_windows: u64,
+    /// File keeping the highest epoch seen, if any.
+    pub epoch_file: Option<PathBuf>,
+    /// Unix time in milliseconds at `origin`: window numbers are `unix_ms / window_ms`.
+    pub origin_unix_ms: u64,
+    /// The instant matching `origin_unix_ms`.
+    pub origin: Instant,
+}
+
+/// What this node is in the tree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Not (yet) in a tree: enforcing its fallback.
+    Detached,
+    /// Plans for the whole cluster.
+    Root,
+    /// Sums its children's demand and splits its quota among them.
+    Aggregator,
+    /// Only reports its own demand.
+    Leaf,
+}
+
+impl Role {
+    /// The name used in metrics and status.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Detached => "detached",
+            Role::Root => "root",
+            Role::Aggregator => "aggregator",
+            Role::Leaf => "leaf",
+        }
+    }
+}
+
+/// The link's state, published every window and after each change.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LinkStatus {
+    /// This node's name.
+    pub node: String,
+    /// Its role now.
+    pub role: Role,
+    /// The highest epoch seen.
+    pub epoch: u64,
+    /// The root obeyed, if any.
+    pub root: Option<String>,
+    /// The parent, if any.
+    pub parent: Option<String>,
+    /// Members known at the last reading.
+    pub members: usize,
+    /// The current window's number.
+    pub window: u64,
+    /// What to enforce in this window (units per window, per principal of the set in
+    /// force), once the first window has begun.
+    pub enforcement: Option<Enforcement>,
+    /// Windows since the last fresh quota (0 when this window's is fresh).
+    pub windows_since_fresh: u64,
+    /// Messages published.
+    pub sent: u64,
+    /// Messages received.
+    pub received: u64,
+    /// Messages ignored (malformed, from outside the tree, of another epoch).
+    pub ignored: u64,
+    /// The last engine error, if the last attempt failed.
+    pub engine_error: Option<String>,
+}
+
+impl LinkStatus {
+    /// The status before the link has started.
+    pub fn new(node: &str) -> LinkStatus {
+        LinkStatus {
+            node: node.to_string(),
+            role: Role::Detached,
+            epoch: 0,
+            root: None,
+            parent: None,
+            members: 0,
+            window: 0,
+            enforcement: None,
+            windows_since_fresh: 0,
+            sent: 0,
+            received: 0,
+            ignored: 0,
+            engine_error: None,
+        }
+    }
+}
+
+/// Why the link stopped.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LinkError {
+    /// The engine failed at start.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    /// Another live gateway holds this node's name.
+    #[error("node name `{0}` is already a live member of the cluster (another gateway uses it)")]
+    NameTaken(String),
+}
+
+/// The root key's value.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct RootValue {
+    node: String,
+    /// The winning revision, 0 until the winner has written it.
+    epoch: u64,
+}
+
+/// A member key's value.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct MemberValue {
+    node: String,
+    /// Tells this process from an earlier one of the same name.
+    instance: u64,
+}
+
+fn up_subject(cluster: &str, node: &str) -> String {
+    format!("allot.{cluster}.up.{node}")
+}
+
+fn down_subject(cluster: &str, node: &str) -> String {
+    format!("allot.{cluster}.down.{node}")
+}
+
+/// The highest epoch kept in `path` (0 if none or unreadable).
+fn read_epoch(path: &Option<PathBuf>) -> u64 {
+    path.as_ref()
+        .and_then(|p| std::fs::read_to_string(p).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn write_epoch(path: &Option<PathBuf>, epoch: u64) {
+    let Some(path) = path else {
+        return;
+    };
+    let tmp = path.with_extension("tmp");
+    let written =
+        std::fs::write(&tmp, format!("{epoch}\n")).and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = written {
+        tracing::warn!(path = %path.display(), error = %e, "cannot keep the cluster epoch on disk");
+    }
+}
+
+async fn recv_opt<T>(rx: &mut Option<mpsc::Receiver<T>>) -> Option<T> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The planner of a shared agreement set, if it is valid.
+fn planner_of(spec: &AgreementsSpec) -> Option<(AgreementSet, Arc<Planner>)> {
+    let set = AgreementSet::from_spec(spec).ok()?;
+    let planner = Arc::new(Planner::per_window(&set));
+    Some((set, planner))
+}
+
+struct Link<E: Engine> {
+    engine: E,
+    config: LinkConfig,
+    node: Node,
+    status: LinkStatus,
+    instance: u64,
+    member_rev: Option<u64>,
+    members: BTreeSet<String>,
+    /// The root key as last seen: node, epoch, when.
+    root_seen: Option<(String, u64, Instant)>,
+    /// This node's lease revision while it is root.
+    my_root_rev: Option<u64>,
+    /// What the current shape was built from.
+    shaped: Option<(String, u64, BTreeSet<String>)>,
+    down: Option<mpsc::Receiver<Bytes>>,
+    deadline: Option<(Instant, u64)>,
+    spec: AgreementsSpec,
+}
+
+/// Runs the link until `shutdown` resolves. `spec` is this gateway's agreement set: it
+/// is shared through the engine, and a set published by another gateway replaces it
+/// (`status` then carries quotas for the new set's principals). `demand` holds the local
+/// demand of the window that just closed, units per window per principal.
+pub async fn run<E: Engine>(
+    engine: E,
+    config: LinkConfig,
+    spec: AgreementsSpec,
+    demand: watch::Receiver<Vec<f64>>,
+    status: watch::Sender<LinkStatus>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), LinkError> {
+    let planner = planner_of(&spec)
+        .map(|(_, p)| p)
+        .ok_or_else(|| EngineError::Unavailable("the agreement set is not valid".into()))?;
+    let mut node = Node::new(config.node.clone(), planner);
+    node.observe_epoch(read_epoch(&config.epoch_file));
+    let instance = {
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u64(config.origin_unix_ms);
+        h.finish()
+    };
+    let mut link = Link {
+        status: LinkStatus {
+            epoch: node.epoch(),
+            ..LinkStatus::new(&config.node)
+        },
+        engine,
+        node,
+        instance,
+        member_rev: None,
+        members: BTreeSet::new(),
+        root_seen: None,
+        my_root_rev: None,
+        shaped: None,
+        down: None,
+        deadline: None,
+        spec,
+        config,
+    };
+    link.join().await?;
+    let mut up = Some(
+        link.engine
+            .subscribe(&up_subject(&link.config.cluster, &link.config.node))
+            .await?,
+    );
+    let mut election = Some(link.engine.watch(Bucket::Election).await?);
+    let mut shared = Some(link.engine.watch(Bucket::Config).await?);
+    link.share_agreements().await;
+    if let Ok(Some(e)) = link.engine.get(Bucket::Election, ROOT_KEY).await {
+        link.saw_root(&e.value);
+    }
+    tokio::pin!(shutdown);
+    let window_ms = link.config.window.as_millis().max(1) as u64;
+    loop {
+        let now_ms = link.unix_ms(Instant::now());
+        let next = link.instant_of((now_ms / window_ms + 1) * window_ms);
+        let deadline = link.deadline.map(|(at, _)| at);
+        tokio::select! {
+            _ = &mut shutdown => break,
+            _ = tokio::time::sleep_until(next) => {
+                let b = link.unix_ms(Instant::now().max(next)) / window_ms;
+                let local = demand.borrow().clone();
+                link.boundary(b, &local).await;
+                status.send_replace(link.status.clone());
+            }
+            _ = sleep_opt(deadline) => {
+                if let Some((_, w)) = link.deadline.take() {
+                    let out = link.node.deadline(w);
+                    link.send(out).await;
+                }
+            }
+            msg = recv_opt(&mut up) => match msg {
+                Some(bytes) => {
+                    link.status.received += 1;
+                    match serde_json::from_slice::<Report>(&bytes) {
+                        Ok(r) => match link.node.on_report(r) {
+                            Ok(out) => link.send(out).await,
+                            Err(_) => link.status.ignored += 1,
+                        },
+                        Err(_) => link.status.ignored += 1,
+                    }
+                }
+                None => up = None,
+            },
+            msg = recv_opt(&mut link.down) => match msg {
+                Some(bytes) => {
+                    link.status.received += 1;
+                    match serde_json::from_slice::<Quotas>(&bytes) {
+                        Ok(q) => match link.node.on_quotas(&q) {
+                            Ok(out) => link.send(out).await,
+                            Err(_) => link.status.ignored += 1,
+                        },
+                        Err(_) => link.status.ignored += 1,
+                    }
+                }
+                None => link.down = None,
+            },
+            entry = recv_opt(&mut election) => match entry {
+                Some(e) if e.key == ROOT_KEY => link.saw_root(&e.value),
+                Some(_) => {}
+                None => election = None,
+            },
+            entry = recv_opt(&mut shared) => match entry {
+                Some(e) if e.key == AGREEMENTS_KEY => link.adopt_agreements(&e.value),
+                Some(_) => {}
+                None => shared = None,
+            },
+        }
+    }
+    // Leaving: give up the root's lease and the membership so others move on at once.
+    if let Some(rev) = link.my_root_rev {
+        if let Ok(Some(e)) = link.engine.get(Bucket::Election, ROOT_KEY).await {
+            if e.revision == rev {
+                let _ = link.engine.delete(Bucket::Election, ROOT_KEY).await;
+            }
+        }
+    }
+    let _ = link.engine.delete(Bucket::Members, &link.config.node).await;
+    Ok(())
+}
+
+impl<E: Engine> Link<E> {
+    fn unix_ms(&self, at: Instant) -> u64 {
+        self.config.origin_unix_ms
+            + u64::try_from(at.saturating_duration_since(self.config.origin).as_millis())
+                .unwrap_or(u64::MAX / 2)
+    }
+
+    fn instant_of(&self, unix_ms: u64) -> Instant {
+        self.config.origin
+            + Duration::from_millis(unix_ms.saturating_sub(self.config.origin_unix_ms))
+    }
+
+    fn member_value(&self) -> Bytes {
+        Bytes::from(
+            serde_json::to_vec(&MemberValue {
+                node: self.config.node.clone(),
+                instance: self.instance,
+            })
+            .unwrap_or_default(),
+        )
+    }
+
+    /// Becomes a member: create-if-absent; a live key of another process with the same
+    /// name is waited out for one lease, then it is an error.
+    async fn join(&mut self) -> Result<(), LinkError> {
+        let key = self.config.node.clone();
+        let lease_end = Instant::now() + self.config.member_lease + self.config.window;
+        loop {
+            if let Some(rev) = self
+                .engine
+                .create(Bucket::Members, &key, self.member_value())
+                .await?
+            {
+                self.member_rev = Some(rev);
+                return Ok(());
+            }
+            let theirs = self.engine.get(Bucket::Members, &key).await?;
+            let ours = theirs.as_ref().and_then(|e| {
+                serde_json::from_slice::<MemberValue>(&e.value)
+                    .ok()
+                    .filter(|m| m.instance == self.instance)
+                    .map(|_| e.revision)
+            });
+            if let Some(rev) = ours {
+                self.member_rev = Some(rev);
+                return Ok(());
+            }
+            if Instant::now() >= lease_end {
+                return Err(LinkError::NameTaken(key));
+            }
+            tokio::time::sleep(self.config.window).await;
+        }
+    }
+
+    async fn share_agreements(&mut self) {
+        let Ok(text) = serde_json::to_vec(&self.spec) else {
+            return;
+        };
+        let current = self.engine.get(Bucket::Config, AGREEMENTS_KEY).await;
+        if let Ok(Some(e)) = &current {
+            if e.value.as_ref() == text.as_slice() {
+                return;
+            }
+        }
+        if let Err(e) = self
+            .engine
+            .put(Bucket::Config, AGREEMENTS_KEY, Bytes::from(text))
+            .await
+        {
+            self.status.engine_error = Some(e.to_string());
+            return;
+        }
+        if let Some((_, planner)) = planner_of(&self.spec) {
+            let plan = allot_model::cluster::mandatory_plan(&planner);
+            if let Ok(bytes) = serde_json::to_vec(&plan) {
+                let _ = self
+                    .engine
+                    .put(Bucket::Config, MANDATORY_KEY, Bytes::from(bytes))
+                    .await;
+            }
+        }
+    }
+
+    /// Another gateway published an agreement set: plan with it from now on.
+    fn adopt_agreements(&mut self, value: &[u8]) {
+        let Ok(spec) = serde_json::from_slice::<AgreementsSpec>(value) else {
+            self.status.ignored += 1;
+            return;
+        };
+        if spec == self.spec {
+            return;
+        }
+        match planner_of(&spec) {
+            Some((_, planner)) => {
+                tracing::info!("cluster: a new agreement set was published; planning with it");
+                self.node.set_planner(planner);
+                self.spec = spec;
+            }
+            None => self.status.ignored += 1,
+        }
+    }
+
+    /// The root's key changed.
+    fn saw_root(&mut self, value: &[u8]) {
+        let Ok(root) = serde_json::from_slice::<RootValue>(value) else {
+            return; // emptied by a root that left, or being written
+        };
+        if root.epoch == 0 {
+            return;
+        }
+        if root.epoch < self.node.epoch() {
+            // A root of a lower epoch than we have seen: never obeyed.
+            self.status.ignored += 1;
+            return;
+        }
+        if root.node != self.config.node {
+            self.my_root_rev = None;
+        }
+        self.root_seen = Some((root.node, root.epoch, Instant::now()));
+    }
+
+    async fn boundary(&mut self, b: u64, demand: &[f64]) {
+        self.status.window = b;
+        self.elect().await;
+        if b % self.config.member_refresh_windows.max(1) == 0 || self.members.is_empty() {
+            self.refresh_members().await;
+        }
+        self.reshape().await;
+        if b > 0 {
+            let out = self.node.close_window(b - 1, demand);
+            self.send(out).await;
+            if let Some(p) = self.node.position() {
+                if !p.children.is_empty() {
+                    let depth = self.shaped_depth();
+                    let height = u64::from(p.height(depth).max(1));
+                    let at = self.instant_of(b * self.config.window.as_millis() as u64)
+                        + self.config.hop * height as u32;
+                    self.deadline = Some((at, b - 1));
+                }
+            }
+        }
+        let e = self.node.enforce(b);
+        self.status.windows_since_fresh = match e.source {
+            Source::Fresh => 0,
+            _ => self.status.windows_since_fresh + 1,
+        };
+        self.status.enforcement = Some(e);
+        self.status.epoch = self.node.epoch();
+    }
+
+    fn shaped_depth(&self) -> u32 {
+        self.shaped
+            .as_ref()
+            .and_then(|(root, _, members)| {
+                let m: Vec<String> = members.iter().cloned().collect();
+                Shape::new(&m, root, self.config.fanout).ok()
+            })
+            .map_or(0, |s| s.depth())
+    }
+
+    /// Renews the root's lease, or stands for election when the lease has run out.
+    async fn elect(&mut self) {
+        let now = Instant::now();
+        if let Some(rev) = self.my_root_rev {
+            let value = RootValue {
+                node: self.config.node.clone(),
+                epoch: self.node.epoch(),
+            };
+            let bytes = Bytes::from(serde_json::to_vec(&value).unwrap_or_default());
+            match self
+                .engine
+                .update(Bucket::Election, ROOT_KEY, bytes, rev)
+                .await
+            {
+                Ok(Some(next)) => {
+                    self.my_root_rev = Some(next);
+                    self.root_seen = Some((value.node, value.epoch, now));
+                    self.status.engine_error = None;
+                }
+                Ok(None) => self.my_root_rev = None, // lost the lease
+                Err(e) => self.status.engine_error = Some(e.to_string()),
+            }
+            return;
+        }
+        let expired = self.root_seen.as_ref().is_none_or(|(_, _, seen)| {
+            now.saturating_duration_since(*seen) >= self.config.root_lease
+        });
+        if !expired {
+            return;
+        }
+        let claim = RootValue {
+            node: self.config.node.clone(),
+            epoch: 0,
+        };
+        let bytes = Bytes::from(serde_json::to_vec(&claim).unwrap_or_default());
+        match self.engine.create(Bucket::Election, ROOT_KEY, bytes).await {
+            Ok(Some(rev)) => {
+                // Won: the winning revision is the epoch; write it for everyone.
+                let value = RootValue {
+                    node: self.config.node.clone(),
+                    epoch: rev.max(self.node.epoch() + 1),
+                };
+                let bytes = Bytes::from(serde_json::to_vec(&value).unwrap_or_default());
+                if let Ok(Some(next)) = self
+                    .engine
+                    .update(Bucket::Election, ROOT_KEY, bytes, rev)
+                    .await
+                {
+                    tracing::info!(epoch = value.epoch, "cluster: this gateway is the root");
+                    self.my_root_rev = Some(next);
+                    self.node.observe_epoch(value.epoch);
+                    write_epoch(&self.config.epoch_file, value.epoch);
+                    self.root_seen = Some((value.node, value.epoch, now));
+                }
+            }
+            Ok(None) => {
+                // Someone holds it: read who.
+                if let Ok(Some(e)) = self.engine.get(Bucket::Election, ROOT_KEY).await {
+                    self.saw_root(&e.value);
+                }
+            }
+            Err(e) => self.status.engine_error = Some(e.to_string()),
+        }
+    }
+
+    async fn refresh_members(&mut self) {
+        let key = self.config.node.clone();
+        let renewed = match self.member_rev {
+            Some(rev) => {
+                self.engine
+                    .update(Bucket::Members, &key, self.member_value(), rev)
+                    .await
+            }
+            None => Ok(None),
+        };
+        match renewed {
+            Ok(Some(rev)) => self.member_rev = Some(rev),
+            Ok(None) => {
+                // Expired (paused, partitioned): join again.
+                self.member_rev = self
+                    .engine
+                    .create(Bucket::Members, &key, self.member_value())
+                    .await
+                    .ok()
+                    .flatten();
+            }
+            Err(e) => self.status.engine_error = Some(e.to_string()),
+        }
+        match self.engine.entries(Bucket::Members).await {
+            Ok(entries) => {
+                self.members = entries.into_iter().map(|e| e.key).collect();
+                self.members.insert(key);
+                self.status.members = self.members.len();
+            }
+            Err(e) => self.status.engine_error = Some(e.to_string()),
+        }
+    }
+
+    /// Takes this node's place in the tree of the root in force.
+    async fn reshape(&mut self) {
+        let Some((root, epoch, seen)) = self.root_seen.clone() else {
+            return;
+        };
+        if Instant::now().saturating_duration_since(seen) >= self.config.root_lease * 2 {
+            // The root's key has gone unrenewed for long: no tree until a new election.
+            if self.shaped.is_some() {
+                self.node.leave();
+                self.shaped = None;
+                self.down = None;
+                self.status.role = Role::Detached;
+                self.status.parent = None;
+            }
+            return;
+        }
+        let mut members = self.members.clone();
+        members.insert(root.clone());
+        members.insert(self.config.node.clone());
+        let wanted = (root.clone(), epoch, members.clone());
+        if self.shaped.as_ref() == Some(&wanted) {
+            return;
+        }
+        let list: Vec<String> = members.iter().cloned().collect();
+        let Ok(shape) = Shape::new(&list, &root, self.config.fanout) else {
+            return;
+        };
+        if !self.node.reshape(epoch, &shape) {
+            return;
+        }
+        if epoch > read_epoch(&self.config.epoch_file) {
+            write_epoch(&self.config.epoch_file, epoch);
+        }
+        let parent = self.node.position().and_then(|p| p.parent.clone());
+        let old_parent = self.status.parent.clone();
+        if parent != old_parent || self.down.is_none() {
+            self.down = match &parent {
+                Some(p) => self
+                    .engine
+                    .subscribe(&down_subject(&self.config.cluster, p))
+                    .await
+                    .ok(),
+                None => None,
+            };
+        }
+        self.status.role = match self.node.position() {
+            None => Role::Detached,
+            Some(p) if p.is_root() => Role::Root,
+            Some(p) if !p.children.is_empty() => Role::Aggregator,
+            Some(_) => Role::Leaf,
+        };
+        self.status.parent = parent;
+        self.status.root = Some(root);
+        self.shaped = Some(wanted);
+    }
+
+    async fn send(&mut self, out: Vec<Outgoing>) {
+        for o in out {
+            let (subject, bytes) = match o {
+                Outgoing::Report { to, report } => (
+                    up_subject(&self.config.cluster, &to),
+                    serde_json::to_vec(&report),
+                ),
+                Outgoing::Quotas(q) => (
+                    down_subject(&self.config.cluster, &self.config.node),
+                    serde_json::to_vec(&q),
+                ),
+            };
+            let Ok(bytes) = bytes else {
+                continue;
+            };
+            match self.engine.publish(&subject, Bytes::from(bytes)).await {
+                Ok(()) => self.status.sent += 1,
+                Err(e) => self.status.engine_error = Some(e.to_string()),
+            }
+        }
+    }
+}

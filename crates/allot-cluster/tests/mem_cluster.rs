@@ -1,0 +1,197 @@
+//! The cluster link on the in-memory engine, in paused time: one root is elected, the
+//! quotas handed to the gateways sum to the single-gateway plan, and when the root goes
+//! a new one takes over with a higher epoch.
+
+use std::time::Duration;
+
+use allot_cluster::link::{self, LinkConfig, LinkStatus, Role};
+use allot_cluster::{Lifetimes, MemEngine};
+use allot_model::agreements::{AgreementSpec, AgreementsSpec, Objective, PrincipalSpec};
+use allot_model::cluster::Source;
+use tokio::sync::{oneshot, watch};
+
+const WINDOW: Duration = Duration::from_millis(100);
+
+fn spec() -> AgreementsSpec {
+    let principal = |name: &str, capacity: f64| PrincipalSpec {
+        name: name.into(),
+        capacity_units_per_s: capacity,
+        price: 1.0,
+        locality_limit_units_per_s: None,
+    };
+    let agreement = |to: &str, lower: f64| AgreementSpec {
+        from: "S".into(),
+        to: to.into(),
+        share: [lower, 1.0],
+    };
+    AgreementsSpec {
+        objective: Objective::Community,
+        window_ms: 100,
+        principals: vec![
+            principal("S", 400.0),
+            principal("A", 0.0),
+            principal("B", 0.0),
+        ],
+        agreements: vec![agreement("A", 0.25), agreement("B", 0.75)],
+    }
+}
+
+struct Gateway {
+    status: watch::Receiver<LinkStatus>,
+    stop: Option<oneshot::Sender<()>>,
+    _demand: watch::Sender<Vec<f64>>,
+}
+
+fn start(
+    engine: &MemEngine,
+    name: &str,
+    demand: Vec<f64>,
+    origin: tokio::time::Instant,
+) -> Gateway {
+    let (demand_tx, demand_rx) = watch::channel(demand);
+    let (status_tx, status_rx) = watch::channel(LinkStatus::new(name));
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let config = LinkConfig {
+        cluster: "test".into(),
+        node: name.into(),
+        fanout: 32,
+        window: WINDOW,
+        hop: WINDOW / 10,
+        root_lease: WINDOW * 2,
+        member_lease: Duration::from_secs(1),
+        member_refresh_windows: 5,
+        epoch_file: None,
+        origin_unix_ms: 1_000_000,
+        origin,
+    };
+    let engine = engine.clone();
+    tokio::spawn(async move {
+        let stopped = async {
+            let _ = stop_rx.await;
+        };
+        if let Err(e) = link::run(engine, config, spec(), demand_rx, status_tx, stopped).await {
+            panic!("link: {e}");
+        }
+    });
+    Gateway {
+        status: status_rx,
+        stop: Some(stop_tx),
+        _demand: demand_tx,
+    }
+}
+
+fn totals(gateways: &[&Gateway]) -> (f64, f64, usize) {
+    let mut a = 0.0;
+    let mut b = 0.0;
+    let mut fresh = 0;
+    for g in gateways {
+        let s = g.status.borrow();
+        if let Some(e) = &s.enforcement {
+            a += e.units[1];
+            b += e.units[2];
+            if e.source == Source::Fresh {
+                fresh += 1;
+            }
+        }
+    }
+    (a, b, fresh)
+}
+
+#[tokio::test(start_paused = true)]
+async fn three_gateways_elect_one_root_share_the_plan_and_replace_a_root_that_leaves() {
+    let engine = MemEngine::new(Lifetimes {
+        member: Duration::from_secs(1),
+        root: WINDOW * 2,
+    });
+    let origin = tokio::time::Instant::now();
+    // Per window: A 10 + 10, B 30 + 10 on 40 units: both at their floors, A 10, B 30.
+    let mut g = vec![
+        start(&engine, "g1", vec![0.0, 10.0, 0.0], origin),
+        start(&engine, "g2", vec![0.0, 10.0, 30.0], origin),
+        start(&engine, "g3", vec![0.0, 0.0, 10.0], origin),
+    ];
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let roles: Vec<Role> = g.iter().map(|x| x.status.borrow().role).collect();
+    assert_eq!(
+        roles.iter().filter(|r| **r == Role::Root).count(),
+        1,
+        "{roles:?}"
+    );
+    let epoch = g[0].status.borrow().epoch;
+    assert!(epoch > 0);
+    assert!(g.iter().all(|x| x.status.borrow().epoch == epoch));
+    let (a, b, fresh) = totals(&g.iter().collect::<Vec<_>>());
+    assert_eq!(fresh, 3);
+    assert!(
+        (a - 10.0).abs() < 1e-6 && (b - 30.0).abs() < 1e-6,
+        "A {a} B {b}"
+    );
+    // g2 saw 3/4 of B's demand: 3/4 of B's 30.
+    let b2 = g[1]
+        .status
+        .borrow()
+        .enforcement
+        .clone()
+        .expect("enforcing")
+        .units[2];
+    assert!((b2 - 22.5).abs() < 1e-6, "{b2}");
+
+    // The root leaves: within a few windows another is root, with a higher epoch.
+    let root = roles.iter().position(|r| *r == Role::Root).expect("a root");
+    if let Some(stop) = g[root].stop.take() {
+        let _ = stop.send(());
+    }
+    let gone = g.remove(root);
+    drop(gone);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let roles: Vec<Role> = g.iter().map(|x| x.status.borrow().role).collect();
+    assert_eq!(
+        roles.iter().filter(|r| **r == Role::Root).count(),
+        1,
+        "{roles:?}"
+    );
+    assert!(g.iter().all(|x| x.status.borrow().epoch > epoch));
+    let (a, b, fresh) = totals(&g.iter().collect::<Vec<_>>());
+    assert_eq!(fresh, 2);
+    assert!(a + b <= 40.0 + 1e-6, "A {a} B {b}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_second_gateway_with_a_live_name_is_refused() {
+    let engine = MemEngine::new(Lifetimes {
+        member: Duration::from_secs(1),
+        root: WINDOW * 2,
+    });
+    let origin = tokio::time::Instant::now();
+    let _first = start(&engine, "same", vec![0.0; 3], origin);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (demand_tx, demand_rx) = watch::channel(vec![0.0; 3]);
+    let (status_tx, _status_rx) = watch::channel(LinkStatus::new("same"));
+    let config = LinkConfig {
+        cluster: "test".into(),
+        node: "same".into(),
+        fanout: 32,
+        window: WINDOW,
+        hop: WINDOW / 10,
+        root_lease: WINDOW * 2,
+        member_lease: Duration::from_secs(1),
+        member_refresh_windows: 5,
+        epoch_file: None,
+        origin_unix_ms: 1_000_000,
+        origin,
+    };
+    let result = link::run(
+        engine,
+        config,
+        spec(),
+        demand_rx,
+        status_tx,
+        std::future::pending(),
+    )
+    .await;
+    drop(demand_tx);
+    assert!(
+        matches!(result, Err(link::LinkError::NameTaken(_))),
+        "{result:?}"
+    );
+}

@@ -1,0 +1,493 @@
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use proptest::prelude::*;
+
+use super::*;
+use crate::agreements::tests::{agreement, principal, spec};
+use crate::agreements::AgreementSet;
+use crate::planner::Planner;
+
+fn names(n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("g{i:05}")).collect()
+}
+
+/// One back end of 400 units/s shared by A [0.25, 1] and B [0.75, 1]; 100 ms windows, so
+/// 40 units per window.
+fn two_tenants() -> Arc<Planner> {
+    let s = spec(
+        vec![
+            principal("S", 400.0),
+            principal("A", 0.0),
+            principal("B", 0.0),
+        ],
+        vec![
+            agreement("S", "A", 0.25, 1.0),
+            agreement("S", "B", 0.75, 1.0),
+        ],
+    );
+    Arc::new(Planner::per_window(
+        &AgreementSet::from_spec(&s).expect("valid set"),
+    ))
+}
+
+fn near(actual: f64, expected: f64) -> bool {
+    (actual - expected).abs() <= 1e-6 * (1.0 + expected.abs())
+}
+
+fn check_shape(shape: &Shape, members: usize, fanout: usize) {
+    assert_eq!(shape.len(), members);
+    let mut seen = std::collections::HashSet::new();
+    for p in shape.positions() {
+        assert!(seen.insert(p.name.clone()), "{} placed twice", p.name);
+        assert!(
+            p.children.len() <= fanout,
+            "{} has {} children",
+            p.name,
+            p.children.len()
+        );
+        assert!(p.level <= shape.depth());
+        for c in &p.children {
+            let child = shape.position(c).expect("a child is a member");
+            assert_eq!(child.parent.as_deref(), Some(p.name.as_str()));
+            assert_eq!(child.level, p.level + 1);
+        }
+        if let Some(parent) = &p.parent {
+            let parent = shape.position(parent).expect("a parent is a member");
+            assert!(parent.children.contains(&p.name));
+        }
+    }
+}
+
+#[test]
+fn ten_thousand_gateways_at_fanout_32_give_a_root_of_ten_children_three_levels_down() {
+    let members = names(10_000);
+    let shape = Shape::new(&members, "g04711", 32).expect("valid");
+    check_shape(&shape, 10_000, 32);
+    assert_eq!(shape.depth(), 3);
+    let root = shape.position("g04711").expect("root");
+    assert!(root.is_root());
+    assert_eq!(root.children.len(), 10);
+}
+
+#[test]
+fn a_small_tree_hangs_every_member_from_the_root() {
+    let members = names(3);
+    let shape = Shape::new(&members, "g00001", 32).expect("valid");
+    let root = shape.position("g00001").expect("root");
+    assert_eq!(
+        root.children,
+        vec!["g00000".to_string(), "g00002".to_string()]
+    );
+    assert_eq!(shape.depth(), 1);
+    let alone = Shape::new(&names(1), "g00000", 4).expect("valid");
+    assert_eq!(alone.depth(), 0);
+    assert!(alone.positions()[0].children.is_empty());
+}
+
+#[test]
+fn a_shape_needs_a_fanout_of_two_and_a_root_that_is_a_member() {
+    assert_eq!(
+        Shape::new(&names(3), "g00000", 1).err(),
+        Some(ShapeError::Fanout(1))
+    );
+    assert_eq!(
+        Shape::new(&names(3), "x", 4).err(),
+        Some(ShapeError::RootNotMember("x".into()))
+    );
+}
+
+proptest! {
+    #[test]
+    fn every_member_has_one_place_within_the_fanout(n in 1usize..1500, k in 2usize..40, r in 0usize..1500) {
+        let members = names(n);
+        let root = members[r % n].clone();
+        let shape = Shape::new(&members, &root, k).expect("valid");
+        check_shape(&shape, n, k);
+        // The depth is the least that fits: one level less could not hold everyone.
+        if shape.depth() > 1 {
+            let mut room = 1usize;
+            for _ in 1..shape.depth() - 1 { room = room * k + 1; }
+            prop_assert!(room * k < n - 1);
+        }
+    }
+}
+
+/// Delivers messages until none is left, dropping those `lose` says.
+fn deliver(
+    nodes: &mut HashMap<String, Node>,
+    mut queue: VecDeque<Outgoing>,
+    lose: &mut dyn FnMut() -> bool,
+) {
+    while let Some(out) = queue.pop_front() {
+        match out {
+            Outgoing::Report { to, report } => {
+                if lose() {
+                    continue;
+                }
+                if let Some(n) = nodes.get_mut(&to) {
+                    if let Ok(more) = n.on_report(report) {
+                        queue.extend(more);
+                    }
+                }
+            }
+            Outgoing::Quotas(q) => {
+                for part in q.parts.clone() {
+                    if lose() {
+                        continue;
+                    }
+                    if let Some(n) = nodes.get_mut(&part.to) {
+                        if let Ok(more) = n.on_quotas(&q) {
+                            queue.extend(more);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Closes `window` everywhere with `demand`, then runs the deadlines deepest first.
+fn run_window(
+    nodes: &mut HashMap<String, Node>,
+    shape: &Shape,
+    window: u64,
+    demand: &dyn Fn(&str) -> Vec<f64>,
+    lose: &mut dyn FnMut() -> bool,
+) {
+    let mut queue = VecDeque::new();
+    let mut order: Vec<&Position> = shape.positions().iter().collect();
+    order.sort_by_key(|p| std::cmp::Reverse(p.level));
+    for p in &order {
+        if let Some(n) = nodes.get_mut(&p.name) {
+            queue.extend(n.close_window(window, &demand(&p.name)));
+        }
+    }
+    deliver(nodes, queue, lose);
+    for p in &order {
+        if let Some(n) = nodes.get_mut(&p.name) {
+            let out = n.deadline(window).into_iter().collect();
+            deliver(nodes, out, lose);
+        }
+    }
+}
+
+fn tree(
+    members: &[String],
+    root: &str,
+    fanout: usize,
+    planner: &Arc<Planner>,
+) -> (Shape, HashMap<String, Node>) {
+    let shape = Shape::new(members, root, fanout).expect("valid");
+    let nodes = members
+        .iter()
+        .map(|m| {
+            let mut n = Node::new(m.clone(), Arc::clone(planner));
+            assert!(n.reshape(1, &shape));
+            (m.clone(), n)
+        })
+        .collect();
+    (shape, nodes)
+}
+
+#[test]
+fn the_root_plans_global_demand_and_each_gateway_gets_its_part_two_windows_later() {
+    let planner = two_tenants();
+    let members = names(3);
+    let (shape, mut nodes) = tree(&members, "g00000", 4, &planner);
+    // Per window: g1 has A 30; g2 has A 10 and B 50; the root itself nothing.
+    let demand = |name: &str| match name {
+        "g00001" => vec![0.0, 30.0, 0.0],
+        "g00002" => vec![0.0, 10.0, 50.0],
+        _ => vec![0.0; 3],
+    };
+    run_window(&mut nodes, &shape, 7, &demand, &mut || false);
+    // Global A 40, B 50 on 40 units: both at their floors, A 10, B 30; A's 10 split 3 : 1.
+    let g1 = nodes.get_mut("g00001").expect("member").enforce(9);
+    assert_eq!(g1.source, Source::Fresh);
+    assert!(
+        near(g1.units[1], 7.5) && near(g1.units[2], 0.0),
+        "{:?}",
+        g1.units
+    );
+    let g2 = nodes.get_mut("g00002").expect("member").enforce(9);
+    assert!(
+        near(g2.units[1], 2.5) && near(g2.units[2], 30.0),
+        "{:?}",
+        g2.units
+    );
+    // The next window without a new quota: the same, stale by one.
+    let g2 = nodes.get_mut("g00002").expect("member").enforce(10);
+    assert_eq!(g2.source, Source::Stale { age_windows: 1 });
+    assert!(near(g2.units[2], 30.0));
+    // Two silent windows: the share of the mandatory-only plan (A 10, B 30), by demand.
+    let g2 = nodes.get_mut("g00002").expect("member").enforce(11);
+    assert_eq!(g2.source, Source::Fallback { since_window: 11 });
+    assert!(
+        near(g2.units[1], 2.5) && near(g2.units[2], 30.0),
+        "{:?}",
+        g2.units
+    );
+    let g1 = nodes.get_mut("g00001").expect("member").enforce(12);
+    assert_eq!(g1.source, Source::Fallback { since_window: 12 });
+    assert!(near(g1.units[1], 7.5), "{:?}", g1.units);
+}
+
+#[test]
+fn a_stale_quota_is_the_lesser_of_the_last_two_plans() {
+    let planner = two_tenants();
+    let (shape, mut nodes) = tree(&names(2), "g00000", 4, &planner);
+    // g1's share of A: all of A's 10 in the first plan, half of it in the second.
+    let first = |name: &str| match name {
+        "g00001" => vec![0.0, 20.0, 40.0],
+        _ => vec![0.0, 0.0, 40.0],
+    };
+    let second = |_: &str| vec![0.0, 20.0, 40.0];
+    run_window(&mut nodes, &shape, 1, &first, &mut || false);
+    run_window(&mut nodes, &shape, 2, &second, &mut || false);
+    let g1 = nodes.get_mut("g00001").expect("member");
+    assert!(near(g1.enforce(3).units[1], 10.0));
+    assert!(near(g1.enforce(4).units[1], 5.0));
+    let stale = g1.enforce(5);
+    assert_eq!(stale.source, Source::Stale { age_windows: 1 });
+    assert!(
+        near(stale.units[1], 5.0) && near(stale.units[2], 15.0),
+        "{:?}",
+        stale.units
+    );
+}
+
+#[test]
+fn a_gateway_never_told_its_share_falls_back_to_an_equal_part_of_the_guarantees() {
+    let planner = two_tenants();
+    let (_, mut nodes) = tree(&names(4), "g00000", 4, &planner);
+    let e = nodes.get_mut("g00003").expect("member").enforce(0);
+    assert_eq!(e.source, Source::Fallback { since_window: 0 });
+    assert!(
+        near(e.units[1], 10.0 / 4.0) && near(e.units[2], 30.0 / 4.0),
+        "{:?}",
+        e.units
+    );
+}
+
+#[test]
+fn an_aggregator_waits_for_its_children_then_reports_their_sum() {
+    let planner = two_tenants();
+    // Fan-out 2: g00000 is the root, g00001 an aggregator over g00002 and g00003.
+    let shape = Shape::new(&names(4), "g00000", 2).expect("valid");
+    let agg = shape.position("g00001").expect("member").clone();
+    assert_eq!(
+        agg.children,
+        vec!["g00002".to_string(), "g00003".to_string()]
+    );
+    let mut node = Node::new("g00001", Arc::clone(&planner));
+    node.reshape(1, &shape);
+    let report = |from: &str, window: u64, a: f64| Report {
+        epoch: 1,
+        window,
+        from: from.into(),
+        demand: vec![0.0, a, 0.0],
+    };
+    assert!(
+        node.close_window(3, &[0.0, 1.0, 2.0]).is_empty(),
+        "waits for its children"
+    );
+    assert_eq!(node.on_report(report("g00002", 3, 4.0)), Ok(vec![]));
+    let out = node
+        .on_report(report("g00003", 3, 8.0))
+        .expect("a child's report");
+    let [Outgoing::Report { to, report: up }] = out.as_slice() else {
+        panic!("one report up: {out:?}");
+    };
+    assert_eq!(to, "g00000");
+    assert_eq!(up.demand, vec![0.0, 13.0, 2.0]);
+    // Next window g00003 is silent: at the deadline its last report stands in.
+    assert!(node.close_window(4, &[0.0, 1.0, 0.0]).is_empty());
+    assert_eq!(node.on_report(report("g00002", 4, 4.0)), Ok(vec![]));
+    let out = node.deadline(4);
+    let [Outgoing::Report { report: up, .. }] = out.as_slice() else {
+        panic!("one report up: {out:?}");
+    };
+    assert_eq!(up.demand, vec![0.0, 13.0, 0.0]);
+    // Silent a second window: its demand is dropped.
+    node.close_window(5, &[0.0, 1.0, 0.0]);
+    assert_eq!(node.on_report(report("g00002", 5, 4.0)), Ok(vec![]));
+    let out = node.deadline(5);
+    let [Outgoing::Report { report: up, .. }] = out.as_slice() else {
+        panic!("one report up: {out:?}");
+    };
+    assert_eq!(up.demand, vec![0.0, 5.0, 0.0]);
+    assert!(node.deadline(5).is_empty(), "one report per window");
+}
+
+#[test]
+fn messages_from_outside_the_tree_or_lower_epochs_or_malformed_are_ignored() {
+    let planner = two_tenants();
+    let (shape, mut nodes) = tree(&names(3), "g00000", 4, &planner);
+    let root = nodes.get_mut("g00000").expect("root");
+    let report = |from: &str, epoch: u64, demand: Vec<f64>| Report {
+        epoch,
+        window: 1,
+        from: from.into(),
+        demand,
+    };
+    assert_eq!(
+        root.on_report(report("x", 1, vec![0.0; 3])),
+        Err(Ignored::NotInTree)
+    );
+    assert_eq!(
+        root.on_report(report("g00001", 0, vec![0.0; 3])),
+        Err(Ignored::LowerEpoch)
+    );
+    assert_eq!(
+        root.on_report(report("g00001", 2, vec![0.0; 3])),
+        Err(Ignored::HigherEpoch)
+    );
+    assert_eq!(
+        root.on_report(report("g00001", 1, vec![0.0; 2])),
+        Err(Ignored::Malformed)
+    );
+    assert_eq!(
+        root.on_report(report("g00001", 1, vec![0.0, f64::NAN, 0.0])),
+        Err(Ignored::Malformed)
+    );
+    assert_eq!(
+        root.on_report(report("g00001", 1, vec![0.0, -1.0, 0.0])),
+        Err(Ignored::Malformed)
+    );
+    assert!(root.on_report(report("g00001", 1, vec![0.0; 3])).is_ok());
+    assert_eq!(
+        root.on_report(report("g00001", 1, vec![0.0; 3])),
+        Err(Ignored::Old)
+    );
+    // A quota from a root of a lower epoch is never obeyed.
+    let leaf = nodes.get_mut("g00001").expect("leaf");
+    leaf.observe_epoch(5);
+    let q = Quotas {
+        epoch: 1,
+        window: 1,
+        target_window: 3,
+        from: "g00000".into(),
+        parts: vec![QuotaPart {
+            to: "g00001".into(),
+            units: vec![0.0, 40.0, 0.0],
+            fallback_units: vec![0.0; 3],
+        }],
+    };
+    assert_eq!(leaf.on_quotas(&q), Err(Ignored::LowerEpoch));
+    assert!(!leaf.reshape(4, &shape), "a lower epoch's tree is refused");
+}
+
+#[test]
+fn a_new_epoch_drops_the_quotas_of_the_old_root() {
+    let planner = two_tenants();
+    let (shape, mut nodes) = tree(&names(3), "g00000", 4, &planner);
+    let demand = |_: &str| vec![0.0, 20.0, 20.0];
+    run_window(&mut nodes, &shape, 1, &demand, &mut || false);
+    let leaf = nodes.get_mut("g00002").expect("leaf");
+    assert_eq!(leaf.enforce(3).source, Source::Fresh);
+    // Paused, it comes back to a tree of epoch 9: the quota of epoch 1 is never enforced.
+    let new_shape = Shape::new(&names(3), "g00001", 4).expect("valid");
+    assert!(leaf.reshape(9, &new_shape));
+    assert!(matches!(leaf.enforce(3).source, Source::Fallback { .. }));
+}
+
+#[test]
+fn a_child_left_out_by_its_parent_gets_zero_and_passes_zero_down() {
+    let planner = two_tenants();
+    let members = names(3);
+    let shape = Shape::new(&members, "g00000", 2).expect("valid");
+    let agg = shape.positions()[1].clone();
+    let mut node = Node::new(agg.name.clone(), Arc::clone(&planner));
+    node.reshape(1, &shape);
+    node.close_window(1, &[0.0, 5.0, 5.0]);
+    node.deadline(1);
+    let out = node
+        .on_quotas(&Quotas {
+            epoch: 1,
+            window: 1,
+            target_window: 3,
+            from: "g00000".into(),
+            parts: vec![],
+        })
+        .expect("from the parent");
+    assert_eq!(node.enforce(3).units, vec![0.0; 3]);
+    if let [Outgoing::Quotas(q)] = out.as_slice() {
+        assert!(q.parts.iter().all(|p| p.units.iter().all(|u| *u == 0.0)));
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+    /// Whatever is lost, the fresh quotas enforced in a window (all from one plan) never
+    /// sum above capacity, and with nothing lost they are the single-gateway plan of the global
+    /// demand, split by local demand.
+    #[test]
+    fn quotas_never_sum_above_the_plan(
+        n in 1usize..120,
+        fanout in 2usize..9,
+        seed in any::<u64>(),
+        loss_percent in 0u64..30,
+    ) {
+        let planner = two_tenants();
+        let members = names(n);
+        let (shape, mut nodes) = tree(&members, &members[(seed % n as u64) as usize], fanout, &planner);
+        let mut rng = seed | 1;
+        let mut next = move || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        let demands: Vec<HashMap<String, Vec<f64>>> = (0..6)
+            .map(|_| {
+                members
+                    .iter()
+                    .map(|m| {
+                        let a = (next() % 100) as f64 / 10.0;
+                        let b = (next() % 100) as f64 / 10.0;
+                        (m.clone(), vec![0.0, a, b])
+                    })
+                    .collect()
+            })
+            .collect();
+        let capacity = 40.0;
+        for (w, d) in demands.iter().enumerate() {
+            let lossy = w % 2 == 1 && loss_percent > 0;
+            let mut lose = || lossy && next() % 100 < loss_percent;
+            run_window(&mut nodes, &shape, w as u64, &|name| d[name].clone(), &mut lose);
+            let target = w as u64 + LEAD_WINDOWS;
+            let mut fresh = [0.0f64; 3];
+            let mut all_fresh = true;
+            for node in nodes.values_mut() {
+                let e = node.enforce(target);
+                match e.source {
+                    Source::Fallback { .. } => all_fresh = false,
+                    Source::Stale { .. } => all_fresh = false,
+                    Source::Fresh => {}
+                }
+                if e.source == Source::Fresh {
+                    for (f, u) in fresh.iter_mut().zip(&e.units) { *f += u; }
+                }
+            }
+            let total: f64 = fresh.iter().sum();
+            prop_assert!(total <= capacity * (1.0 + 1e-9), "window {w}: {total}");
+            if !lossy && all_fresh {
+                let mut global = vec![0.0; 3];
+                for v in d.values() { for (g, x) in global.iter_mut().zip(v) { *g += x; } }
+                let plan = planner.solve(&global).expect("solves");
+                for (i, (got, want)) in fresh.iter().zip(&plan.units).enumerate() {
+                    prop_assert!(near(*got, *want) || (got - want).abs() < 1e-6,
+                        "window {w} principal {i}: {got} vs {want}");
+                }
+                for (name, node) in nodes.iter_mut() {
+                    let e = node.enforce(target);
+                    for i in 1..3 {
+                        let want = crate::planner::local_part(plan.units[i], d[name][i], global[i]);
+                        prop_assert!((e.units[i] - want).abs() < 1e-6, "{name} {i}: {} vs {want}", e.units[i]);
+                    }
+                }
+            }
+        }
+    }
+}

@@ -75,6 +75,14 @@ initial_limit = 3
     );
     let stats = backend_stats(baddr).await;
     assert_eq!(stats["max_concurrent"], 3, "{stats}");
+    // The readout has outputs once the loop has ticked (the limit applies before that).
+    assert!(
+        common::eventually(Duration::from_secs(10), || async {
+            readout(&controllers(admin).await, "adapt")["ticks"].as_u64() > Some(0)
+        })
+        .await,
+        "the controller never ticked"
+    );
 
     let (code, out, err) = ctl(&["list", "--json"]);
     assert_eq!(code, 0, "{err}");

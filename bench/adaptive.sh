@@ -4,7 +4,7 @@
 # concurrent requests (40 ms · (1 + 2·((c − 8)/8)²)), with 64 closed-loop clients.
 #
 # The load generator and phases are the ignored test `bench_adaptive_rules` in
-# tests/qos_adaptive.rs (the same harness as acceptance test (c)); it prints one
+# tests/qos_adaptive.rs (the same harness as its goodput experiment); it prints one
 # markdown row per setting, pasted into docs/benchmarks.md ("Controllers"). Its time
 # series goes to $ALLOT_QOS_CSV_DIR/adaptive-bench.csv when that is set.
 #

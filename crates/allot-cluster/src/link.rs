@@ -487,7 +487,7 @@ impl<E: Engine> Link<E> {
     async fn boundary(&mut self, b: u64, demand: &[f64]) {
         self.status.window = b;
         self.elect().await;
-        if b % self.config.member_refresh_windows.max(1) == 0 || self.members.is_empty() {
+        if b.is_multiple_of(self.config.member_refresh_windows.max(1)) || self.members.is_empty() {
             self.refresh_members().await;
         }
         self.reshape().await;

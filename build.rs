@@ -22,15 +22,19 @@ fn main() {
         .filter(|c| !c.trim().is_empty())
         .or_else(|| git(&["rev-parse", "--short=12", "HEAD"]));
     // Build again when HEAD moves: HEAD itself, the branch it points to, packed refs.
-    for path in ["HEAD", "packed-refs"] {
+    // Only files that exist: cargo takes a missing one as changed, and would run this
+    // script (and build the binary again) on every build.
+    let watch = |path: &str| {
         if let Some(p) = git(&["rev-parse", "--path-format=absolute", "--git-path", path]) {
-            println!("cargo:rerun-if-changed={p}");
+            if std::path::Path::new(&p).exists() {
+                println!("cargo:rerun-if-changed={p}");
+            }
         }
-    }
+    };
+    watch("HEAD");
+    watch("packed-refs");
     if let Some(branch) = git(&["symbolic-ref", "-q", "HEAD"]) {
-        if let Some(p) = git(&["rev-parse", "--path-format=absolute", "--git-path", &branch]) {
-            println!("cargo:rerun-if-changed={p}");
-        }
+        watch(&branch);
     }
     let long = match commit {
         Some(c) => format!("{version} (commit {c})"),

@@ -21,9 +21,10 @@ fn main() {
         .ok()
         .filter(|c| !c.trim().is_empty())
         .or_else(|| git(&["rev-parse", "--short=12", "HEAD"]));
-    // Build again when HEAD moves: HEAD itself, the branch it points to, packed refs.
-    // Only files that exist: cargo takes a missing one as changed, and would run this
-    // script (and build the binary again) on every build.
+    // Build again when HEAD moves: HEAD itself, its log (written on every commit,
+    // checkout and reset), the branch it points to and the packed refs. Only files that
+    // exist: cargo takes a missing one as changed, and would run this script (and build
+    // the binary again) on every build.
     let watch = |path: &str| {
         if let Some(p) = git(&["rev-parse", "--path-format=absolute", "--git-path", path]) {
             if std::path::Path::new(&p).exists() {
@@ -32,6 +33,7 @@ fn main() {
         }
     };
     watch("HEAD");
+    watch("logs/HEAD");
     watch("packed-refs");
     if let Some(branch) = git(&["symbolic-ref", "-q", "HEAD"]) {
         watch(&branch);

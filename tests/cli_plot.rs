@@ -116,7 +116,7 @@ fn sim_fvm_plots_demands_congestion_and_fairness() {
 #[test]
 fn sim_plan_plots_each_principals_allocation_per_window() {
     let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let config = repo.join("examples/agreements/one-server.toml");
+    let config = repo.join("examples/plan/one-server.toml");
     let trace = repo.join("examples/plan/demand-trace.csv");
     let path = temp_path("plan.svg");
     let (c, t, p) = (

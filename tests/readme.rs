@@ -10,8 +10,13 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-/// The first `sh` block after the heading `## {title}`.
-fn sh_block(readme: &str, title: &str) -> String {
+fn repo() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The first `sh` block after the heading `## {title}` of the README.
+fn sh_block(title: &str) -> String {
+    let readme = std::fs::read_to_string(repo().join("README.md")).expect("README.md");
     let section = readme
         .split(&format!("## {title}\n"))
         .nth(1)
@@ -26,9 +31,7 @@ fn sh_block(readme: &str, title: &str) -> String {
 
 #[test]
 fn the_first_gateway_steps_of_the_readme_run_as_written() {
-    let repo = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let readme = std::fs::read_to_string(repo.join("README.md")).expect("README.md");
-    let block = sh_block(&readme, "A first gateway");
+    let block = sh_block("A first gateway");
     assert!(
         block.contains("allot backend") && block.contains("allot gateway"),
         "{block}"
@@ -39,15 +42,16 @@ fn the_first_gateway_steps_of_the_readme_run_as_written() {
         .filter(|l| l.trim() != "cargo build --release")
         .map(|l| l.replace("target/release/allot", &bin))
         .collect();
-    // Whatever fails, nothing started by the block outlives it.
+    // Whatever fails, nothing started by the block outlives it. A job that ends between
+    // `jobs -p` and `kill` makes the kill fail, which must not fail the steps.
     let script = format!(
-        "set -e\ntrap 'kill $(jobs -p) 2>/dev/null; wait' EXIT\n{}\n",
+        "set -e\ntrap 'kill $(jobs -p) 2>/dev/null || true; wait' EXIT\n{}\n",
         script.join("\n")
     );
     let started = Instant::now();
     let mut child = Command::new("timeout")
         .args(["-k", "5", "90", "bash", "-c", &script])
-        .current_dir(&repo)
+        .current_dir(repo())
         .env_remove("ALLOT_ADMIN")
         .env_remove("ALLOT_ADMIN_TOKEN")
         .stdin(Stdio::null())
@@ -88,9 +92,7 @@ fn the_first_gateway_steps_of_the_readme_run_as_written() {
 
 #[test]
 fn the_planning_steps_of_the_readme_run_as_written() {
-    let repo = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let readme = std::fs::read_to_string(repo.join("README.md")).expect("README.md");
-    let block = sh_block(&readme, "Planning shares");
+    let block = sh_block("Planning shares");
     assert!(
         block.contains("allot plan") && block.contains("allot sim plan"),
         "{block}"
@@ -99,7 +101,7 @@ fn the_planning_steps_of_the_readme_run_as_written() {
     let script = format!("set -e\n{}", block.replace("target/release/allot", &bin));
     let out = Command::new("timeout")
         .args(["-k", "5", "60", "bash", "-c", &script])
-        .current_dir(&repo)
+        .current_dir(repo())
         .stdin(Stdio::null())
         .output()
         .expect("run bash");

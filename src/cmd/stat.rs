@@ -75,8 +75,11 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
 pub struct Sample {
     /// What `/status` said.
     pub status: Status,
-    /// Its `"cluster"` object: `None` when the gateway is in no cluster.
+    /// Its `"cluster"` object: `None` when the gateway is in no cluster (or the object
+    /// could not be read).
     pub cluster: Option<ClusterStatus>,
+    /// Why a `"cluster"` object present could not be read (the rest of `/status` still is).
+    pub cluster_error: Option<String>,
     /// When the answer came.
     pub at: Instant,
 }
@@ -119,16 +122,23 @@ pub struct ClusterPrincipal {
     pub local_share: f64,
 }
 
+/// What [`parse_status`] gives: the status, and its `"cluster"` object (`Ok(None)`:
+/// none; `Err`: one that could not be read, and why).
+pub type StatusDocument = (Status, Result<Option<ClusterStatus>, String>);
+
 /// Reads a `/status` document: the status, and its `"cluster"` object when there is one.
-pub fn parse_status(text: &str) -> anyhow::Result<(Status, Option<ClusterStatus>)> {
+/// A `"cluster"` object of another shape does not make the rest unreadable.
+pub fn parse_status(text: &str) -> anyhow::Result<StatusDocument> {
     #[derive(Deserialize)]
     struct Cluster {
         #[serde(default)]
         cluster: Option<ClusterStatus>,
     }
     let status: Status = serde_json::from_str(text).context("reading /status")?;
-    let cluster: Cluster = serde_json::from_str(text).context("reading /status: `cluster`")?;
-    Ok((status, cluster.cluster))
+    let cluster = serde_json::from_str::<Cluster>(text)
+        .map(|c| c.cluster)
+        .map_err(|e| format!("/status `cluster`: {e}"));
+    Ok((status, cluster))
 }
 
 /// Reads `/status` once.
@@ -138,9 +148,14 @@ pub async fn fetch(target: &AdminTarget) -> anyhow::Result<Sample> {
         anyhow::bail!("the gateway answered {code}: {}", text.trim());
     }
     let (status, cluster) = parse_status(&text)?;
+    let (cluster, cluster_error) = match cluster {
+        Ok(c) => (c, None),
+        Err(e) => (None, Some(e)),
+    };
     Ok(Sample {
         status,
         cluster,
+        cluster_error,
         at: Instant::now(),
     })
 }

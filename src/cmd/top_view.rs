@@ -467,6 +467,15 @@ fn controllers(f: &mut Frame, area: Rect, state: &State) {
 /// The cluster view: this node's role, epoch, parent, how fresh its quota is, fallback,
 /// messages, and per principal the demand across the cluster next to this node's share.
 fn cluster(f: &mut Frame, area: Rect, state: &State) {
+    if let Some(e) = state.now.as_ref().and_then(|s| s.cluster_error.as_ref()) {
+        f.render_widget(
+            Paragraph::new(format!("cannot read this gateway's cluster status: {e}"))
+                .style(style(state, Color::Red))
+                .block(Block::bordered().title(" cluster ")),
+            area,
+        );
+        return;
+    }
     let Some(c) = state.now.as_ref().and_then(|s| s.cluster.as_ref()) else {
         f.render_widget(
             Paragraph::new(
@@ -579,7 +588,8 @@ mod tests {
         let (status, cluster) = parse_status(&text).expect("a /status document");
         Sample {
             status,
-            cluster,
+            cluster: cluster.clone().ok().flatten(),
+            cluster_error: cluster.err(),
             at,
         }
     }
@@ -663,6 +673,22 @@ mod tests {
         let lines = screen(&state);
         line_with(&lines, "no cluster");
         assert!(state.now.as_ref().is_some_and(|s| s.cluster.is_none()));
+    }
+
+    #[test]
+    fn a_cluster_object_of_another_shape_is_named_and_the_rest_still_read() {
+        let mut state = State::new("x".into(), false);
+        state.update(
+            sample(r#", "cluster": {"node": "gw-1"}"#, Instant::now()),
+            Vec::new(),
+        );
+        state.view = View::Cluster;
+        let lines = screen(&state);
+        assert!(
+            line_with(&lines, "cannot read this gateway's cluster status").contains("role"),
+            "names the missing field"
+        );
+        assert!(line_with(&lines, "allot top").contains("up 12 s"));
     }
 
     #[test]

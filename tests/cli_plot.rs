@@ -1,8 +1,12 @@
-//! `--plot FILE.svg` on the models: `allot sim fvm` draws n_v(t), c(t) and fairness,
-//! `allot sim plan` draws each principal's allocation per window; each file is a
-//! well-formed SVG whose series carry their names and one point per row.
+//! `--plot FILE.svg`: `allot sim fvm` draws n_v(t), c(t) and fairness, `allot sim plan`
+//! each principal's allocation per window, `allot cpu` each principal's CPU fraction
+//! against its target per cycle, `allot adapt` the limit and the slowdown over time; each
+//! file is a well-formed SVG whose series carry their names and one point per row.
+//! The `cpu` and `adapt` runs are two seconds of two busy loops: they check what is
+//! drawn, never how well the CPU was shared.
 
 mod common;
+mod cpu_support;
 
 use std::collections::BTreeMap;
 
@@ -112,7 +116,7 @@ fn sim_fvm_plots_demands_congestion_and_fairness() {
 #[test]
 fn sim_plan_plots_each_principals_allocation_per_window() {
     let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let config = repo.join("examples/agreements/one-server.toml");
+    let config = repo.join("examples/plan/one-server.toml");
     let trace = repo.join("examples/plan/demand-trace.csv");
     let path = temp_path("plan.svg");
     let (c, t, p) = (
@@ -141,6 +145,111 @@ fn sim_plan_plots_each_principals_allocation_per_window() {
             .get(name)
             .unwrap_or_else(|| panic!("{name}: {series:?}"));
         assert_eq!(lines[0].len(), windows, "{name}: one point per window");
+    }
+    let _ = std::fs::remove_file(&path);
+}
+
+#[test]
+fn cpu_plots_each_principals_fraction_against_its_target_per_cycle() {
+    let workers = cpu_support::Workers::busy(2, cpu_support::experiment_cpu());
+    let pids = workers.pids();
+    let (path, report) = (temp_path("cpu.svg"), temp_path("cpu.csv"));
+    let (p, r) = (
+        path.to_string_lossy().to_string(),
+        report.to_string_lossy().to_string(),
+    );
+    let (a, b) = (format!("{}:1", pids[0]), format!("{}:3", pids[1]));
+    let (code, _, err) = run_allot(
+        &[
+            "cpu",
+            "--backend",
+            "signals",
+            "--quantum",
+            "10ms",
+            "--duration",
+            "2s",
+            "--pid",
+            &a,
+            "--pid",
+            &b,
+            "--report",
+            &r,
+            "--plot",
+            &p,
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    let csv = std::fs::read_to_string(&report).expect("the report");
+    let cycles: std::collections::BTreeSet<&str> = csv
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split(',').next())
+        .collect();
+    assert!(!cycles.is_empty(), "no cycle in two seconds: {csv}");
+    let series = parse_svg(&std::fs::read_to_string(&path).expect("the SVG"));
+    for pid in &pids {
+        let got = &series
+            .get(&format!("pid:{pid}"))
+            .unwrap_or_else(|| panic!("pid:{pid}: {series:?}"))[0];
+        let target = &series
+            .get(&format!("pid:{pid} target"))
+            .unwrap_or_else(|| panic!("pid:{pid} target: {series:?}"))[0];
+        assert_eq!(target.len(), cycles.len(), "a target point per cycle");
+        assert!(
+            !got.is_empty() && got.len() <= cycles.len(),
+            "{} fractions for {} cycles",
+            got.len(),
+            cycles.len()
+        );
+        assert!(
+            target.iter().all(|t| t.1 == target[0].1),
+            "the target of a fixed share is a flat line: {target:?}"
+        );
+    }
+    let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_file(&report);
+}
+
+#[test]
+fn adapt_plots_the_limit_and_the_slowdown_over_time() {
+    let workers = cpu_support::Workers::busy(2, cpu_support::experiment_cpu());
+    let pids: Vec<String> = workers.pids().iter().map(|p| p.to_string()).collect();
+    let path = temp_path("adapt.svg");
+    let p = path.to_string_lossy().to_string();
+    let (code, out, err) = run_allot(
+        &[
+            "adapt",
+            "--period",
+            "200ms",
+            "--window",
+            "1s",
+            "--samples",
+            "1",
+            "--initial",
+            "2",
+            "--duration",
+            "2s",
+            "--pid",
+            &pids[0],
+            "--pid",
+            &pids[1],
+            "--json",
+            "--plot",
+            &p,
+        ],
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    let doc: serde_json::Value = serde_json::from_str(out.trim()).expect("JSON");
+    let periods = doc["periods"].as_u64().expect("periods") as usize;
+    assert!(periods > 0, "no period in two seconds: {err}");
+    let series = parse_svg(&std::fs::read_to_string(&path).expect("the SVG"));
+    for name in ["L", "running", "duty", "R", "H"] {
+        let lines = series
+            .get(name)
+            .unwrap_or_else(|| panic!("{name}: {series:?}"));
+        assert_eq!(lines[0].len(), periods, "{name}: one point per period");
     }
     let _ = std::fs::remove_file(&path);
 }

@@ -17,6 +17,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 fn config(backend: SocketAddr, mode: &str) -> String {
+    let agreements = one_server_agreements("S", 320);
     format!(
         r#"
 [listener]
@@ -45,23 +46,7 @@ mode = "{mode}"
 window_ms = 100
 max_wait_ms = 300
 classes = {{ a = "A", b = "B" }}
-[[agreements.principal]]
-name = "S"
-capacity = 320
-[[agreements.principal]]
-name = "A"
-capacity = 0
-[[agreements.principal]]
-name = "B"
-capacity = 0
-[[agreements.agreement]]
-from = "S"
-to = "A"
-share = [0.2, 1.0]
-[[agreements.agreement]]
-from = "S"
-to = "B"
-share = [0.8, 1.0]
+{agreements}
 [[agreements.server]]
 principal = "S"
 location = "http://{backend}"

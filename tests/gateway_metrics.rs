@@ -132,53 +132,9 @@ fn bucket_of(seconds: f64) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_real_prometheus_computes_a_p99_in_the_right_bucket() {
-    let prometheus = tools::ensure("prometheus", "prometheus");
     let (_b, backend) = backend(64, 0, &[]);
     let (_g, gw, admin, _) = gateway(&config(backend), &[], &[]);
-
-    let dir = temp_path("prometheus");
-    std::fs::create_dir_all(&dir).expect("prometheus dir");
-    let web = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port");
-    std::fs::write(
-        dir.join("prometheus.yml"),
-        format!(
-            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: allot\n    static_configs:\n      - targets: ['{admin}']\n"
-        ),
-    )
-    .expect("write prometheus.yml");
-    let log = std::fs::File::create(dir.join("log")).expect("log");
-    let mut prom = Command::new(&prometheus)
-        .arg(format!(
-            "--config.file={}",
-            dir.join("prometheus.yml").display()
-        ))
-        .arg(format!(
-            "--storage.tsdb.path={}",
-            dir.join("data").display()
-        ))
-        .arg(format!("--web.listen-address={web}"))
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("start prometheus");
-    struct Kill<'a>(&'a mut std::process::Child);
-    impl Drop for Kill<'_> {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let _kill = Kill(&mut prom);
-    assert!(
-        eventually(Duration::from_secs(30), || async {
-            tokio::net::TcpStream::connect(web).await.is_ok()
-        })
-        .await,
-        "prometheus did not start: {}",
-        std::fs::read_to_string(dir.join("log")).unwrap_or_default()
-    );
+    let prom = prometheus::Prometheus::start("prometheus", admin).await;
 
     // 90% of requests take 5 ms, 10% take 150 ms: the true p99 is a slow one.
     let started = Instant::now();
@@ -211,12 +167,10 @@ async fn a_real_prometheus_computes_a_p99_in_the_right_bucket() {
     tokio::time::sleep(Duration::from_secs(3)).await;
 
     let query = "histogram_quantile(0.99, sum by (le) (increase(allot_class_service_time_seconds_bucket[10s])))";
-    let url = format!("/api/v1/query?query={}", urlencode(query));
     let mut answer: serde_json::Value;
     let deadline = Instant::now() + Duration::from_secs(20);
     let got = loop {
-        let r = get_once(web, &url, &[("host", "prometheus")]).await;
-        answer = serde_json::from_slice(&r.body).unwrap_or_default();
+        answer = prom.query(query).await;
         let finite = answer["data"]["result"][0]["value"][1]
             .as_str()
             .and_then(|v| v.parse::<f64>().ok())
@@ -236,15 +190,4 @@ async fn a_real_prometheus_computes_a_p99_in_the_right_bucket() {
         bucket_of(true_p99),
         "prometheus p99 {p99:.4} s is not in the bucket of the true p99 {true_p99:.4} s"
     );
-}
-
-fn urlencode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }

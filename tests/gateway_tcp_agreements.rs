@@ -18,6 +18,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 fn config(backend: SocketAddr) -> String {
+    let agreements = one_server_agreements("S", 100);
     format!(
         r#"
 [[listener]]
@@ -54,23 +55,7 @@ target = {{ class = "b" }}
 window_ms = 100
 max_wait_ms = 300
 classes = {{ a = "A", b = "B" }}
-[[agreements.principal]]
-name = "S"
-capacity = 100
-[[agreements.principal]]
-name = "A"
-capacity = 0
-[[agreements.principal]]
-name = "B"
-capacity = 0
-[[agreements.agreement]]
-from = "S"
-to = "A"
-share = [0.2, 1.0]
-[[agreements.agreement]]
-from = "S"
-to = "B"
-share = [0.8, 1.0]
+{agreements}
 "#
     )
 }

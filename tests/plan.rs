@@ -82,7 +82,7 @@ fn scratch(name: &str, text: &str) -> PathBuf {
 
 #[test]
 fn figure3_access_levels() {
-    let doc = plan_json(&repo("examples/agreements/figure3.toml"), &[]);
+    let doc = plan_json(&repo("examples/plan/figure3.toml"), &[]);
     for (name, capacity, mandatory, optional) in [
         ("A", 1000.0, 600.0, 400.0),
         ("B", 1500.0, 760.0, 1340.0),
@@ -107,7 +107,7 @@ fn figure3_access_levels() {
 
 #[test]
 fn json_shape_is_exactly_as_documented() {
-    let doc = plan_json(&repo("examples/agreements/figure3.toml"), &["A=100"]);
+    let doc = plan_json(&repo("examples/plan/figure3.toml"), &["A=100"]);
     let top: Vec<&String> = doc
         .as_object()
         .map(|o| o.keys().collect())
@@ -143,19 +143,19 @@ fn json_shape_is_exactly_as_documented() {
 #[test]
 fn one_server_b_under_guarantee_gets_all_a_the_rest() {
     let doc = plan_json(
-        &repo("examples/agreements/one-server.toml"),
+        &repo("examples/plan/one-server.toml"),
         &["A=10000", "B=130"],
     );
     assert_near(number(&doc, "B", "allocation"), 130.0, "B");
     assert_near(number(&doc, "A", "allocation"), 190.0, "A");
     // B stops: A may use the whole server.
-    let doc = plan_json(&repo("examples/agreements/one-server.toml"), &["A=10000"]);
+    let doc = plan_json(&repo("examples/plan/one-server.toml"), &["A=10000"]);
     assert_near(number(&doc, "A", "allocation"), 320.0, "A alone");
 }
 
 #[test]
 fn two_servers_both_flooding_then_a_at_400() {
-    let config = repo("examples/agreements/two-servers.toml");
+    let config = repo("examples/plan/two-servers.toml");
     let doc = plan_json(&config, &["A=5000", "B=5000"]);
     assert_near(number(&doc, "A", "allocation"), 480.0, "A flooding");
     assert_near(number(&doc, "B", "allocation"), 160.0, "B flooding");
@@ -166,10 +166,7 @@ fn two_servers_both_flooding_then_a_at_400() {
 
 #[test]
 fn provider_both_flooding() {
-    let doc = plan_json(
-        &repo("examples/agreements/provider.toml"),
-        &["A=5000", "B=5000"],
-    );
+    let doc = plan_json(&repo("examples/plan/provider.toml"), &["A=5000", "B=5000"]);
     assert_eq!(doc["objective"], "provider");
     assert!(
         doc["theta"].is_null(),
@@ -181,7 +178,7 @@ fn provider_both_flooding() {
 
 #[test]
 fn table_without_json() {
-    let config = repo("examples/agreements/figure3.toml");
+    let config = repo("examples/plan/figure3.toml");
     let config = config.to_string_lossy();
     let out = allot(&["plan", "--config", &config, "--demand", "C=2000"]);
     assert!(out.status.success());
@@ -258,7 +255,7 @@ fn config_errors_name_file_line_and_key() {
 
 #[test]
 fn demand_flag_errors_name_the_flag() {
-    let config = repo("examples/agreements/figure3.toml");
+    let config = repo("examples/plan/figure3.toml");
     let config = config.to_string_lossy();
     let err = failure(&["plan", "--config", &config, "--demand", "Z=5"]);
     assert!(
@@ -275,7 +272,7 @@ fn sim_plan_replays_a_trace_window_by_window() {
         "trace.csv",
         "time_ms,principal,units_per_s\n0,A,10000\n0,B,130\n250,B,0\n",
     );
-    let config = repo("examples/agreements/one-server.toml");
+    let config = repo("examples/plan/one-server.toml");
     let (config, trace_s) = (config.to_string_lossy(), trace.to_string_lossy());
     let out = allot(&[
         "sim", "plan", "--config", &config, "--trace", &trace_s, "--json",
@@ -307,7 +304,7 @@ fn sim_plan_replays_a_trace_window_by_window() {
 #[test]
 fn sim_plan_errors_name_the_csv_line() {
     let trace = scratch("bad.csv", "time_ms,principal,units_per_s\n0,A,5\n100,Q,5\n");
-    let config = repo("examples/agreements/one-server.toml");
+    let config = repo("examples/plan/one-server.toml");
     let (config, trace_s) = (config.to_string_lossy(), trace.to_string_lossy());
     let err = failure(&["sim", "plan", "--config", &config, "--trace", &trace_s]);
     assert!(
@@ -315,4 +312,24 @@ fn sim_plan_errors_name_the_csv_line() {
         "{err}"
     );
     let _ = std::fs::remove_file(&trace);
+}
+
+#[test]
+fn every_agreement_set_in_examples_plan_is_valid() {
+    let dir = repo("examples/plan");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).expect("examples/plan/") {
+        let path = entry.expect("a directory entry").path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let p = path.to_string_lossy().to_string();
+            let out = allot(&["plan", "--config", &p]);
+            assert!(
+                out.status.success(),
+                "{p}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 4, "only {checked} agreement sets");
 }

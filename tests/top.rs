@@ -162,12 +162,16 @@ async fn top_shows_classes_rates_and_p99_in_a_terminal_and_q_quits_with_0() {
         "the sparklines:\n{screen}"
     );
 
-    // Views: back ends, then controllers (none configured), then back.
+    // Views: back ends, then the cluster view.
     tmux.run(&["send-keys", "-t", "top", "2"]);
     let (ok, screen) = tmux.wait_for(Duration::from_secs(5), |s| {
         s.contains("back end / address") && s.contains(&backend_addr.to_string())
     });
     assert!(ok, "back-end view:\n{screen}");
+    // This gateway is in no cluster: the cluster view says so.
+    tmux.run(&["send-keys", "-t", "top", "5"]);
+    let (ok, screen) = tmux.wait_for(Duration::from_secs(5), |s| s.contains("no cluster"));
+    assert!(ok, "cluster view:\n{screen}");
     tmux.run(&["send-keys", "-t", "top", "p"]);
     let (ok, screen) = tmux.wait_for(Duration::from_secs(5), |s| s.contains("PAUSED"));
     assert!(ok, "pause:\n{screen}");

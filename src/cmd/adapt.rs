@@ -14,7 +14,7 @@ use allot_proc::adapt::{
 use allot_proc::probe::Probe;
 use allot_proc::selector::{parse_selector, SelectorKind};
 use allot_proc::stopped;
-use anyhow::bail;
+use anyhow::{bail, Context};
 
 use super::cpu::parse_duration;
 
@@ -97,6 +97,10 @@ pub struct Args {
     /// State file for the stopped set (default under $XDG_RUNTIME_DIR or /tmp).
     #[arg(long)]
     pub state: Option<PathBuf>,
+    /// Draw the limit, the members running, the duty cycle and the slowdown (against the
+    /// threshold H) over time, as an SVG here when the run ends.
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<PathBuf>,
     /// Police another group: NAME=pid:PID, tree:PID, user:NAME or comm:REGEX (repeat with
     /// the same NAME to add processes). allot does not adapt it, but if its demand (its
     /// runnable tasks) does not fall within --police-periods of a congested signal it is
@@ -148,10 +152,57 @@ fn parse_police(flags: &[String]) -> anyhow::Result<Vec<PolicedGroup>> {
 
 struct Lines {
     json: bool,
+    /// With `--plot`: per period, (seconds since start, limit, running, duty, slowdown).
+    periods: Option<Vec<PlotPeriod>>,
+}
+
+/// One period for `--plot`: seconds since start, limit L, members running, duty, slowdown R.
+type PlotPeriod = (f64, f64, f64, f64, f64);
+
+/// Periods kept for `--plot`; beyond this every other one is dropped, so a long run stays
+/// a small picture (and bounded memory).
+const PLOT_PERIODS: usize = 4000;
+
+/// The `--plot` charts: limit and running members, duty cycle, slowdown against H.
+fn adapt_charts(periods: &[PlotPeriod], threshold: f64) -> Vec<super::plot::Chart> {
+    use super::plot::{Chart, Series};
+    let line = |name: &str, pick: fn(&PlotPeriod) -> f64| {
+        Series::new(name, periods.iter().map(|p| (p.0, pick(p))).collect())
+    };
+    vec![
+        Chart {
+            title: "Limit L and members running".into(),
+            x_label: "time (s)".into(),
+            y_label: "members".into(),
+            series: vec![line("L", |p| p.1), line("running", |p| p.2)],
+        },
+        Chart {
+            title: "Duty cycle (rate control, once one member is left)".into(),
+            x_label: "time (s)".into(),
+            y_label: "duty (fraction of a period)".into(),
+            series: vec![line("duty", |p| p.3)],
+        },
+        Chart {
+            title: "Slowdown R of the probe against the threshold H".into(),
+            x_label: "time (s)".into(),
+            y_label: "slowdown (1 = unloaded)".into(),
+            series: vec![
+                line("R", |p| p.4),
+                Series::new("H", periods.iter().map(|p| (p.0, threshold)).collect()),
+            ],
+        },
+    ]
 }
 
 impl AdaptObserver for Lines {
     fn on_period(&mut self, r: &PeriodReport) -> Result<(), String> {
+        if let Some(periods) = &mut self.periods {
+            periods.push((r.elapsed_s, r.limit, r.running as f64, r.duty, r.slowdown));
+            if periods.len() > PLOT_PERIODS {
+                let kept = periods.iter().step_by(2).copied().collect();
+                *periods = kept;
+            }
+        }
         let line = format!(
             "period={} t={:.1}s members={} L={:.2} running={} duty={:.2} mode={} R={:.2}{} probe={:.2}ms",
             r.period,
@@ -232,6 +283,13 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     police_config
         .validate()
         .map_err(|e| anyhow::anyhow!("--police-periods/--police-release: {e}"))?;
+    if let Some(path) = &args.plot {
+        // Fail before anything is stopped, not after the run.
+        std::fs::File::create(path)
+            .with_context(|| format!("--plot: cannot write {}", path.display()))?;
+    }
+    let threshold = args.threshold;
+    let plot = args.plot.clone();
     let shutdown = allot_proc::shutdown::install()?;
     let config = AdaptConfig {
         selectors,
@@ -254,7 +312,14 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         police,
         police_config,
     };
-    let s = run_adapt(config, shutdown, &mut Lines { json: args.json })?;
+    let mut lines = Lines {
+        json: args.json,
+        periods: plot.as_ref().map(|_| Vec::new()),
+    };
+    let s = run_adapt(config, shutdown, &mut lines)?;
+    if let (Some(path), Some(periods)) = (&plot, &lines.periods) {
+        super::plot::write(path, &adapt_charts(periods, threshold))?;
+    }
     let sensor = sensor_arg;
     let text = if args.json {
         format!(
@@ -297,4 +362,21 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     };
     super::cpu::live_line(&text, false).map_err(anyhow::Error::msg)?;
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_plot_draws_limit_running_duty_and_slowdown_against_h() {
+        let periods = [(0.5, 4.0, 4.0, 1.0, 1.2), (1.0, 2.67, 2.0, 1.0, 3.1)];
+        let charts = adapt_charts(&periods, 2.5);
+        let names: Vec<&str> = charts
+            .iter()
+            .flat_map(|c| c.series.iter().map(|s| s.name.as_str()))
+            .collect();
+        assert_eq!(names, ["L", "running", "duty", "R", "H"]);
+        assert_eq!(charts[2].series[1].points, [(0.5, 2.5), (1.0, 2.5)]);
+    }
 }

@@ -55,6 +55,10 @@ pub struct Args {
     /// Write one CSV row per principal per cycle here.
     #[arg(long)]
     pub report: Option<PathBuf>,
+    /// Draw each principal's CPU fraction against its target, cycle by cycle, as an SVG
+    /// here when the run ends.
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<PathBuf>,
     /// Print the summary as one JSON object (live lines go to standard error).
     #[arg(long)]
     pub json: bool,
@@ -201,10 +205,90 @@ fn file_principal(p: &FilePrincipal) -> anyhow::Result<(Selector, u64)> {
 struct Output {
     report: Option<(PathBuf, BufWriter<File>)>,
     json: bool,
+    /// With `--plot`: each cycle's number and, per principal, (label, share, consumed ms).
+    cycles: Option<Vec<PlotCycle>>,
+}
+
+/// One cycle for `--plot`: its number and each principal's (label, share, consumed ms).
+type PlotCycle = (u64, Vec<(String, u64, f64)>);
+
+/// Cycles kept for `--plot`; beyond this, neighbouring cycles are merged in pairs, so a
+/// long run stays a small picture (and bounded memory).
+const PLOT_CYCLES: usize = 4000;
+
+/// Merges neighbouring cycles in pairs (summing what each principal consumed; a
+/// principal in only one of them keeps that one's figure).
+fn halve(cycles: &mut Vec<PlotCycle>) {
+    let merged = cycles
+        .chunks(2)
+        .map(|pair| {
+            let mut out = pair[0].clone();
+            for (label, share, ms) in pair.iter().skip(1).flat_map(|c| c.1.iter()) {
+                match out.1.iter_mut().find(|p| &p.0 == label) {
+                    Some(p) => p.2 += ms,
+                    None => out.1.push((label.clone(), *share, *ms)),
+                }
+            }
+            out
+        })
+        .collect();
+    *cycles = merged;
+}
+
+/// The `--plot` chart: per principal, its fraction of what the principals consumed in
+/// each cycle, and its target (share / Σ shares of the principals in that cycle).
+fn cpu_charts(cycles: &[PlotCycle]) -> Vec<super::plot::Chart> {
+    use super::plot::{Chart, Series};
+    let mut labels: Vec<&str> = Vec::new();
+    for (_, rows) in cycles {
+        for (label, _, _) in rows {
+            if !labels.contains(&label.as_str()) {
+                labels.push(label);
+            }
+        }
+    }
+    let mut series = Vec::new();
+    for label in &labels {
+        let mut got = Vec::new();
+        let mut target = Vec::new();
+        for (cycle, rows) in cycles {
+            let Some((_, share, ms)) = rows.iter().find(|r| r.0 == *label) else {
+                continue;
+            };
+            let shares: u64 = rows.iter().map(|r| r.1).sum();
+            let consumed: f64 = rows.iter().map(|r| r.2).sum();
+            let x = *cycle as f64;
+            if consumed > 0.0 {
+                got.push((x, ms / consumed));
+            }
+            if shares > 0 {
+                target.push((x, *share as f64 / shares as f64));
+            }
+        }
+        series.push(Series::new(*label, got));
+        series.push(Series::new(format!("{label} target"), target));
+    }
+    vec![Chart {
+        title: "CPU fraction of each principal against its target, cycle by cycle".into(),
+        x_label: "cycle".into(),
+        y_label: "fraction of the principals' CPU".into(),
+        series,
+    }]
 }
 
 impl CpuObserver for Output {
     fn on_cycle(&mut self, rows: &[CycleRow]) -> Result<(), String> {
+        if let (Some(cycles), Some(first)) = (&mut self.cycles, rows.first()) {
+            cycles.push((
+                first.cycle,
+                rows.iter()
+                    .map(|r| (r.principal.clone(), r.share, r.consumed_ms))
+                    .collect(),
+            ));
+            if cycles.len() > PLOT_CYCLES {
+                halve(cycles);
+            }
+        }
         let Some((path, w)) = &mut self.report else {
             return Ok(());
         };
@@ -448,6 +532,10 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
         None => None,
     };
+    if let Some(path) = &args.plot {
+        // Fail before anything is stopped, not after the run.
+        File::create(path).with_context(|| format!("--plot: cannot write {}", path.display()))?;
+    }
     let shutdown = allot_proc::shutdown::install()?;
     let config = CpuConfig {
         quantum,
@@ -470,8 +558,12 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let mut out = Output {
         report,
         json: args.json,
+        cycles: args.plot.as_ref().map(|_| Vec::new()),
     };
     let summary = run_cpu(config, shutdown, &mut out)?;
+    if let (Some(path), Some(cycles)) = (&args.plot, &out.cycles) {
+        super::plot::write(path, &cpu_charts(cycles))?;
+    }
     print_summary(&summary, args.json).context("standard output")?;
     Ok(ExitCode::SUCCESS)
 }
@@ -485,6 +577,25 @@ mod tests {
         assert_eq!(csv_field("pid:12"), "pid:12");
         assert_eq!(csv_field("comm:a{1,2}"), "\"comm:a{1,2}\"");
         assert_eq!(csv_field("x\"y"), "\"x\"\"y\"");
+    }
+
+    #[test]
+    fn the_plot_draws_each_principal_against_its_target_and_stays_small() {
+        let cycle = |n: u64| -> PlotCycle {
+            (
+                n,
+                vec![("pid:1".into(), 1, 10.0), ("pid:2".into(), 3, 30.0)],
+            )
+        };
+        let mut cycles: Vec<PlotCycle> = (1..=PLOT_CYCLES as u64 + 1).map(cycle).collect();
+        halve(&mut cycles);
+        assert_eq!(cycles.len(), PLOT_CYCLES / 2 + 1);
+        assert_eq!(cycles[0].1[0].2, 20.0, "two cycles' CPU summed");
+        let charts = cpu_charts(&cycles);
+        let names: Vec<&str> = charts[0].series.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["pid:1", "pid:1 target", "pid:2", "pid:2 target"]);
+        assert_eq!(charts[0].series[0].points[0].1, 0.25);
+        assert_eq!(charts[0].series[3].points[0].1, 0.75);
     }
 
     #[test]

@@ -12,8 +12,7 @@ use serde::{Deserialize, Serialize};
 
 /// Flags of this subcommand.
 #[derive(Debug, clap::Args)]
-#[command(
-    after_help = "The file (see docs/agreements.md and examples/agreements/):
+#[command(after_help = "The file (see docs/agreements.md and examples/plan/):
   objective = \"community\"   # or \"provider\"
   window_ms = 100
   [[principal]]
@@ -24,8 +23,7 @@ use serde::{Deserialize, Serialize};
   [[agreement]]
   from = \"A\"                # owner of the capacity
   to = \"B\"                  # who may use it
-  share = [0.4, 0.6]        # [lower, upper]"
-)]
+  share = [0.4, 0.6]        # [lower, upper]")]
 pub struct Args {
     /// Agreement set to load (TOML).
     #[arg(long, value_name = "FILE")]
@@ -259,7 +257,7 @@ fn to_table(set: &AgreementSet, demand: Option<&[f64]>, allocation: Option<&Allo
             leave it unused. allocation: this window's plan for the demand given.\n";
     if allocation.is_some_and(|a| a.theta.is_some()) {
         out +=
-            "theta (community objective): the smallest fraction of its demand that any principal\n\
+            "theta (θ, community objective): the smallest fraction of its demand that any principal\n\
                 with demand is served; 1 means every demand is met in full.\n";
     }
     out

@@ -173,6 +173,12 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             }
             println!("{line}");
         }
+        println!(
+            "\nstart_ms: the window's start, milliseconds from the trace's start. alloc/demand:\n\
+             the window's allocation and the demand in force at its start, both in cost units\n\
+             per second. theta (θ, community objective): the smallest fraction of its demand that\n\
+             any principal with demand is served; 1 means every demand is met in full."
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use allot_gateway::stats::{BackendSnapshot, ClassSnapshot, HistogramSnapshot, Status};
 use anyhow::Context;
 use http::Method;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::admin_client::{call, AdminTarget};
 
@@ -75,8 +75,70 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
 pub struct Sample {
     /// What `/status` said.
     pub status: Status,
+    /// Its `"cluster"` object: `None` when the gateway is in no cluster (or the object
+    /// could not be read).
+    pub cluster: Option<ClusterStatus>,
+    /// Why a `"cluster"` object present could not be read (the rest of `/status` still is).
+    pub cluster_error: Option<String>,
     /// When the answer came.
     pub at: Instant,
+}
+
+/// This gateway's place in the cluster, as `/status` serves it under `"cluster"` (only
+/// with `[cluster]` in the configuration).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    /// This node's name.
+    pub node: String,
+    /// `root`, `aggregator` or `leaf`.
+    pub role: String,
+    /// The highest epoch seen.
+    pub epoch: u64,
+    /// The parent it reports to (`None` at the root).
+    pub parent: Option<String>,
+    /// Windows since the last fresh quota came down (0: this window's is fresh).
+    pub windows_since_fresh: u64,
+    /// Enforcing the fallback share, the parent having gone silent.
+    pub fallback: bool,
+    /// When the fallback began, milliseconds (`None` when not in fallback).
+    pub fallback_since_ms: Option<u64>,
+    /// Messages published since start.
+    pub messages_sent_total: u64,
+    /// Messages received since start.
+    pub messages_received_total: u64,
+    /// Per principal: the demand across the cluster and this node's share of it.
+    #[serde(default)]
+    pub principals: Vec<ClusterPrincipal>,
+}
+
+/// One principal's figures in [`ClusterStatus`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ClusterPrincipal {
+    /// Principal name.
+    pub name: String,
+    /// Its demand summed over the cluster.
+    pub global_demand: f64,
+    /// What this node may admit of it.
+    pub local_share: f64,
+}
+
+/// What [`parse_status`] gives: the status, and its `"cluster"` object (`Ok(None)`:
+/// none; `Err`: one that could not be read, and why).
+pub type StatusDocument = (Status, Result<Option<ClusterStatus>, String>);
+
+/// Reads a `/status` document: the status, and its `"cluster"` object when there is one.
+/// A `"cluster"` object of another shape does not make the rest unreadable.
+pub fn parse_status(text: &str) -> anyhow::Result<StatusDocument> {
+    #[derive(Deserialize)]
+    struct Cluster {
+        #[serde(default)]
+        cluster: Option<ClusterStatus>,
+    }
+    let status: Status = serde_json::from_str(text).context("reading /status")?;
+    let cluster = serde_json::from_str::<Cluster>(text)
+        .map(|c| c.cluster)
+        .map_err(|e| format!("/status `cluster`: {e}"));
+    Ok((status, cluster))
 }
 
 /// Reads `/status` once.
@@ -85,9 +147,15 @@ pub async fn fetch(target: &AdminTarget) -> anyhow::Result<Sample> {
     if !code.is_success() {
         anyhow::bail!("the gateway answered {code}: {}", text.trim());
     }
-    let status: Status = serde_json::from_str(&text).context("reading /status")?;
+    let (status, cluster) = parse_status(&text)?;
+    let (cluster, cluster_error) = match cluster {
+        Ok(c) => (c, None),
+        Err(e) => (None, Some(e)),
+    };
     Ok(Sample {
         status,
+        cluster,
+        cluster_error,
         at: Instant::now(),
     })
 }

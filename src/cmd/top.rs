@@ -20,8 +20,8 @@ use super::stat::{fetch, Rates, Sample};
 /// Flags of `allot top`.
 #[derive(Debug, clap::Args)]
 #[command(
-    after_help = "Keys: 1-4 or Tab switch views (classes, back ends, principals, \
-controllers); s cycles the sort column, r reverses it; Up/Down select a class for the \
+    after_help = "Keys: 1-5 or Tab switch views (classes, back ends, principals, \
+controllers, cluster); s cycles the sort column, r reverses it; Up/Down select a class for the \
 sparklines; p or space pauses; q or Esc quits."
 )]
 pub struct Args {
@@ -46,15 +46,18 @@ pub enum View {
     Principals,
     /// The QoS manager's loops.
     Controllers,
+    /// This gateway's place in the cluster (`/status`'s `"cluster"`).
+    Cluster,
 }
 
 impl View {
-    /// Every view, in key order (1–4).
-    pub const ALL: [View; 4] = [
+    /// Every view, in key order (1–5).
+    pub const ALL: [View; 5] = [
         View::Classes,
         View::Backends,
         View::Principals,
         View::Controllers,
+        View::Cluster,
     ];
 
     /// The tab's title.
@@ -64,6 +67,7 @@ impl View {
             View::Backends => "2 back ends",
             View::Principals => "3 principals",
             View::Controllers => "4 controllers",
+            View::Cluster => "5 cluster",
         }
     }
 
@@ -74,6 +78,7 @@ impl View {
             View::Backends => &["name", "requests/s", "failures/s", "in flight"],
             View::Principals => &["name", "demand", "allocation", "admitted/s"],
             View::Controllers => &["name"],
+            View::Cluster => &["name", "global demand", "local share"],
         }
     }
 }
@@ -135,6 +140,8 @@ pub struct State {
     pub controllers: Vec<Controller>,
     /// Per class histories.
     pub history: BTreeMap<String, ClassHistory>,
+    /// Cluster messages (sent, received) per second between the last two samples.
+    pub cluster_messages_per_s: Option<(f64, f64)>,
     /// The view shown.
     pub view: View,
     /// Index into the view's sort keys.
@@ -152,13 +159,15 @@ pub struct State {
 }
 
 impl State {
-    fn new(admin: String, colour: bool) -> State {
+    /// A state with nothing read yet.
+    pub fn new(admin: String, colour: bool) -> State {
         State {
             admin,
             now: None,
             rates: Rates::default(),
             controllers: Vec::new(),
             history: BTreeMap::new(),
+            cluster_messages_per_s: None,
             view: View::Classes,
             sort: 0,
             descending: false,
@@ -180,6 +189,23 @@ impl State {
                 push(&mut h.delay_p99_ms, c.queue_delay_p99_ms.unwrap_or(0.0));
                 push(&mut h.service_ms, c.service_time_mean_ms.unwrap_or(0.0));
             }
+            self.cluster_messages_per_s = match (&before.cluster, &sample.cluster) {
+                (Some(b), Some(n)) => {
+                    let dt = sample.at.saturating_duration_since(before.at).as_secs_f64();
+                    let rate = |x: u64, y: u64| {
+                        if dt > 0.0 {
+                            y.saturating_sub(x) as f64 / dt
+                        } else {
+                            0.0
+                        }
+                    };
+                    Some((
+                        rate(b.messages_sent_total, n.messages_sent_total),
+                        rate(b.messages_received_total, n.messages_received_total),
+                    ))
+                }
+                _ => None,
+            };
         }
         self.now = Some(sample);
         self.controllers = controllers;
@@ -191,7 +217,7 @@ impl State {
         match code {
             KeyCode::Char('q') | KeyCode::Esc => return false,
             KeyCode::Char('c') if modifiers.contains(KeyModifiers::CONTROL) => return false,
-            KeyCode::Char(d @ '1'..='4') => {
+            KeyCode::Char(d @ '1'..='5') => {
                 self.set_view(View::ALL[usize::from(d as u8 - b'1')]);
             }
             KeyCode::Tab => {

@@ -45,10 +45,11 @@ pub fn draw(f: &mut Frame, state: &State) {
         View::Backends => backends(f, body, state),
         View::Principals => principals(f, body, state),
         View::Controllers => controllers(f, body, state),
+        View::Cluster => cluster(f, body, state),
     }
     let sort = state.view.sort_keys()[state.sort.min(state.view.sort_keys().len() - 1)];
     let keys_text = format!(
-        "q quit  1-4/Tab view  s sort ({sort}{})  r reverse  p pause  ↑↓ select",
+        "q quit  1-5/Tab view  s sort ({sort}{})  r reverse  p pause  ↑↓ select",
         if state.descending { " ↓" } else { "" }
     );
     f.render_widget(Paragraph::new(keys_text), keys);
@@ -461,4 +462,248 @@ fn controllers(f: &mut Frame, area: Rect, state: &State) {
             .block(Block::bordered().title(" controllers ")),
         area,
     );
+}
+
+/// The cluster view: this node's role, epoch, parent, how fresh its quota is, fallback,
+/// messages, and per principal the demand across the cluster next to this node's share.
+fn cluster(f: &mut Frame, area: Rect, state: &State) {
+    if let Some(e) = state.now.as_ref().and_then(|s| s.cluster_error.as_ref()) {
+        f.render_widget(
+            Paragraph::new(format!("cannot read this gateway's cluster status: {e}"))
+                .style(style(state, Color::Red))
+                .block(Block::bordered().title(" cluster ")),
+            area,
+        );
+        return;
+    }
+    let Some(c) = state.now.as_ref().and_then(|s| s.cluster.as_ref()) else {
+        f.render_widget(
+            Paragraph::new(
+                "no cluster: this gateway's /status has no \"cluster\" object \
+                 (it runs alone, without [cluster] in its configuration)",
+            )
+            .block(Block::bordered().title(" cluster ")),
+            area,
+        );
+        return;
+    };
+    let fresh = if c.windows_since_fresh == 0 {
+        Cell::from("0 (fresh)").style(style(state, Color::Green))
+    } else {
+        Cell::from(c.windows_since_fresh.to_string()).style(style(state, Color::Yellow))
+    };
+    let fallback = match (c.fallback, c.fallback_since_ms) {
+        (false, _) => Cell::from("no").style(style(state, Color::Green)),
+        (true, Some(ms)) => {
+            Cell::from(format!("YES, since {ms} ms")).style(style(state, Color::Red))
+        }
+        (true, None) => Cell::from("YES").style(style(state, Color::Red)),
+    };
+    let per_s = |v: Option<f64>| v.map_or_else(String::new, |v| format!("{v:.1}/s"));
+    let (sent_per_s, received_per_s) = match state.cluster_messages_per_s {
+        Some((s, r)) => (Some(s), Some(r)),
+        None => (None, None),
+    };
+    let facts: Vec<Row> = vec![
+        Row::new(vec![Cell::from("node"), Cell::from(c.node.clone())]),
+        Row::new(vec![Cell::from("role"), Cell::from(c.role.clone())]),
+        Row::new(vec![Cell::from("epoch"), Cell::from(c.epoch.to_string())]),
+        Row::new(vec![
+            Cell::from("parent"),
+            Cell::from(c.parent.clone().unwrap_or_else(|| "none".into())),
+        ]),
+        Row::new(vec![Cell::from("windows since fresh quota"), fresh]),
+        Row::new(vec![Cell::from("fallback"), fallback]),
+        Row::new(vec![
+            Cell::from("messages sent"),
+            Cell::from(format!("{} {}", c.messages_sent_total, per_s(sent_per_s))),
+        ]),
+        Row::new(vec![
+            Cell::from("messages received"),
+            Cell::from(format!(
+                "{} {}",
+                c.messages_received_total,
+                per_s(received_per_s)
+            )),
+        ]),
+    ];
+    let facts_height = facts.len() as u16 + 2;
+    let [facts_area, principals_area] =
+        Layout::vertical([Constraint::Length(facts_height), Constraint::Min(0)]).areas(area);
+    f.render_widget(
+        Table::new(facts, [Constraint::Length(27), Constraint::Min(20)])
+            .block(Block::bordered().title(" cluster: this node ")),
+        facts_area,
+    );
+    let items = sorted(
+        c.principals.iter().collect(),
+        state.sort,
+        state.descending,
+        |p| p.name.as_str(),
+        |p, k| match k {
+            1 => p.global_demand,
+            _ => p.local_share,
+        },
+    );
+    let rows: Vec<Row> = items
+        .iter()
+        .map(|p| Row::new(vec![p.name.clone(), f1(p.global_demand), f1(p.local_share)]))
+        .collect();
+    let title = if rows.is_empty() {
+        " principals: none "
+    } else {
+        " principals: demand across the cluster, this node's share of it "
+    };
+    f.render_widget(
+        Table::new(
+            rows,
+            [
+                Constraint::Min(12),
+                Constraint::Length(15),
+                Constraint::Length(13),
+            ],
+        )
+        .header(header(&["principal", "global demand", "local share"]))
+        .block(Block::bordered().title(title)),
+        principals_area,
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use ratatui::backend::TestBackend;
+    use ratatui::Terminal;
+
+    use super::super::stat::{parse_status, Sample};
+    use super::super::top::{State, View};
+    use super::*;
+
+    const STATUS: &str = r#"{"uptime_s": 12.0, "running": 0, "max_running": 100,
+        "classes": [], "backends": []"#;
+
+    fn sample(cluster: &str, at: Instant) -> Sample {
+        let text = format!("{STATUS}{cluster}}}");
+        let (status, cluster) = parse_status(&text).expect("a /status document");
+        Sample {
+            status,
+            cluster: cluster.clone().ok().flatten(),
+            cluster_error: cluster.err(),
+            at,
+        }
+    }
+
+    fn cluster(sent: u64, fallback: bool) -> String {
+        let since = if fallback { "4200" } else { "null" };
+        format!(
+            r#", "cluster": {{"node": "gw-2", "role": "aggregator", "epoch": 7,
+            "parent": "gw-1", "windows_since_fresh": 3, "fallback": {fallback},
+            "fallback_since_ms": {since}, "messages_sent_total": {sent},
+            "messages_received_total": 40,
+            "principals": [{{"name": "tenant-a", "global_demand": 1250.5, "local_share": 312.3}},
+                           {{"name": "tenant-b", "global_demand": 80.0, "local_share": 20.0}}]}}"#
+        )
+    }
+
+    /// The screen as text, one string per line.
+    fn screen(state: &State) -> Vec<String> {
+        let mut t = Terminal::new(TestBackend::new(100, 30)).expect("a test terminal");
+        t.draw(|f| draw(f, state)).expect("drawn");
+        let buf = t.backend().buffer();
+        (0..buf.area.height)
+            .map(|y| {
+                (0..buf.area.width)
+                    .map(|x| buf[(x, y)].symbol())
+                    .collect::<String>()
+            })
+            .collect()
+    }
+
+    fn line_with<'a>(lines: &'a [String], what: &str) -> &'a str {
+        lines
+            .iter()
+            .find(|l| l.contains(what))
+            .unwrap_or_else(|| panic!("no line with {what:?}:\n{}", lines.join("\n")))
+    }
+
+    #[test]
+    fn the_cluster_view_shows_role_epoch_parent_freshness_fallback_messages_and_principals() {
+        let t0 = Instant::now();
+        let mut state = State::new("127.0.0.1:9090".into(), false);
+        state.update(sample(&cluster(100, false), t0), Vec::new());
+        state.update(
+            sample(&cluster(120, true), t0 + Duration::from_secs(2)),
+            Vec::new(),
+        );
+        state.view = View::Cluster;
+        let lines = screen(&state);
+        let field = |name: &str| {
+            let name = format!("│{name} ");
+            let l = line_with(&lines, &name);
+            l.split_once(&name)
+                .map(|(_, v)| v.trim().trim_end_matches('│').trim().to_string())
+                .unwrap_or_default()
+        };
+        assert_eq!(field("node"), "gw-2");
+        assert_eq!(field("role"), "aggregator");
+        assert_eq!(field("epoch"), "7");
+        assert_eq!(field("parent"), "gw-1");
+        assert_eq!(field("windows since fresh quota"), "3");
+        assert_eq!(field("fallback"), "YES, since 4200 ms");
+        assert_eq!(field("messages sent"), "120 10.0/s", "20 messages in 2 s");
+        assert_eq!(field("messages received"), "40 0.0/s");
+        let cells = |what: &str| -> Vec<String> {
+            line_with(&lines, what)
+                .replace('│', " ")
+                .split_whitespace()
+                .map(String::from)
+                .collect()
+        };
+        assert_eq!(cells("tenant-a"), ["tenant-a", "1250.5", "312.3"]);
+        assert_eq!(cells("tenant-b"), ["tenant-b", "80.0", "20.0"]);
+        assert!(line_with(&lines, "5 cluster").contains("4 controllers"));
+    }
+
+    #[test]
+    fn without_a_cluster_object_the_view_says_there_is_no_cluster() {
+        let mut state = State::new("127.0.0.1:9090".into(), false);
+        state.update(sample("", Instant::now()), Vec::new());
+        state.view = View::Cluster;
+        let lines = screen(&state);
+        line_with(&lines, "no cluster");
+        assert!(state.now.as_ref().is_some_and(|s| s.cluster.is_none()));
+    }
+
+    #[test]
+    fn a_cluster_object_of_another_shape_is_named_and_the_rest_still_read() {
+        let mut state = State::new("x".into(), false);
+        state.update(
+            sample(r#", "cluster": {"node": "gw-1"}"#, Instant::now()),
+            Vec::new(),
+        );
+        state.view = View::Cluster;
+        let lines = screen(&state);
+        assert!(
+            line_with(&lines, "cannot read this gateway's cluster status").contains("role"),
+            "names the missing field"
+        );
+        assert!(line_with(&lines, "allot top").contains("up 12 s"));
+    }
+
+    #[test]
+    fn a_root_in_no_fallback_has_no_parent_and_a_fresh_quota() {
+        let root = r#", "cluster": {"node": "gw-1", "role": "root", "epoch": 1,
+            "parent": null, "windows_since_fresh": 0, "fallback": false,
+            "fallback_since_ms": null, "messages_sent_total": 0,
+            "messages_received_total": 0, "principals": []}"#;
+        let mut state = State::new("x".into(), false);
+        state.update(sample(root, Instant::now()), Vec::new());
+        state.view = View::Cluster;
+        let lines = screen(&state);
+        assert!(line_with(&lines, "│parent").contains("none"));
+        assert!(line_with(&lines, "│windows since fresh quota").contains("0 (fresh)"));
+        assert!(line_with(&lines, "│fallback").contains("no"));
+        line_with(&lines, "principals: none");
+    }
 }

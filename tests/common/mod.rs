@@ -2,6 +2,7 @@
 //! ends) on ports chosen at run time, talk HTTP to it, read its admin API.
 #![allow(dead_code)] // each test file uses a different subset
 
+pub mod prometheus;
 pub mod raw;
 pub mod switch;
 pub mod tcp;
@@ -242,6 +243,32 @@ pub async fn get_once(target: SocketAddr, path: &str, headers: &[(&str, &str)]) 
         .get(path, headers)
         .await
         .expect("a response")
+}
+
+/// The one-server agreement set (the paper's check) as `[agreements]` tables, to put in
+/// a configuration after `[agreements]`: `owner` owns `capacity` units per second and
+/// guarantees principal A 20% and B 80% of them; either may use all of what the other
+/// leaves.
+pub fn one_server_agreements(owner: &str, capacity: u32) -> String {
+    format!(
+        r#"[[agreements.principal]]
+name = "{owner}"
+capacity = {capacity}
+[[agreements.principal]]
+name = "A"
+capacity = 0
+[[agreements.principal]]
+name = "B"
+capacity = 0
+[[agreements.agreement]]
+from = "{owner}"
+to = "A"
+share = [0.2, 1.0]
+[[agreements.agreement]]
+from = "{owner}"
+to = "B"
+share = [0.8, 1.0]"#
+    )
 }
 
 /// The gateway's `/status` as JSON.

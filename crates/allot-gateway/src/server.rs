@@ -418,10 +418,10 @@ async fn serve_http(
             idle: Duration::from_millis(l.idle_timeout_ms()),
             send: Duration::from_millis(l.send_timeout_ms),
         };
-        let (max_head, max_headers) = (l.max_head_bytes, l.max_headers);
+        let (max_head, max_headers, max_uri) = (l.max_head_bytes, l.max_headers, l.max_uri_bytes);
         drop(rt);
         let state = ConnState::default();
-        let io = TokioIo::new(TimedIo::new(stream, state.clone(), timeouts));
+        let io = TokioIo::new(TimedIo::new(stream, state.clone(), timeouts, max_uri));
         let client = Arc::new(Peer::new(peer, local));
         let svc = service_fn(move |req| {
             crate::http::handle(

@@ -18,7 +18,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{watch, Semaphore};
 
 use crate::config::Protocol;
@@ -67,11 +67,24 @@ pub async fn bind_all(config: &crate::Config) -> io::Result<Vec<TcpListener>> {
     Ok(out)
 }
 
+/// Connections the kernel completes and holds for a listener before the gateway accepts
+/// them (the system's `net.core.somaxconn` caps it). The standard library's 128 drops the
+/// SYNs of a burst past it, and those clients wait a second or more for a retransmission.
+const LISTEN_BACKLOG: u32 = 4096;
+
 /// Binds a listener, naming the address in the error.
 pub async fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|e| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))
+    let named = |e: io::Error| io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}"));
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .map_err(named)?;
+    // As the standard library does: a restarted gateway binds past old TIME_WAIT sockets.
+    socket.set_reuseaddr(true).map_err(named)?;
+    socket.bind(addr).map_err(named)?;
+    socket.listen(LISTEN_BACKLOG).map_err(named)
 }
 
 /// Raises the soft limit on open descriptors to the hard limit (as nginx's
@@ -418,10 +431,10 @@ async fn serve_http(
             idle: Duration::from_millis(l.idle_timeout_ms()),
             send: Duration::from_millis(l.send_timeout_ms),
         };
-        let (max_head, max_headers) = (l.max_head_bytes, l.max_headers);
+        let (max_head, max_headers, max_uri) = (l.max_head_bytes, l.max_headers, l.max_uri_bytes);
         drop(rt);
         let state = ConnState::default();
-        let io = TokioIo::new(TimedIo::new(stream, state.clone(), timeouts));
+        let io = TokioIo::new(TimedIo::new(stream, state.clone(), timeouts, max_uri));
         let client = Arc::new(Peer::new(peer, local));
         let svc = service_fn(move |req| {
             crate::http::handle(

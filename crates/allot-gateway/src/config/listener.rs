@@ -110,6 +110,9 @@ pub struct ListenerConfig {
     pub max_head_bytes: usize,
     /// HTTP: most header fields in one request head; more get 431.
     pub max_headers: usize,
+    /// HTTP: longest request target (the URI of the request line), in bytes; longer
+    /// gets 414, however large the head limit is.
+    pub max_uri_bytes: usize,
     /// HTTP: time allowed for a new connection's first byte, in milliseconds; then it is
     /// closed.
     pub first_byte_timeout_ms: u64,
@@ -150,6 +153,7 @@ impl Default for ListenerConfig {
             idle_timeout_ms: None,
             max_head_bytes: 16 * 1024,
             max_headers: 100,
+            max_uri_bytes: 8 * 1024,
             first_byte_timeout_ms: 10_000,
             head_timeout_ms: 10_000,
             request_body_timeout_ms: 30_000,

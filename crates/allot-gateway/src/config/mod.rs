@@ -23,6 +23,10 @@ use allot_model::queue::Policy;
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
+/// The largest `max_uri_bytes` a listener may set, in bytes: the HTTP parser answers 414
+/// past this itself.
+pub const MAX_URI_BYTES: usize = 65_534;
+
 /// A configuration error: where it is and what is wrong.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -888,6 +892,15 @@ impl Config {
                     "expected an integer ≥ 1, got 0".into(),
                 ));
             }
+            if !(1..=MAX_URI_BYTES).contains(&l.max_uri_bytes) {
+                return Err(invalid(
+                    "max_uri_bytes",
+                    format!(
+                        "expected a request-target limit from 1 to {MAX_URI_BYTES} bytes (the HTTP parser's own ceiling), got {}",
+                        l.max_uri_bytes
+                    ),
+                ));
+            }
             if l.max_connections == Some(0) {
                 return Err(invalid(
                     "max_connections",
@@ -1166,6 +1179,22 @@ target = { class = "premium" }
         let bad = GOOD.replace("priority = 10", "priorty = 10");
         let err = Config::parse(&bad, "t.toml").unwrap_err().to_string();
         assert!(err.contains("priorty"), "{err}");
+    }
+
+    #[test]
+    fn a_request_target_limit_outside_what_the_parser_reads_is_refused() {
+        let c = Config::parse(GOOD, "t.toml").expect("valid");
+        assert_eq!(c.listeners().next().map(|l| l.max_uri_bytes), Some(8192));
+        for bad in ["0", "65535"] {
+            let text = GOOD.replace(
+                "address = \"127.0.0.1:0\"\n",
+                &format!("address = \"127.0.0.1:0\"\nmax_uri_bytes = {bad}\n"),
+            );
+            let err = Config::parse(&text, "t.toml").unwrap_err().to_string();
+            assert!(err.contains("max_uri_bytes"), "{err}");
+            assert!(err.contains("1 to 65534 bytes"), "{err}");
+            assert!(err.contains(&format!("got {bad}")), "{err}");
+        }
     }
 
     #[test]

@@ -6,12 +6,18 @@
 //!
 //! hyper's own header timeout closes the connection without a word; clients and
 //! operators expect nginx's 408, so the timing lives here, around the socket.
+//!
+//! The socket also reads the request line as it arrives: a request target longer than the
+//! listener's limit gets 414 here, before hyper would have buffered the whole head (and
+//! answered 431 for a head too large). The rest of what the client sends is then read and
+//! dropped until it stops or the head timeout passes, so the 414 reaches it rather than
+//! a reset.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::Relaxed};
-use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -33,6 +39,10 @@ struct Shared {
     responses_done: AtomicU32,
     /// The client left a response unread past the send timeout.
     send_timed_out: AtomicBool,
+    /// The socket's reader, parked while a request is served: woken when the response is
+    /// over so that the idle timeout starts then (nothing else may wake it, and a
+    /// keep-alive connection would be held open for ever).
+    reader: Mutex<Option<Waker>>,
 }
 
 impl ConnState {
@@ -45,6 +55,25 @@ impl ConnState {
     pub fn response_done(&self) {
         self.0.in_request.store(false, Relaxed);
         self.0.responses_done.fetch_add(1, Relaxed);
+        let parked = match self.0.reader.lock() {
+            Ok(mut w) => w.take(),
+            Err(poisoned) => poisoned.into_inner().take(),
+        };
+        if let Some(w) = parked {
+            w.wake();
+        }
+    }
+
+    /// The reader waits while a request is served: `response_done` wakes it.
+    fn park_reader(&self, cx: &Context<'_>) {
+        let mut w = match self.0.reader.lock() {
+            Ok(w) => w,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        match w.as_ref() {
+            Some(old) if old.will_wake(cx.waker()) => {}
+            _ => *w = Some(cx.waker().clone()),
+        }
     }
 
     /// Whether the connection was cut off because the client stopped reading.
@@ -66,6 +95,7 @@ pub struct Timeouts {
     pub send: Duration,
 }
 
+#[derive(Clone, Copy)]
 enum Phase {
     /// No byte of the next head yet since this instant; closes quietly after the idle timeout.
     Idle(Instant),
@@ -73,6 +103,54 @@ enum Phase {
     Head(Instant),
     /// Serving a request.
     Busy,
+    /// Answered 414 and shut the sending side; what the client still sends is dropped
+    /// until it closes or this deadline passes.
+    Linger(Instant),
+}
+
+/// Longest method the request-line reader follows, in bytes; past it the line is left to
+/// hyper.
+const MAX_METHOD: u8 = 20;
+
+/// Where the reader is in the request line of the head being received.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Line {
+    /// In the method, after this many bytes (leading empty lines skipped).
+    Method(u8),
+    /// In the target, after this many bytes.
+    Target(usize),
+    /// Past the target, or not a request line this reader follows: hyper judges the rest.
+    Done,
+}
+
+impl Line {
+    /// Reads `bytes` on from this state; `Err` when the target passes `max` bytes.
+    ///
+    /// Only an upper-case method followed by a target starting with `/`, `*` or a
+    /// letter is followed, so bytes that are not the start of a request line (a
+    /// pipelined request's rest after a read boundary) are never taken for one.
+    fn read(mut self, bytes: &[u8], max: usize) -> Result<Line, ()> {
+        for &b in bytes {
+            self = match self {
+                Line::Method(0) if b == b'\r' || b == b'\n' => Line::Method(0),
+                Line::Method(n) if n > 0 && b == b' ' => Line::Target(0),
+                Line::Method(n) if n < MAX_METHOD && (b.is_ascii_uppercase() || b == b'-') => {
+                    Line::Method(n + 1)
+                }
+                Line::Target(0) if !(b == b'/' || b == b'*' || b.is_ascii_alphabetic()) => {
+                    Line::Done
+                }
+                Line::Target(_) if b == b' ' || b == b'\r' || b == b'\n' => Line::Done,
+                Line::Target(n) if n + 1 > max => return Err(()),
+                Line::Target(n) => Line::Target(n + 1),
+                _ => Line::Done,
+            };
+            if self == Line::Done {
+                break;
+            }
+        }
+        Ok(self)
+    }
 }
 
 /// The client socket with head and idle timeouts.
@@ -95,11 +173,16 @@ pub struct TimedIo<T> {
     send_timer: Option<Pin<Box<Sleep>>>,
     /// Since when writes have been waiting (None: the last write went through).
     send_waiting_since: Option<Instant>,
+    /// The request line of the head being received, as far as it has come.
+    line: Line,
+    /// The longest request target, in bytes.
+    max_uri_bytes: usize,
 }
 
 impl<T> TimedIo<T> {
-    /// Wraps `inner`; `state` is shared with the connection's service and bodies.
-    pub fn new(inner: T, state: ConnState, timeouts: Timeouts) -> Self {
+    /// Wraps `inner`; `state` is shared with the connection's service and bodies; a
+    /// request target longer than `max_uri_bytes` gets 414.
+    pub fn new(inner: T, state: ConnState, timeouts: Timeouts, max_uri_bytes: usize) -> Self {
         let now = Instant::now();
         TimedIo {
             inner,
@@ -112,6 +195,8 @@ impl<T> TimedIo<T> {
             timeouts,
             send_timer: None,
             send_waiting_since: None,
+            line: Line::Done,
+            max_uri_bytes,
         }
     }
 
@@ -146,6 +231,9 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for TimedIo<T> {
         let done = this.state.0.responses_done.load(Relaxed);
         let answered = done != this.responses_seen;
         this.responses_seen = done;
+        if let Phase::Linger(deadline) = this.phase {
+            return this.linger(cx, deadline);
+        }
         match (&this.phase, in_request) {
             (Phase::Busy, false) => this.phase = Phase::Idle(Instant::now()),
             // A request came and went between two reads: the head timed is long over.
@@ -161,6 +249,21 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for TimedIo<T> {
                 this.fresh = false;
                 if let Phase::Idle(_) = this.phase {
                     this.phase = Phase::Head(Instant::now() + this.timeouts.head);
+                    this.line = Line::Method(0);
+                }
+                if let (Phase::Head(deadline), false) = (this.phase, this.line == Line::Done) {
+                    let new = &buf.filled()[before..];
+                    match this.line.read(new, this.max_uri_bytes) {
+                        Ok(line) => this.line = line,
+                        Err(()) => {
+                            // Nothing of this read goes to hyper: the answer is ours.
+                            buf.set_filled(before);
+                            this.line = Line::Done;
+                            this.answer_uri_too_long(cx);
+                            this.phase = Phase::Linger(deadline);
+                            return this.linger(cx, deadline);
+                        }
+                    }
                 }
             }
             if got_bytes || buf.remaining() == 0 {
@@ -175,7 +278,15 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for TimedIo<T> {
             Phase::Idle(since) if this.fresh => since + this.timeouts.first_byte,
             Phase::Idle(since) => since + this.timeouts.idle,
             Phase::Head(deadline) => deadline,
-            Phase::Busy => return Poll::Pending,
+            Phase::Busy => {
+                this.state.park_reader(cx);
+                // The response may have ended between the check above and parking.
+                if !this.state.0.in_request.load(Relaxed) {
+                    cx.waker().wake_by_ref();
+                }
+                return Poll::Pending;
+            }
+            Phase::Linger(_) => return Poll::Pending,
         };
         if !this.armed || this.timer.deadline() > deadline {
             this.timer.as_mut().reset(deadline);
@@ -201,6 +312,61 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for TimedIo<T> {
                 // Quiet close: EOF between requests.
                 _ => Poll::Ready(Ok(())),
             };
+        }
+        Poll::Pending
+    }
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin> TimedIo<T> {
+    /// Writes the 414 and shuts the sending side (best effort: the answer is tiny and
+    /// nothing else is being written while a head comes in).
+    fn answer_uri_too_long(&mut self, cx: &mut Context<'_>) {
+        let text = format!(
+            "allot: request target longer than {} bytes (414)\n",
+            self.max_uri_bytes
+        );
+        let answer = format!(
+            "HTTP/1.1 414 URI Too Long\r\nconnection: close\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{text}",
+            text.len()
+        );
+        let _ = Pin::new(&mut self.inner).poll_write(cx, answer.as_bytes());
+        let _ = Pin::new(&mut self.inner).poll_flush(cx);
+        let _ = Pin::new(&mut self.inner).poll_shutdown(cx);
+    }
+
+    /// After a 414: drops what the client still sends, and ends the connection (an error
+    /// hyper does not answer) once it closes or `deadline` passes.
+    fn linger(&mut self, cx: &mut Context<'_>, deadline: Instant) -> Poll<std::io::Result<()>> {
+        let over = || {
+            Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "request target too long (answered 414)",
+            )))
+        };
+        let mut scratch = [0u8; 4096];
+        let mut drained = 0;
+        loop {
+            let mut sink = ReadBuf::new(&mut scratch);
+            match Pin::new(&mut self.inner).poll_read(cx, &mut sink) {
+                Poll::Ready(Ok(())) if !sink.filled().is_empty() => {
+                    drained += 1;
+                    if drained == 16 {
+                        // A fast sender: let other tasks run, and come back.
+                        cx.waker().wake_by_ref();
+                        break;
+                    }
+                }
+                Poll::Ready(_) => return over(), // closed, or broken
+                Poll::Pending => break,
+            }
+        }
+        if !self.armed || self.timer.deadline() != deadline {
+            self.timer.as_mut().reset(deadline);
+            self.armed = true;
+        }
+        if self.timer.as_mut().poll(cx).is_ready() {
+            self.armed = false;
+            return over();
         }
         Poll::Pending
     }
@@ -264,5 +430,43 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for TimedIo<T> {
 
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Line;
+
+    fn read_all(parts: &[&[u8]], max: usize) -> Result<Line, ()> {
+        parts
+            .iter()
+            .try_fold(Line::Method(0), |line, part| line.read(part, max))
+    }
+
+    #[test]
+    fn a_target_over_the_limit_is_found_across_reads() {
+        let long = vec![b'a'; 20];
+        assert_eq!(
+            read_all(&[b"GET /", &long, b" HTTP/1.1\r\n"], 64),
+            Ok(Line::Done)
+        );
+        assert_eq!(read_all(&[b"\r\nGET /", &long], 10), Err(()));
+        assert_eq!(
+            read_all(&[b"GE", b"T /", &long[..9]], 10),
+            Ok(Line::Target(10))
+        );
+        assert_eq!(read_all(&[b"GET /", &long[..9], b"x"], 10), Err(()));
+        // Absolute form counts the whole target.
+        assert_eq!(read_all(&[b"GET http://host/", &long], 20), Err(()));
+    }
+
+    #[test]
+    fn what_is_not_a_request_line_start_is_left_to_hyper() {
+        let long = vec![b'a'; 100];
+        // The rest of a header after a read boundary, a lower-case word, a binary start.
+        assert_eq!(read_all(&[b"Bearer ", &long], 10), Ok(Line::Done));
+        assert_eq!(read_all(&[b"get /", &long], 10), Ok(Line::Done));
+        assert_eq!(read_all(&[b"\x16\x03\x01", &long], 10), Ok(Line::Done));
+        assert_eq!(read_all(&[b"GET \"", &long], 10), Ok(Line::Done));
     }
 }

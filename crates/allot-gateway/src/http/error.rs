@@ -24,6 +24,13 @@ pub(crate) enum Answer {
         /// The limit.
         limit_bytes: u64,
     },
+    /// The request target is longer than the listener's limit (414, and the connection
+    /// closes). Most are answered by the socket before the head is parsed; this is for
+    /// a pipelined one the socket did not see begin.
+    UriTooLong {
+        /// The limit.
+        limit_bytes: usize,
+    },
     /// The request is malformed in a way the gateway and the back end could read
     /// differently (400, and the connection closes).
     BadRequest(&'static str),
@@ -66,6 +73,12 @@ pub(crate) fn respond(answer: Answer, retry_after_s: u64) -> Response<GatewayBod
         Answer::TooLarge { limit_bytes } => (
             StatusCode::PAYLOAD_TOO_LARGE,
             format!("allot: request body larger than {limit_bytes} bytes\n").into(),
+            None,
+            true,
+        ),
+        Answer::UriTooLong { limit_bytes } => (
+            StatusCode::URI_TOO_LONG,
+            format!("allot: request target longer than {limit_bytes} bytes (414)\n").into(),
             None,
             true,
         ),

@@ -86,6 +86,14 @@ fn entry_for(req: &Request<Incoming>, peer: &Peer) -> access::Entry {
     }
 }
 
+/// The request target's length as it was on the request line, in bytes.
+fn target_len(uri: &http::Uri) -> usize {
+    let scheme = uri.scheme_str().map_or(0, |s| s.len() + "://".len());
+    let authority = uri.authority().map_or(0, |a| a.as_str().len());
+    let path = uri.path_and_query().map_or(0, |p| p.as_str().len());
+    scheme + authority + path
+}
+
 /// The classifier's view of an `http::HeaderMap`.
 struct HeaderView<'a>(&'a HeaderMap);
 
@@ -109,6 +117,12 @@ async fn serve(
 ) -> Result<Response<GatewayBody>, Answer> {
     let arrived = Instant::now();
     let now = crate::clock::to_nanos(arrived);
+    let max_uri = listener.config.max_uri_bytes;
+    if target_len(req.uri()) > max_uri {
+        return Err(Answer::UriTooLong {
+            limit_bytes: max_uri,
+        });
+    }
     // Registration: a target the gateway and the back end read alike.
     let target = forward::target(&req)?;
     let class = classify(rt, listener, peer, &req, &target)?;

@@ -295,14 +295,19 @@ pub async fn run<E: Engine>(
     }
     tokio::pin!(shutdown);
     let window_ms = link.config.window.as_millis().max(1) as u64;
+    // The next boundary is kept across iterations, not recomputed from the clock: a
+    // message handled at the boundary's very instant must not make the loop skip it (a
+    // skipped boundary is a lost report and a root's lease left unrenewed).
+    let mut next_b = link.unix_ms(Instant::now()) / window_ms + 1;
     loop {
-        let now_ms = link.unix_ms(Instant::now());
-        let next = link.instant_of((now_ms / window_ms + 1) * window_ms);
+        let next = link.instant_of(next_b * window_ms);
         let deadline = link.deadline.map(|(at, _)| at);
         tokio::select! {
             _ = &mut shutdown => break,
             _ = tokio::time::sleep_until(next) => {
-                let b = link.unix_ms(Instant::now().max(next)) / window_ms;
+                // Late by more than a window (a paused process): the current window.
+                let b = (link.unix_ms(Instant::now().max(next)) / window_ms).max(next_b);
+                next_b = b + 1;
                 let local = demand.borrow().clone();
                 link.boundary(b, &local).await;
                 status.send_replace(link.status.clone());

@@ -105,6 +105,8 @@ pub struct LinkStatus {
     pub root: Option<String>,
     /// The parent, if any.
     pub parent: Option<String>,
+    /// The children that report to this node, in name order.
+    pub children: Vec<String>,
     /// Members known at the last reading.
     pub members: usize,
     /// The current window's number.
@@ -114,6 +116,9 @@ pub struct LinkStatus {
     pub enforcement: Option<Enforcement>,
     /// Windows since the last fresh quota (0 when this window's is fresh).
     pub windows_since_fresh: u64,
+    /// The whole cluster's demand behind the plan in force, units per window per
+    /// principal (empty until a plan has been made or received).
+    pub global_demand: Vec<f64>,
     /// Messages published.
     pub sent: u64,
     /// Messages received.
@@ -133,10 +138,12 @@ impl LinkStatus {
             epoch: 0,
             root: None,
             parent: None,
+            children: Vec::new(),
             members: 0,
             window: 0,
             enforcement: None,
             windows_since_fresh: 0,
+            global_demand: Vec::new(),
             sent: 0,
             received: 0,
             ignored: 0,
@@ -516,6 +523,7 @@ impl<E: Engine> Link<E> {
         };
         self.status.enforcement = Some(e);
         self.status.epoch = self.node.epoch();
+        self.status.global_demand = self.node.global_demand().to_vec();
     }
 
     fn shaped_depth(&self) -> u32 {
@@ -639,6 +647,7 @@ impl<E: Engine> Link<E> {
                 self.down = None;
                 self.status.role = Role::Detached;
                 self.status.parent = None;
+                self.status.children.clear();
             }
             return;
         }
@@ -678,6 +687,11 @@ impl<E: Engine> Link<E> {
             Some(_) => Role::Leaf,
         };
         self.status.parent = parent;
+        self.status.children = self
+            .node
+            .position()
+            .map(|p| p.children.clone())
+            .unwrap_or_default();
         self.status.root = Some(root);
         self.shaped = Some(wanted);
     }

@@ -281,6 +281,25 @@ async fn gateways_share_one_plan_over_nats_and_survive_the_roots_death() {
         "{out}"
     );
 
+    // A malformed message on the root's subject: ignored, counted, the tree unharmed.
+    let root_at = first
+        .iter()
+        .position(|c| c["role"] == "root")
+        .expect("a root");
+    let root_name = first[root_at]["node"].as_str().unwrap_or("").to_string();
+    let ignored_before = cluster_of(g[root_at].admin).await["messages_ignored_total"]
+        .as_u64()
+        .unwrap_or(0);
+    publish_raw(
+        &nats.urls[0],
+        &format!("allot.{cluster}.up.{root_name}"),
+        b"{not a report",
+    );
+    until("the malformed message is counted", &[&g[root_at]], |all| {
+        all[0]["messages_ignored_total"].as_u64() > Some(ignored_before)
+    })
+    .await;
+
     // The root dies: the others fall back (the lease is ten windows), then a new root of
     // a higher epoch hands out fresh quotas again.
     let root = first
@@ -331,6 +350,36 @@ async fn gateways_share_one_plan_over_nats_and_survive_the_roots_death() {
     .await;
     assert_eq!(c[0]["fallback"], true, "{c:#?}");
     nats.kill(0);
+}
+
+/// Publishes `payload` on `subject` with NATS's text protocol (no client library): a
+/// message no gateway wrote.
+fn publish_raw(url: &str, subject: &str, payload: &[u8]) {
+    use std::io::{BufRead, BufReader, Write};
+    let addr = url.trim_start_matches("nats://");
+    let stream = std::net::TcpStream::connect(addr).expect("connect to nats-server");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("a read timeout");
+    let mut reader = BufReader::new(stream.try_clone().expect("clone the stream"));
+    let mut line = String::new();
+    reader.read_line(&mut line).expect("INFO from nats-server");
+    let mut w = stream;
+    let connect =
+        format!("CONNECT {{\"auth_token\":\"{TOKEN}\",\"verbose\":false,\"pedantic\":false}}\r\n");
+    w.write_all(connect.as_bytes()).expect("CONNECT");
+    w.write_all(format!("PUB {subject} {}\r\n", payload.len()).as_bytes())
+        .expect("PUB");
+    w.write_all(payload).expect("payload");
+    w.write_all(b"\r\nPING\r\n").expect("PING");
+    loop {
+        line.clear();
+        let n = reader.read_line(&mut line).expect("PONG from nats-server");
+        assert!(n > 0 && !line.starts_with("-ERR"), "nats-server: {line}");
+        if line.starts_with("PONG") {
+            return;
+        }
+    }
 }
 
 async fn futures_statuses(g: &[Gw]) -> Vec<Value> {

@@ -32,6 +32,11 @@ pub struct Args {
     /// Time between the two samples that give the rates, in milliseconds.
     #[arg(long, default_value_t = 1000, value_name = "MS")]
     interval_ms: u64,
+    /// Print the cluster link instead (role, epoch, the tree as this gateway knows it,
+    /// fallback, messages, per-principal global demand and local share); with `--json`
+    /// the `cluster` object of `/status`.
+    #[arg(long, conflicts_with_all = ["watch", "count"])]
+    cluster: bool,
 }
 
 /// Fetches `/status` twice, `--interval-ms` apart, and prints totals and rates.
@@ -40,6 +45,20 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         anyhow::bail!("--interval-ms: expected an integer ≥ 1, got 0");
     }
     let rt = super::runtime(Some(1))?;
+    if args.cluster {
+        return rt.block_on(async {
+            let now = fetch(&args.target).await?;
+            let Some(c) = now.status.cluster else {
+                anyhow::bail!("this gateway has no [cluster]: it plans alone");
+            };
+            if args.json {
+                println!("{}", serde_json::to_string(&c)?);
+            } else {
+                print!("{}", cluster_table(&c));
+            }
+            Ok(ExitCode::SUCCESS)
+        });
+    }
     rt.block_on(async {
         let interval = Duration::from_millis(args.interval_ms);
         let clear = args.watch && !args.json && std::io::stdout().is_terminal();
@@ -68,6 +87,69 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             before = now;
         }
     })
+}
+
+/// The cluster link as text: this node, its place in the tree, and the figures.
+pub fn cluster_table(c: &allot_gateway::cluster::ClusterSnapshot) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let none = "-".to_string();
+    let _ = writeln!(out, "node {}  role {}  epoch {}", c.node, c.role, c.epoch);
+    let _ = writeln!(
+        out,
+        "fallback {}{}  windows since fresh {}  members {}",
+        if c.fallback { "yes" } else { "no" },
+        c.fallback_since_ms
+            .map(|ms| format!(" (since unix ms {ms})"))
+            .unwrap_or_default(),
+        c.windows_since_fresh,
+        c.members
+    );
+    let _ = writeln!(
+        out,
+        "messages sent {}  received {}  ignored {}",
+        c.messages_sent_total, c.messages_received_total, c.messages_ignored_total
+    );
+    if let Some(e) = &c.error {
+        let _ = writeln!(out, "engine error: {e}");
+    }
+    let _ = writeln!(out, "tree (as this gateway knows it):");
+    let root = c.root.clone().unwrap_or_else(|| none.clone());
+    let _ = writeln!(out, "  root {root}");
+    match &c.parent {
+        Some(p) if *p != root => {
+            let _ = writeln!(out, "    … {p}");
+            let _ = writeln!(out, "        {} (this gateway)", c.node);
+        }
+        Some(_) => {
+            let _ = writeln!(out, "    {} (this gateway)", c.node);
+        }
+        None if c.root.as_deref() == Some(c.node.as_str()) => {}
+        None => {
+            let _ = writeln!(out, "  {} (this gateway, in no tree)", c.node);
+        }
+    }
+    let indent = if c.parent.is_some() {
+        "        "
+    } else {
+        "    "
+    };
+    for child in &c.children {
+        let _ = writeln!(out, "{indent}{child}");
+    }
+    let _ = writeln!(
+        out,
+        "{:<16} {:>18} {:>18}",
+        "principal", "global demand/s", "local share/s"
+    );
+    for p in &c.principals {
+        let _ = writeln!(
+            out,
+            "{:<16} {:>18.1} {:>18.1}",
+            p.name, p.global_demand, p.local_share
+        );
+    }
+    out
 }
 
 /// One reading of `/status` and when it was taken.

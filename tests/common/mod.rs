@@ -2,6 +2,7 @@
 //! ends) on ports chosen at run time, talk HTTP to it, read its admin API.
 #![allow(dead_code)] // each test file uses a different subset
 
+pub mod nats;
 pub mod prometheus;
 pub mod raw;
 pub mod switch;

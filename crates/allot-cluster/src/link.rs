@@ -105,6 +105,8 @@ pub struct LinkStatus {
     pub root: Option<String>,
     /// The parent, if any.
     pub parent: Option<String>,
+    /// The children that report to this node, in name order.
+    pub children: Vec<String>,
     /// Members known at the last reading.
     pub members: usize,
     /// The current window's number.
@@ -114,6 +116,9 @@ pub struct LinkStatus {
     pub enforcement: Option<Enforcement>,
     /// Windows since the last fresh quota (0 when this window's is fresh).
     pub windows_since_fresh: u64,
+    /// The whole cluster's demand behind the plan in force, units per window per
+    /// principal (empty until a plan has been made or received).
+    pub global_demand: Vec<f64>,
     /// Messages published.
     pub sent: u64,
     /// Messages received.
@@ -133,10 +138,12 @@ impl LinkStatus {
             epoch: 0,
             root: None,
             parent: None,
+            children: Vec::new(),
             members: 0,
             window: 0,
             enforcement: None,
             windows_since_fresh: 0,
+            global_demand: Vec::new(),
             sent: 0,
             received: 0,
             ignored: 0,
@@ -295,14 +302,19 @@ pub async fn run<E: Engine>(
     }
     tokio::pin!(shutdown);
     let window_ms = link.config.window.as_millis().max(1) as u64;
+    // The next boundary is kept across iterations, not recomputed from the clock: a
+    // message handled at the boundary's very instant must not make the loop skip it (a
+    // skipped boundary is a lost report and a root's lease left unrenewed).
+    let mut next_b = link.unix_ms(Instant::now()) / window_ms + 1;
     loop {
-        let now_ms = link.unix_ms(Instant::now());
-        let next = link.instant_of((now_ms / window_ms + 1) * window_ms);
+        let next = link.instant_of(next_b * window_ms);
         let deadline = link.deadline.map(|(at, _)| at);
         tokio::select! {
             _ = &mut shutdown => break,
             _ = tokio::time::sleep_until(next) => {
-                let b = link.unix_ms(Instant::now().max(next)) / window_ms;
+                // Late by more than a window (a paused process): the current window.
+                let b = (link.unix_ms(Instant::now().max(next)) / window_ms).max(next_b);
+                next_b = b + 1;
                 let local = demand.borrow().clone();
                 link.boundary(b, &local).await;
                 status.send_replace(link.status.clone());
@@ -511,6 +523,7 @@ impl<E: Engine> Link<E> {
         };
         self.status.enforcement = Some(e);
         self.status.epoch = self.node.epoch();
+        self.status.global_demand = self.node.global_demand().to_vec();
     }
 
     fn shaped_depth(&self) -> u32 {
@@ -634,6 +647,7 @@ impl<E: Engine> Link<E> {
                 self.down = None;
                 self.status.role = Role::Detached;
                 self.status.parent = None;
+                self.status.children.clear();
             }
             return;
         }
@@ -673,6 +687,11 @@ impl<E: Engine> Link<E> {
             Some(_) => Role::Leaf,
         };
         self.status.parent = parent;
+        self.status.children = self
+            .node
+            .position()
+            .map(|p| p.children.clone())
+            .unwrap_or_default();
         self.status.root = Some(root);
         self.shaped = Some(wanted);
     }

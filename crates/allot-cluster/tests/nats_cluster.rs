@@ -152,8 +152,6 @@ async fn until(
     }
 }
 
-// Not yet run to green on a real cluster: run with `--ignored`.
-#[ignore = "unfinished: not yet run to green against a real NATS cluster"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateways_on_three_nats_servers_share_one_plan_and_replace_a_root_that_leaves() {
     let mut nats = match support::NatsCluster::start(TOKEN) {

@@ -345,9 +345,16 @@ impl Enforcer {
             .any(|o| self.addresses.get(o).copied().flatten() == Some(addr))
     }
 
+    /// The number of principals.
+    pub fn principals(&self) -> usize {
+        self.principals.len()
+    }
+
     /// End of a window: fold arrivals (and the backlog still waiting) into the demand
-    /// estimates, plan, and set every principal's credit rate for the next window.
-    pub fn end_window(&self, now: Nanos) {
+    /// estimates, plan (alone, or take the cluster's quota, units per window per
+    /// principal), and set every principal's credit rate for the next window. Returns the
+    /// smoothed demand, units per window per principal.
+    pub fn end_window(&self, now: Nanos, quota: &crate::cluster::Quota) -> Vec<f64> {
         let demand: Vec<f64> = self
             .principals
             .iter()
@@ -364,11 +371,14 @@ impl Enforcer {
                 s.demand.observe(sample).unwrap_or(0.0)
             })
             .collect();
-        self.plan(Some(&demand), now);
+        match quota {
+            crate::cluster::Quota::Alone => self.plan(Some(&demand), now),
+            crate::cluster::Quota::Units(units) => self.apply(units.clone(), Vec::new(), now),
+        }
+        demand
     }
 
     fn plan(&self, demand: Option<&[f64]>, now: Nanos) {
-        let window_s = self.window.as_secs_f64();
         let (units, placement) = match demand.map(|d| self.planner.solve(d)) {
             Some(Ok(a)) => (a.units, a.placement),
             Some(Err(e)) => {
@@ -377,6 +387,12 @@ impl Enforcer {
             }
             None => (self.planner.mandatory().to_vec(), Vec::new()),
         };
+        self.apply(units, placement, now);
+    }
+
+    /// Sets every principal's allocation (units per window) and credit rate.
+    fn apply(&self, units: Vec<f64>, placement: Vec<allot_model::planner::Placement>, now: Nanos) {
+        let window_s = self.window.as_secs_f64();
         let max_cost = self.config.cost.iter().map(|c| c.units).fold(1.0, f64::max);
         for (i, p) in self.principals.iter().enumerate() {
             let alloc = units.get(i).copied().unwrap_or(0.0).max(0.0);

@@ -10,6 +10,7 @@
 //! Layout, one job per module, each importing only those above it:
 //! - [`clock`]: the one clock, as the model's time;
 //! - [`config`]: the file's schema and its validation (the leaf: imports nothing here);
+//! - [`cluster`]: what the gateway and its cluster link share (demand up, quota down);
 //! - [`stats`]: sensors and their snapshots;
 //! - [`sched`]: class queues, the caps on running requests, and service permits;
 //! - [`shape`]: bandwidth groups;
@@ -30,6 +31,7 @@ pub mod access;
 pub mod admin;
 pub mod admission;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod control;
 pub mod credit;

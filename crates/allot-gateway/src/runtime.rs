@@ -463,6 +463,8 @@ pub struct Live {
     pub connections: AtomicI64,
     /// Client connections accepted since start.
     pub accepted: AtomicUsize,
+    /// Shared with the cluster link: demand up, quota down (unused without `[cluster]`).
+    pub cluster: Arc<crate::cluster::ClusterShared>,
 }
 
 impl std::fmt::Debug for Live {
@@ -486,6 +488,7 @@ impl Live {
             changed: tokio::sync::watch::channel(0).0,
             connections: AtomicI64::new(0),
             accepted: AtomicUsize::new(0),
+            cluster: Arc::default(),
         }))
     }
 
@@ -575,6 +578,7 @@ impl Live {
                 .as_ref()
                 .map(|e| e.snapshot())
                 .unwrap_or_default(),
+            cluster: self.cluster.snapshot(),
         }
     }
 }

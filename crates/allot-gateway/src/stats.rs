@@ -529,6 +529,9 @@ pub struct Status {
     /// Per principal under `[agreements]` (empty without).
     #[serde(default)]
     pub principals: Vec<PrincipalSnapshot>,
+    /// The cluster link, under `[cluster]` only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<crate::cluster::ClusterSnapshot>,
 }
 
 /// A principal's sensors and plan, as `/status` and `/metrics` show them (units per second).

@@ -409,6 +409,9 @@ impl Collector for StatusCollector {
                 .collect();
             counter(&mut e, name, help, &rows)?;
         }
+        if let Some(c) = &s.cluster {
+            cluster_metrics(&mut e, c)?;
+        }
         gauge(
             &mut e,
             "allot_gateway_running",
@@ -429,6 +432,78 @@ impl Collector for StatusCollector {
         )?;
         Ok(())
     }
+}
+
+/// The cluster link's metrics (under `[cluster]` only).
+fn cluster_metrics(
+    e: &mut DescriptorEncoder,
+    c: &crate::cluster::ClusterSnapshot,
+) -> std::fmt::Result {
+    let roles: Vec<(Labels, i64)> = ["root", "aggregator", "leaf", "detached"]
+        .iter()
+        .map(|r| (vec![("role", r.to_string())], i64::from(c.role == *r)))
+        .collect();
+    gauge(
+        e,
+        "allot_cluster_role",
+        "1 for this gateway's role in the combining tree, 0 for the others.",
+        &roles,
+    )?;
+    gauge(
+        e,
+        "allot_cluster_epoch",
+        "The highest fencing epoch seen.",
+        &[(vec![], c.epoch as i64)],
+    )?;
+    gauge(
+        e,
+        "allot_cluster_windows_since_fresh",
+        "Windows since the last fresh quota (0 when this window's is fresh).",
+        &[(vec![], c.windows_since_fresh as i64)],
+    )?;
+    gauge(
+        e,
+        "allot_cluster_fallback",
+        "1 while the gateway enforces its fallback share, else 0.",
+        &[(vec![], i64::from(c.fallback))],
+    )?;
+    counter(
+        e,
+        "allot_cluster_messages_sent",
+        "Messages the cluster link published.",
+        &[(vec![], c.messages_sent_total)],
+    )?;
+    counter(
+        e,
+        "allot_cluster_messages_received",
+        "Messages the cluster link received.",
+        &[(vec![], c.messages_received_total)],
+    )?;
+    counter(
+        e,
+        "allot_cluster_messages_ignored",
+        "Messages ignored: malformed, from outside the tree, or of another epoch.",
+        &[(vec![], c.messages_ignored_total)],
+    )?;
+    let per = |f: fn(&crate::cluster::ClusterPrincipal) -> f64| -> Vec<(Labels, f64)> {
+        c.principals
+            .iter()
+            .map(|p| (vec![("principal", p.name.clone())], f(p)))
+            .collect()
+    };
+    gauge_f64(
+        e,
+        "allot_cluster_demand",
+        "The whole cluster's demand behind the plan in force, units per second.",
+        &per(|p| p.global_demand),
+    )?;
+    gauge_f64(
+        e,
+        "allot_cluster_share",
+        "What this gateway admits now, units per second: its quota or fallback share.",
+        &per(|p| p.local_share),
+    )?;
+    Ok(())
 }
 
 /// The gateway's metrics in `format`.

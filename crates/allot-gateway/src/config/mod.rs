@@ -104,6 +104,10 @@ pub struct Config {
     /// The access log: one line per request and per connection (off when absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub access_log: Option<AccessLogConfig>,
+    /// `[cluster]`: enforce the agreements together with other gateways over NATS (see
+    /// docs/cluster.md). Without it the gateway plans alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<allot_cluster::ClusterConfig>,
 }
 
 /// How the log's lines are written.
@@ -832,6 +836,19 @@ impl Config {
             return Err(invalid(span, "chain".into(), e.to_string()));
         }
         controller::validate(self, &invalid)?;
+        if let Some(c) = &self.cluster {
+            if let Err(e) = c.validate() {
+                return Err(invalid(0..0, format!("cluster.{}", e.key), e.problem));
+            }
+            if self.agreements.is_none() {
+                return Err(invalid(
+                    0..0,
+                    "cluster".into(),
+                    "a cluster enforces an agreement set together: [cluster] needs [agreements]"
+                        .into(),
+                ));
+            }
+        }
         Ok(())
     }
 

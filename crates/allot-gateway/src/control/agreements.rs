@@ -1,7 +1,9 @@
 //! The agreement window loop: sensor (cost units arriving, and waiting, per principal) →
 //! controller (smoothed demand, the model's planner) → actuator (each principal's credit
 //! rate), at every window's end; in between, the credit that accrued is offered to the
-//! requests waiting for it, [`PUMPS_PER_WINDOW`] times a window.
+//! requests waiting for it, [`PUMPS_PER_WINDOW`] times a window. Under `[cluster]` the
+//! plan is the cluster's: the demand goes to the cluster link, and the quota it hands
+//! back (or the fallback share) sets the credit rates instead of the local planner.
 
 use std::sync::Weak;
 use std::time::Duration;
@@ -43,7 +45,9 @@ pub(crate) async fn run(live: Weak<Live>) {
         pumps += 1;
         if pumps >= PUMPS_PER_WINDOW {
             pumps = 0;
-            enforcer.end_window(now);
+            let quota = live.cluster.quota(enforcer.principals());
+            let demand = enforcer.end_window(now, &quota);
+            live.cluster.set_demand(demand);
         }
         enforcer.pump(now);
     }

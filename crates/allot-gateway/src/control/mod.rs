@@ -5,13 +5,16 @@
 //! - [`agreements`]: every window, demand per principal → the planner → credit rates;
 //!   in between, credit handed to the requests waiting for it;
 //! - [`qos`]: the `[[controller]]` loops (delay, utilisation, adaptive limits);
-//! - [`health`]: active health checks, one loop per back end that has them.
+//! - [`health`]: active health checks, one loop per back end that has them;
+//! - [`cluster`]: under `[cluster]`, this gateway's node of the combining tree: its
+//!   demand up to the cluster, the quota it enforces back.
 //!
 //! Loops follow the configuration in force: the supervisor reconciles them after every
 //! change, and they hold the live state weakly, so none outlives the gateway. There is one
 //! supervisor per gateway, however many listeners it has.
 
 pub mod agreements;
+pub mod cluster;
 pub mod health;
 pub mod qos;
 
@@ -25,6 +28,8 @@ use crate::runtime::Live;
 pub struct Supervisor {
     controllers: qos::Controllers,
     windows: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The cluster link's loop, with what it was started with.
+    cluster: Mutex<Option<(cluster::Wanted, tokio::task::JoinHandle<()>)>>,
     /// Health-check loops by back end, with the settings each was started with.
     checks: Mutex<
         HashMap<
@@ -63,6 +68,33 @@ impl Supervisor {
         }
         drop(windows);
         self.reconcile_checks(live);
+        self.reconcile_cluster(live);
+    }
+
+    /// The cluster loop while `[cluster]` is configured, restarted when its settings,
+    /// the agreement set or the node name change.
+    fn reconcile_cluster(&self, live: &Arc<Live>) {
+        let wanted = cluster::Wanted::of(live);
+        let mut slot = self.cluster.lock().unwrap_or_else(|p| p.into_inner());
+        let keep = match (&wanted, slot.as_ref()) {
+            (Some(w), Some((running, task))) => w == running && !task.is_finished(),
+            (None, None) => true,
+            _ => false,
+        };
+        if keep {
+            return;
+        }
+        if let Some((_, task)) = slot.take() {
+            task.abort();
+        }
+        let Some(wanted) = wanted else {
+            cluster::stopped(&live.cluster);
+            return;
+        };
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            let task = handle.spawn(cluster::run(Arc::downgrade(live), wanted.clone()));
+            *slot = Some((wanted, task));
+        }
     }
 
     /// One health-check loop per back end with a `health_check`, restarted when its
@@ -116,6 +148,14 @@ impl Supervisor {
         }
         if let Some(task) = self
             .windows
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            task.abort();
+        }
+        if let Some((_, task)) = self
+            .cluster
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take()

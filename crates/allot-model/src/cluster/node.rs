@@ -79,6 +79,10 @@ pub struct Quotas {
     pub from: String,
     /// One part per child the sender counted; a child left out gets nothing.
     pub parts: Vec<QuotaPart>,
+    /// The whole cluster's demand the plan was computed from, units per window per
+    /// principal (for status; empty from a sender that does not tell it).
+    #[serde(default)]
+    pub demand: Vec<f64>,
 }
 
 /// A message a step wants sent.
@@ -184,6 +188,8 @@ pub struct Node {
     /// This node's share of the mandatory-only plan, from the last quota received.
     fallback_share: Option<Vec<f64>>,
     fallback_since: Option<u64>,
+    /// The whole cluster's demand behind the last plan made or received.
+    global_demand: Vec<f64>,
 }
 
 /// The mandatory-only plan: what the planner gives when every principal asks for exactly
@@ -240,7 +246,14 @@ impl Node {
             held: VecDeque::new(),
             fallback_share: None,
             fallback_since: None,
+            global_demand: Vec::new(),
         }
+    }
+
+    /// The whole cluster's demand behind the last plan this node made (at the root) or
+    /// received, units per window per principal; empty before the first.
+    pub fn global_demand(&self) -> &[f64] {
+        &self.global_demand
     }
 
     /// The node's name.
@@ -268,6 +281,7 @@ impl Node {
             self.breakdowns.clear();
             self.pending = None;
             self.fallback_share = None;
+            self.global_demand.clear();
         }
         self.principals = planner.len();
         self.planner = planner;
@@ -416,6 +430,7 @@ impl Node {
                 },
             }],
             None => {
+                self.global_demand = total.clone();
                 let units = self
                     .planner
                     .solve(&total)
@@ -485,6 +500,7 @@ impl Node {
                 target_window,
                 from: self.name.clone(),
                 parts,
+                demand: self.global_demand.clone(),
             })
         })
     }
@@ -533,6 +549,9 @@ impl Node {
             .is_some_and(|h| h.target_window > quotas.target_window)
         {
             return Err(Ignored::Old);
+        }
+        if well_formed(&quotas.demand, self.principals) {
+            self.global_demand = quotas.demand.clone();
         }
         let zero = vec![0.0; self.principals];
         let (units, fallback) = quotas

@@ -216,6 +216,11 @@ fn the_root_plans_global_demand_and_each_gateway_gets_its_part_two_windows_later
         "{:?}",
         g2.units
     );
+    // Every gateway learns the whole cluster's demand the plan was made from.
+    for name in &members {
+        let global = nodes.get(name).expect("member").global_demand().to_vec();
+        assert_eq!(global, vec![0.0, 40.0, 50.0], "{name}");
+    }
     // The next window without a new quota: the same, stale by one.
     let g2 = nodes.get_mut("g00002").expect("member").enforce(10);
     assert_eq!(g2.source, Source::Stale { age_windows: 1 });
@@ -373,6 +378,7 @@ fn messages_from_outside_the_tree_or_lower_epochs_or_malformed_are_ignored() {
             units: vec![0.0, 40.0, 0.0],
             fallback_units: vec![0.0; 3],
         }],
+        demand: vec![],
     };
     assert_eq!(leaf.on_quotas(&q), Err(Ignored::LowerEpoch));
     assert!(!leaf.reshape(4, &shape), "a lower epoch's tree is refused");
@@ -409,6 +415,7 @@ fn a_child_left_out_by_its_parent_gets_zero_and_passes_zero_down() {
             target_window: 3,
             from: "g00000".into(),
             parts: vec![],
+            demand: vec![],
         })
         .expect("from the parent");
     assert_eq!(node.enforce(3).units, vec![0.0; 3]);

@@ -1,0 +1,269 @@
+//! What the gateway and its cluster link share: the local demand going up, the quota
+//! coming down, and the link's state for `/status` and `/metrics`. The link's loop
+//! (`control::cluster`) writes it; the agreement window loop reads the quota and writes
+//! the demand. Without `[cluster]` nothing writes it and the gateway plans alone.
+
+use std::sync::Mutex;
+
+use allot_cluster::link::{LinkStatus, Role};
+use allot_model::cluster::Source;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+/// One principal's figures in the cluster, units per second.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ClusterPrincipal {
+    /// Principal name.
+    pub name: String,
+    /// The whole cluster's demand behind the plan in force (units per second).
+    pub global_demand: f64,
+    /// What this gateway admits now (units per second): its quota, or its fallback share.
+    pub local_share: f64,
+}
+
+/// The cluster link as `/status` serves it (present only under `[cluster]`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ClusterSnapshot {
+    /// This gateway's node name.
+    pub node: String,
+    /// `root`, `aggregator`, `leaf`, or `detached` (in no tree yet: enforcing its
+    /// fallback).
+    pub role: String,
+    /// The highest fencing epoch seen.
+    pub epoch: u64,
+    /// The parent node, if any.
+    pub parent: Option<String>,
+    /// The root obeyed, if any.
+    #[serde(default)]
+    pub root: Option<String>,
+    /// The nodes reporting to this one.
+    #[serde(default)]
+    pub children: Vec<String>,
+    /// Members known at the last reading.
+    #[serde(default)]
+    pub members: u64,
+    /// Windows since the last fresh quota (0 when this window's is fresh).
+    pub windows_since_fresh: u64,
+    /// Whether the gateway enforces its fallback share (no quota for two windows, or no
+    /// link to the cluster).
+    pub fallback: bool,
+    /// Unix time in milliseconds when the current fallback began.
+    pub fallback_since_ms: Option<u64>,
+    /// Messages published by the link.
+    pub messages_sent_total: u64,
+    /// Messages received by the link.
+    pub messages_received_total: u64,
+    /// Messages ignored: malformed, from outside the tree, of another epoch.
+    #[serde(default)]
+    pub messages_ignored_total: u64,
+    /// The last problem with the coordination engine, if the last attempt failed.
+    #[serde(default)]
+    pub error: Option<String>,
+    /// Per principal of the agreement set.
+    pub principals: Vec<ClusterPrincipal>,
+}
+
+/// The link's state as the gateway keeps it.
+#[derive(Debug, Default)]
+struct State {
+    /// `[cluster]` in force: the node name, the window in milliseconds and the principals.
+    configured: Option<(String, u64, Vec<String>)>,
+    link: Option<LinkStatus>,
+    /// What to enforce while there is no link (engine unreachable, name taken).
+    detached_quota: Vec<f64>,
+    detached_since_ms: Option<u64>,
+    error: Option<String>,
+}
+
+/// Shared between the cluster link's loop and the agreement window loop.
+#[derive(Debug)]
+pub struct ClusterShared {
+    demand: watch::Sender<Vec<f64>>,
+    state: Mutex<State>,
+}
+
+impl Default for ClusterShared {
+    fn default() -> ClusterShared {
+        ClusterShared {
+            demand: watch::channel(Vec::new()).0,
+            state: Mutex::default(),
+        }
+    }
+}
+
+/// The quota the enforcer is to apply this window.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Quota {
+    /// No `[cluster]`: plan alone.
+    Alone,
+    /// Units per window per principal: the cluster's quota or the fallback share.
+    Units(Vec<f64>),
+}
+
+impl ClusterShared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The link starts (or restarts) for node `node`, windows of `window_ms` and
+    /// `principals`; `detached_quota` (units per window) is enforced until it runs.
+    pub fn configure(
+        &self,
+        node: &str,
+        window_ms: u64,
+        principals: Vec<String>,
+        detached_quota: Vec<f64>,
+    ) {
+        let mut s = self.lock();
+        s.configured = Some((node.to_string(), window_ms, principals));
+        s.link = None;
+        s.detached_quota = detached_quota;
+        s.detached_since_ms.get_or_insert_with(unix_ms);
+    }
+
+    /// `[cluster]` was removed: the gateway plans alone again.
+    pub fn unconfigure(&self) {
+        *self.lock() = State::default();
+    }
+
+    /// The link is down (`error` says why, never a secret): the detached quota applies.
+    pub fn detach(&self, error: Option<String>) {
+        let mut s = self.lock();
+        s.link = None;
+        s.detached_since_ms.get_or_insert_with(unix_ms);
+        if error.is_some() {
+            s.error = error;
+        }
+    }
+
+    /// The link published its state.
+    pub fn update(&self, status: &LinkStatus) {
+        let mut s = self.lock();
+        s.error = status.engine_error.clone();
+        if status.enforcement.is_some() {
+            s.detached_since_ms = None;
+        }
+        s.link = Some(status.clone());
+    }
+
+    /// The local demand of the window that just closed (units per window per principal),
+    /// for the link's next report.
+    pub fn set_demand(&self, demand: Vec<f64>) {
+        self.demand.send_replace(demand);
+    }
+
+    /// Follows the local demand (the link's sensor).
+    pub fn demand(&self) -> watch::Receiver<Vec<f64>> {
+        self.demand.subscribe()
+    }
+
+    /// What the enforcer applies for `principals` principals.
+    pub fn quota(&self, principals: usize) -> Quota {
+        let s = self.lock();
+        if s.configured.is_none() {
+            return Quota::Alone;
+        }
+        let units = s
+            .link
+            .as_ref()
+            .and_then(|l| l.enforcement.as_ref())
+            .map(|e| e.units.clone())
+            .unwrap_or_else(|| s.detached_quota.clone());
+        if units.len() == principals {
+            Quota::Units(units)
+        } else {
+            // Another agreement set is being adopted: nothing for principals unknown.
+            Quota::Units(vec![0.0; principals])
+        }
+    }
+
+    /// The link's state for `/status`, under `[cluster]` only.
+    pub fn snapshot(&self) -> Option<ClusterSnapshot> {
+        let s = self.lock();
+        let (node, window_ms, names) = s.configured.clone()?;
+        let per_s = 1000.0 / window_ms.max(1) as f64;
+        let link = s.link.as_ref();
+        let enforcement = link.and_then(|l| l.enforcement.as_ref());
+        let (fallback, fallback_since_ms) = match enforcement.map(|e| e.source) {
+            Some(Source::Fallback { since_window }) => (true, Some(since_window * window_ms)),
+            Some(_) => (false, None),
+            None => (true, s.detached_since_ms),
+        };
+        let local: Vec<f64> = enforcement
+            .map(|e| e.units.clone())
+            .unwrap_or_else(|| s.detached_quota.clone());
+        let global = link.map(|l| l.global_demand.clone()).unwrap_or_default();
+        let principals = names
+            .iter()
+            .enumerate()
+            .map(|(i, name)| ClusterPrincipal {
+                name: name.clone(),
+                global_demand: global.get(i).copied().unwrap_or(0.0) * per_s,
+                local_share: local.get(i).copied().unwrap_or(0.0) * per_s,
+            })
+            .collect();
+        Some(ClusterSnapshot {
+            node,
+            role: link.map_or(Role::Detached, |l| l.role).as_str().to_string(),
+            epoch: link.map_or(0, |l| l.epoch),
+            parent: link.and_then(|l| l.parent.clone()),
+            root: link.and_then(|l| l.root.clone()),
+            children: link.map(|l| l.children.clone()).unwrap_or_default(),
+            members: link.map_or(0, |l| l.members as u64),
+            windows_since_fresh: link.map_or(0, |l| l.windows_since_fresh),
+            fallback,
+            fallback_since_ms,
+            messages_sent_total: link.map_or(0, |l| l.sent),
+            messages_received_total: link.map_or(0, |l| l.received),
+            messages_ignored_total: link.map_or(0, |l| l.ignored),
+            error: s.error.clone(),
+            principals,
+        })
+    }
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use allot_model::cluster::Enforcement;
+
+    #[test]
+    fn without_cluster_the_gateway_plans_alone_and_shows_nothing() {
+        let c = ClusterShared::default();
+        assert_eq!(c.quota(2), Quota::Alone);
+        assert!(c.snapshot().is_none());
+    }
+
+    #[test]
+    fn detached_it_enforces_its_fallback_then_the_links_quota() {
+        let c = ClusterShared::default();
+        c.configure("g1", 100, vec!["A".into(), "B".into()], vec![1.0, 3.0]);
+        assert_eq!(c.quota(2), Quota::Units(vec![1.0, 3.0]));
+        let s = c.snapshot().expect("configured");
+        assert!(s.fallback && s.fallback_since_ms.is_some());
+        assert_eq!(s.role, "detached");
+        let mut link = LinkStatus::new("g1");
+        link.role = Role::Leaf;
+        link.enforcement = Some(Enforcement {
+            units: vec![2.0, 5.0],
+            source: Source::Fresh,
+        });
+        link.global_demand = vec![4.0, 8.0];
+        c.update(&link);
+        assert_eq!(c.quota(2), Quota::Units(vec![2.0, 5.0]));
+        assert_eq!(c.quota(3), Quota::Units(vec![0.0; 3]));
+        let s = c.snapshot().expect("configured");
+        assert!(!s.fallback && s.fallback_since_ms.is_none());
+        assert_eq!(s.role, "leaf");
+        assert_eq!(s.principals[1].local_share, 50.0);
+        assert_eq!(s.principals[1].global_demand, 80.0);
+    }
+}

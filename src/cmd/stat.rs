@@ -167,42 +167,8 @@ pub struct Sample {
 }
 
 /// This gateway's place in the cluster, as `/status` serves it under `"cluster"` (only
-/// with `[cluster]` in the configuration).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct ClusterStatus {
-    /// This node's name.
-    pub node: String,
-    /// `root`, `aggregator` or `leaf`.
-    pub role: String,
-    /// The highest epoch seen.
-    pub epoch: u64,
-    /// The parent it reports to (`None` at the root).
-    pub parent: Option<String>,
-    /// Windows since the last fresh quota came down (0: this window's is fresh).
-    pub windows_since_fresh: u64,
-    /// Enforcing the fallback share, the parent having gone silent.
-    pub fallback: bool,
-    /// When the fallback began, milliseconds (`None` when not in fallback).
-    pub fallback_since_ms: Option<u64>,
-    /// Messages published since start.
-    pub messages_sent_total: u64,
-    /// Messages received since start.
-    pub messages_received_total: u64,
-    /// Per principal: the demand across the cluster and this node's share of it.
-    #[serde(default)]
-    pub principals: Vec<ClusterPrincipal>,
-}
-
-/// One principal's figures in [`ClusterStatus`].
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct ClusterPrincipal {
-    /// Principal name.
-    pub name: String,
-    /// Its demand summed over the cluster.
-    pub global_demand: f64,
-    /// What this node may admit of it.
-    pub local_share: f64,
-}
+/// with `[cluster]` in the configuration): the gateway's own type, read back.
+pub use allot_gateway::cluster::ClusterSnapshot as ClusterStatus;
 
 /// What [`parse_status`] gives: the status, and its `"cluster"` object (`Ok(None)`:
 /// none; `Err`: one that could not be read, and why).

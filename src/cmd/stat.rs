@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use allot_gateway::stats::{BackendSnapshot, ClassSnapshot, HistogramSnapshot, Status};
 use anyhow::Context;
 use http::Method;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use super::admin_client::{call, AdminTarget};
 
@@ -177,15 +177,19 @@ pub type StatusDocument = (Status, Result<Option<ClusterStatus>, String>);
 /// Reads a `/status` document: the status, and its `"cluster"` object when there is one.
 /// A `"cluster"` object of another shape does not make the rest unreadable.
 pub fn parse_status(text: &str) -> anyhow::Result<StatusDocument> {
-    #[derive(Deserialize)]
-    struct Cluster {
-        #[serde(default)]
-        cluster: Option<ClusterStatus>,
-    }
-    let status: Status = serde_json::from_str(text).context("reading /status")?;
-    let cluster = serde_json::from_str::<Cluster>(text)
-        .map(|c| c.cluster)
+    let mut doc: serde_json::Value = serde_json::from_str(text).context("reading /status")?;
+    let cluster = doc
+        .as_object_mut()
+        .and_then(|o| o.remove("cluster"))
+        .filter(|c| !c.is_null());
+    let mut status: Status = serde_json::from_value(doc).context("reading /status")?;
+    let cluster = cluster
+        .map(serde_json::from_value::<ClusterStatus>)
+        .transpose()
         .map_err(|e| format!("/status `cluster`: {e}"));
+    if let Ok(Some(c)) = &cluster {
+        status.cluster = Some(c.clone());
+    }
     Ok((status, cluster))
 }
 

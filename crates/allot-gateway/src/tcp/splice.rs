@@ -14,8 +14,14 @@ use tokio::time::Instant;
 use crate::shape::BandwidthGroup;
 use crate::stats::CloseReason;
 
-/// Bytes read at once from either side: the size nginx and HAProxy use by default.
+/// Bytes read at once from either side of a connection that moves much: the size nginx
+/// and HAProxy use by default.
 const CHUNK_BYTES: usize = 16 * 1024;
+
+/// Bytes of a direction's first buffer. Most connections of a busy TCP service carry a
+/// few bytes each way; a small buffer comes from the allocator's fast path, a 16 KiB one
+/// does not. A read that fills it moves the direction to `CHUNK_BYTES`.
+const FIRST_CHUNK_BYTES: usize = 2 * 1024;
 
 /// What bounds a connection in service.
 #[derive(Debug, Clone)]
@@ -158,17 +164,27 @@ where
     W: AsyncWrite + Unpin,
 {
     // Not zeroed: reads fill it.
-    let mut buf = bytes::BytesMut::with_capacity(CHUNK_BYTES);
+    let mut buf = bytes::BytesMut::with_capacity(FIRST_CHUNK_BYTES);
     loop {
+        if buf.len() == buf.capacity() && buf.capacity() < CHUNK_BYTES {
+            buf = bytes::BytesMut::with_capacity(CHUNK_BYTES);
+        }
         buf.clear();
         let n = from.read_buf(&mut buf).await?;
         let now = Instant::now();
         let now_ns = crate::clock::to_nanos(now);
         last.store(now_ns.0, Relaxed);
         if n == 0 {
-            let _ = first_eof.compare_exchange(NO_END, side, Relaxed, Relaxed);
-            // The other side may still send: pass the end on, keep the rest open.
-            let _ = to.shutdown().await;
+            // The first end is passed on and the rest kept open, as the other side may
+            // still send. At the second end both sides have sent everything: the
+            // connection is closed next, and closing sends the end itself (nothing is
+            // left unread on either socket), so a shutdown would only cost a system call.
+            if first_eof
+                .compare_exchange(NO_END, side, Relaxed, Relaxed)
+                .is_ok()
+            {
+                let _ = to.shutdown().await;
+            }
             return Ok(());
         }
         if let Some(group) = &limits.shaper {
@@ -235,6 +251,45 @@ mod tests {
         assert_eq!(ended.reason, CloseReason::ServerClosed);
         assert_eq!((ended.up, ended.down), (5, 2));
         assert_eq!(counts, [5, 5, 2, 2]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_larger_than_the_first_buffer_arrives_whole_and_in_order() {
+        let (client, mut client_peer) = duplex(1 << 16);
+        let (server, mut server_peer) = duplex(1 << 16);
+        let c: [AtomicU64; 4] = Default::default();
+        let limits = Limits {
+            idle: Duration::from_secs(5),
+            deadline: None,
+            shaper: None,
+        };
+        let sent: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let expected = sent.clone();
+        let run = tokio::spawn(async move {
+            both_ways(
+                tokio::io::split(client),
+                tokio::io::split(server),
+                &limits,
+                counters(&c),
+            )
+            .await
+        });
+        let writer = tokio::spawn(async move {
+            client_peer.write_all(&sent).await.unwrap();
+            client_peer.shutdown().await.unwrap();
+            client_peer
+        });
+        let mut got = Vec::new();
+        // The client's end reaches the server once everything before it has.
+        server_peer.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got.len(), expected.len());
+        assert!(got == expected, "the bytes arrive changed or out of order");
+        // The second end: the connection ends with both sides done.
+        server_peer.shutdown().await.unwrap();
+        let ended = run.await.unwrap();
+        assert_eq!(ended.reason, CloseReason::ClientClosed);
+        assert_eq!(ended.up, 300_000);
+        drop(writer.await.unwrap());
     }
 
     #[tokio::test(start_paused = true)]

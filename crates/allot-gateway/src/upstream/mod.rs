@@ -408,7 +408,8 @@ impl Backend {
         client: std::net::IpAddr,
         now: allot_model::Nanos,
     ) -> Result<StreamLease, ForwardError> {
-        let mut last = String::from("no addresses");
+        // Made only on a failure: the path that succeeds allocates nothing for it.
+        let mut last = String::new();
         let preferred =
             prefer.and_then(|p| self.addresses.iter().find(|a| a.addr == p && a.usable()));
         let mut ejected = Vec::new();
@@ -440,7 +441,7 @@ impl Backend {
         }
         Err(ForwardError::Connect {
             backend: self.core.name.clone(),
-            detail: last,
+            detail: no_addresses_if_empty(last),
         })
     }
 
@@ -597,7 +598,8 @@ impl Backend {
         now: allot_model::Nanos,
     ) -> Result<(Response<ResponseBody>, Lease), (ForwardError, RequestBody)> {
         let deadline = started + self.settings.response_timeout;
-        let mut last = String::from("no addresses");
+        // Made only on a failure: the path that succeeds allocates nothing for it.
+        let mut last = String::new();
         let mut body = body;
         // Ejected addresses only as a last resort, so a back end whose every address was
         // ejected is still probed rather than failing forever.
@@ -620,7 +622,7 @@ impl Backend {
         }
         let err = ForwardError::Connect {
             backend: self.core.name.clone(),
-            detail: last,
+            detail: no_addresses_if_empty(last),
         };
         Err((err, body))
     }
@@ -815,4 +817,14 @@ async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Conn, String> {
         h1: H1Conn::new(stream),
         timer: Box::pin(tokio::time::sleep(timeout)),
     })
+}
+
+/// The detail of a connect failure: the last address's error, or that there was none to
+/// try.
+fn no_addresses_if_empty(last: String) -> String {
+    if last.is_empty() {
+        String::from("no addresses")
+    } else {
+        last
+    }
 }

@@ -311,6 +311,22 @@ pub async fn backend_stats(backend: SocketAddr) -> serde_json::Value {
     serde_json::from_slice(&r.body).expect("backend stats JSON")
 }
 
+/// The synthetic back end's requests per closed window of the wall clock (its
+/// `/__windows`): (window number `unix_ms / window_ms`, requests served in it), oldest
+/// first, windows with none left out.
+pub async fn backend_windows(backend: SocketAddr) -> Vec<(u64, u64)> {
+    let r = get_once(backend, "/__windows", &[]).await;
+    let v: serde_json::Value = serde_json::from_slice(&r.body).expect("backend windows JSON");
+    v["windows"]
+        .as_array()
+        .map(|ws| {
+            ws.iter()
+                .filter_map(|p| Some((p[0].as_u64()?, p[1].as_u64()?)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Polls `check` every 20 ms until it holds or `limit` passes.
 pub async fn eventually<F, Fut>(limit: Duration, mut check: F) -> bool
 where

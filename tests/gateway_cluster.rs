@@ -192,8 +192,9 @@ fn offer(gw: SocketAddr, path: &'static str, rate: f64, stop: Instant) -> Arc<At
             tick.tick().await;
             let counter = Arc::clone(&counter);
             tokio::spawn(async move {
-                let Ok(mut c) =
-                    tokio::time::timeout(Duration::from_secs(2), Client::connect(gw, None)).await
+                let Ok(Some(mut c)) =
+                    tokio::time::timeout(Duration::from_secs(2), Client::try_connect(gw, None))
+                        .await
                 else {
                     return;
                 };

@@ -181,6 +181,14 @@ pub struct Client {
 
 impl Client {
     pub async fn connect(target: SocketAddr, source: Option<IpAddr>) -> Client {
+        Client::try_connect(target, source)
+            .await
+            .expect("connect in time")
+    }
+
+    /// [`Client::connect`], or `None` when the target refuses or does not answer in 5 s
+    /// (a load generator's client to a gateway that was killed).
+    pub async fn try_connect(target: SocketAddr, source: Option<IpAddr>) -> Option<Client> {
         let socket = if target.is_ipv4() {
             TcpSocket::new_v4()
         } else {
@@ -192,13 +200,13 @@ impl Client {
         }
         let stream = tokio::time::timeout(Duration::from_secs(5), socket.connect(target))
             .await
-            .expect("connect in time")
-            .expect("connect");
+            .ok()?
+            .ok()?;
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
-            .expect("handshake");
+            .ok()?;
         tokio::spawn(conn);
-        Client { sender }
+        Some(Client { sender })
     }
 
     /// Sends one request and reads the whole answer; `None` if the connection broke.

@@ -517,6 +517,8 @@ impl<E: Engine> Link<E> {
 
     async fn boundary(&mut self, b: u64, demand: &[f64]) {
         self.status.window = b;
+        // The error shown is this window's: cleared here, set again by what fails now.
+        self.status.engine_error = None;
         self.elect().await;
         if b.is_multiple_of(self.config.member_refresh_windows.max(1)) || self.members.is_empty() {
             self.refresh_members().await;

@@ -181,11 +181,7 @@ impl ClusterShared {
         if s.configured.is_none() {
             return Quota::Alone;
         }
-        let units = s
-            .in_force()
-            .and_then(|l| l.enforcement.as_ref())
-            .map(|e| e.units.clone())
-            .unwrap_or_else(|| s.detached_quota.clone());
+        let units = s.units();
         if units.len() == principals {
             Quota::Units(units)
         } else {
@@ -212,9 +208,7 @@ impl ClusterShared {
             ),
         };
         let stale_windows = stale_ms.map_or(0, |ms| ms / window_ms.max(1) + STALE_WINDOWS);
-        let local: Vec<f64> = enforcement
-            .map(|e| e.units.clone())
-            .unwrap_or_else(|| s.detached_quota.clone());
+        let local = s.units();
         let global = link.map(|l| l.global_demand.clone()).unwrap_or_default();
         let principals = names
             .iter()
@@ -260,6 +254,25 @@ impl State {
     /// The link's state, while it is renewed in time.
     fn in_force(&self) -> Option<&LinkStatus> {
         self.link.as_ref().filter(|_| self.stale_ms().is_none())
+    }
+
+    /// What to enforce now, units per window per principal: the link's quota while its
+    /// state is renewed in time; once stale, the lesser of its last quota and the
+    /// detached share (so the gateways together stay within what their last plans or
+    /// the mandatory-only plan allow); with no link, the detached share.
+    fn units(&self) -> Vec<f64> {
+        if let Some(e) = self.in_force().and_then(|l| l.enforcement.as_ref()) {
+            return e.units.clone();
+        }
+        match self.link.as_ref().and_then(|l| l.enforcement.as_ref()) {
+            Some(e) if e.units.len() == self.detached_quota.len() => e
+                .units
+                .iter()
+                .zip(&self.detached_quota)
+                .map(|(u, d)| u.min(*d))
+                .collect(),
+            _ => self.detached_quota.clone(),
+        }
     }
 }
 
@@ -328,5 +341,13 @@ mod tests {
         assert!(s.fallback && s.fallback_since_ms.is_some(), "{s:?}");
         assert!(s.windows_since_fresh >= STALE_WINDOWS, "{s:?}");
         assert_eq!(s.principals[0].local_share, 1000.0);
+        // A last quota below the detached share: the lesser is enforced.
+        link.enforcement = Some(Enforcement {
+            units: vec![0.5],
+            source: Source::Fresh,
+        });
+        c.update(&link);
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        assert_eq!(c.quota(1), Quota::Units(vec![0.5]));
     }
 }

@@ -130,7 +130,11 @@ fn changed_set(capacity: f64) -> Vec<u8> {
 /// gateway whose agreement file changed does (a JetStream KV put is a publish on the
 /// key's subject).
 fn publish_set(nats_url: &str, cluster: &str, set: &[u8]) {
-    publish_raw(nats_url, &format!("$KV.allot-{cluster}-config.agreements"), set);
+    publish_raw(
+        nats_url,
+        &format!("$KV.allot-{cluster}-config.agreements"),
+        set,
+    );
 }
 
 struct Gw {
@@ -361,15 +365,20 @@ async fn gateways_share_one_plan_over_nats_and_survive_the_roots_death() {
     // The new root is stopped (SIGSTOP) until the other gateway stands as root with a
     // higher epoch, then continued: from its first answer on it enforces no quota of
     // its old epoch (its state is stale at once: fallback), then obeys the new root.
-    let r = second.iter().position(|c| c["role"] == "root").expect("a root");
+    let r = second
+        .iter()
+        .position(|c| c["role"] == "root")
+        .expect("a root");
     let (stopped, other) = (&g[r], &g[1 - r]);
     let old_epoch = second[r]["epoch"].as_u64().unwrap_or(0);
     if let Some(p) = &stopped.proc {
         p.signal("STOP");
     }
-    let third = until("the other stands as root of a higher epoch", &[other], |all| {
-        all[0]["role"] == "root" && all[0]["epoch"].as_u64() > Some(old_epoch)
-    })
+    let third = until(
+        "the other stands as root of a higher epoch",
+        &[other],
+        |all| all[0]["role"] == "root" && all[0]["epoch"].as_u64() > Some(old_epoch),
+    )
     .await;
     let new_epoch = third[0]["epoch"].as_u64().unwrap_or(0);
     if let Some(p) = &stopped.proc {
@@ -402,10 +411,14 @@ async fn gateways_share_one_plan_over_nats_and_survive_the_roots_death() {
         "no agreement set's fingerprint: {old_set}"
     );
     publish_set(&nats.urls[1], &cluster, &changed_set(200.0));
-    until("every gateway plans with the new agreement set", &rest, |all| {
-        all.iter()
-            .all(|c| c["agreements"] != old_set && c["agreements"] == all[0]["agreements"])
-    })
+    until(
+        "every gateway plans with the new agreement set",
+        &rest,
+        |all| {
+            all.iter()
+                .all(|c| c["agreements"] != old_set && c["agreements"] == all[0]["agreements"])
+        },
+    )
     .await;
 
     // A wrong credential: a clear error in `/status`, and the fallback share enforced.
@@ -949,7 +962,10 @@ async fn experiment_cluster_nats_server_killed() {
         .count();
     let mut rows = Rows::new();
     rows.row(
-        &format!("NATS server n{} killed (the root g{root}'s first)", root % 3),
+        &format!(
+            "NATS server n{} killed (the root g{root}'s first)",
+            root % 3
+        ),
         format!(
             "most windows without a fresh quota {stale}; windows with a gateway in fallback {}; \
              readings with an engine error {errors} of {}",
@@ -1005,7 +1021,9 @@ async fn experiment_cluster_root_paused() {
     let last_w = window_now();
     let served = Served::read(rig.backend).await;
     let others_back = first_after(&paused, stopped_at, |all| {
-        roots(all) == 1 && all_fresh(all) && all.iter().all(|c| c["epoch"].as_u64() > Some(old_epoch))
+        roots(all) == 1
+            && all_fresh(all)
+            && all.iter().all(|c| c["epoch"].as_u64() > Some(old_epoch))
     });
     let new_epoch = paused
         .last()
@@ -1032,7 +1050,9 @@ async fn experiment_cluster_root_paused() {
     let final_epoch = mine.last().and_then(|c| c["epoch"].as_u64()).unwrap_or(0);
     let mut rows = Rows::new();
     rows.row(
-        &format!("root g{root} stopped 5 s: windows until the others have a new root's fresh quotas"),
+        &format!(
+            "root g{root} stopped 5 s: windows until the others have a new root's fresh quotas"
+        ),
         fmt_windows(others_back),
         "≤ lease + 2 = 12",
         others_back.is_some_and(|w| w <= 12.0),

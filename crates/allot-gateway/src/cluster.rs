@@ -246,8 +246,14 @@ impl State {
     fn stale_ms(&self) -> Option<u64> {
         let window_ms = self.configured.as_ref().map_or(100, |c| c.1.max(1));
         let limit = window_ms.saturating_mul(STALE_WINDOWS);
-        let age = u64::try_from(self.link.as_ref().and(self.updated_at)?.elapsed().as_millis())
-            .unwrap_or(u64::MAX);
+        let age = u64::try_from(
+            self.link
+                .as_ref()
+                .and(self.updated_at)?
+                .elapsed()
+                .as_millis(),
+        )
+        .unwrap_or(u64::MAX);
         age.checked_sub(limit).filter(|&over| over > 0)
     }
 

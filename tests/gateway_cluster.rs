@@ -7,14 +7,21 @@
 //! epoch, fresh quotas; the gateways together admit within a generous band of the
 //! single-gateway plan, never far above capacity; when the root is killed the others
 //! fall back, a new root of a higher epoch appears and fresh quotas return; a gateway
-//! with a wrong credential says so in `/status` and enforces its fallback share. Every
-//! wait is bounded and polls for the state wanted.
+//! with a wrong credential says so in `/status` and enforces its fallback share; a root
+//! stopped (SIGSTOP) until another root of a higher epoch stands never enforces its old
+//! quota when continued and obeys the new epoch; a changed agreement set published once
+//! reaches every gateway. Every wait is bounded and polls for the state wanted.
+//!
+//! The experiments (`experiment_*`, ignored) print the figures recorded in
+//! docs/benchmarks.md, "Cluster on real processes", counting what reached the back end
+//! in each 100 ms window (its `/__windows`) as well as what the gateways admitted.
 
 mod common;
 
 use common::nats::NatsCluster;
 use common::*;
 use serde_json::Value;
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -26,6 +33,10 @@ const TOKEN: &str = "cluster-test-token-5f1e";
 const PATIENCE: Duration = Duration::from_secs(15);
 /// Units per request.
 const COST: f64 = 10.0;
+/// The agreement set's window, milliseconds.
+const WINDOW_MS: u64 = 100;
+/// The back end's capacity, units per window (400 units/s).
+const CAPACITY_PER_WINDOW: f64 = 40.0;
 
 fn config(
     backend: SocketAddr,
@@ -39,6 +50,7 @@ fn config(
         .map(|s| format!("\"{s}\""))
         .collect::<Vec<_>>()
         .join(", ");
+    let tables = set_tables("agreements.", 400.0);
     format!(
         r#"
 [listener]
@@ -68,23 +80,7 @@ max_wait_ms = 200
 classes = {{ a = "A", b = "B" }}
 [[agreements.cost]]
 units = {COST}
-[[agreements.principal]]
-name = "S"
-capacity = 400
-[[agreements.principal]]
-name = "A"
-capacity = 0
-[[agreements.principal]]
-name = "B"
-capacity = 0
-[[agreements.agreement]]
-from = "S"
-to = "A"
-share = [0.25, 1.0]
-[[agreements.agreement]]
-from = "S"
-to = "B"
-share = [0.75, 1.0]
+{tables}
 
 [cluster]
 servers = [{list}]
@@ -96,6 +92,49 @@ member_lease_ms = 1000
 root_lease_windows = 10
 "#
     )
+}
+
+/// The agreement set's principals and agreements as TOML tables under `prefix`: S owns
+/// `capacity` units per second, A may use [0.25, 1] of it and B [0.75, 1].
+fn set_tables(prefix: &str, capacity: f64) -> String {
+    format!(
+        r#"[[{prefix}principal]]
+name = "S"
+capacity = {capacity}
+[[{prefix}principal]]
+name = "A"
+capacity = 0
+[[{prefix}principal]]
+name = "B"
+capacity = 0
+[[{prefix}agreement]]
+from = "S"
+to = "A"
+share = [0.25, 1.0]
+[[{prefix}agreement]]
+from = "S"
+to = "B"
+share = [0.75, 1.0]"#
+    )
+}
+
+/// The agreement set with S's capacity changed, as the config bucket holds it (JSON).
+fn changed_set(capacity: f64) -> Vec<u8> {
+    let text = format!("window_ms = {WINDOW_MS}\n{}", set_tables("", capacity));
+    let spec: allot_model::agreements::AgreementsSpec =
+        toml::from_str(&text).expect("a valid agreement set");
+    serde_json::to_vec(&spec).expect("the set as JSON")
+}
+
+/// Publishes an agreement set once in the cluster's config bucket, as the link of a
+/// gateway whose agreement file changed does (a JetStream KV put is a publish on the
+/// key's subject).
+fn publish_set(nats_url: &str, cluster: &str, set: &[u8]) {
+    publish_raw(
+        nats_url,
+        &format!("$KV.allot-{cluster}-config.agreements"),
+        set,
+    );
 }
 
 struct Gw {
@@ -157,8 +196,9 @@ fn offer(gw: SocketAddr, path: &'static str, rate: f64, stop: Instant) -> Arc<At
             tick.tick().await;
             let counter = Arc::clone(&counter);
             tokio::spawn(async move {
-                let Ok(mut c) =
-                    tokio::time::timeout(Duration::from_secs(2), Client::connect(gw, None)).await
+                let Ok(Some(mut c)) =
+                    tokio::time::timeout(Duration::from_secs(2), Client::try_connect(gw, None))
+                        .await
                 else {
                     return;
                 };
@@ -317,9 +357,68 @@ async fn gateways_share_one_plan_over_nats_and_survive_the_roots_death() {
         all.iter().any(|c| c["fallback"] == true)
     })
     .await;
-    until("a new root of a higher epoch, fresh quotas", &rest, |all| {
+    let second = until("a new root of a higher epoch, fresh quotas", &rest, |all| {
         roots(all) == 1 && all_fresh(all) && all.iter().all(|c| c["epoch"].as_u64() > Some(epoch))
     })
+    .await;
+
+    // The new root is stopped (SIGSTOP) until the other gateway stands as root with a
+    // higher epoch, then continued: from its first answer on it enforces no quota of
+    // its old epoch (its state is stale at once: fallback), then obeys the new root.
+    let r = second
+        .iter()
+        .position(|c| c["role"] == "root")
+        .expect("a root");
+    let (stopped, other) = (&g[r], &g[1 - r]);
+    let old_epoch = second[r]["epoch"].as_u64().unwrap_or(0);
+    if let Some(p) = &stopped.proc {
+        p.signal("STOP");
+    }
+    let third = until(
+        "the other stands as root of a higher epoch",
+        &[other],
+        |all| all[0]["role"] == "root" && all[0]["epoch"].as_u64() > Some(old_epoch),
+    )
+    .await;
+    let new_epoch = third[0]["epoch"].as_u64().unwrap_or(0);
+    if let Some(p) = &stopped.proc {
+        p.signal("CONT");
+    }
+    let end = Instant::now() + PATIENCE;
+    loop {
+        let c = cluster_of(stopped.admin).await;
+        let enforcing_quota = c["fallback"] == false;
+        assert!(
+            !enforcing_quota || c["epoch"].as_u64() >= Some(new_epoch),
+            "continued, it enforced a quota of its old epoch: {c:#}"
+        );
+        if enforcing_quota && c["windows_since_fresh"].as_u64() == Some(0) {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "continued, it never obeyed the new root; last {c:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // A changed agreement set, published once in the config bucket (as a gateway whose
+    // agreement file changed does): every gateway plans with it.
+    let rest: Vec<&Gw> = g.iter().collect();
+    let old_set = cluster_of(g[0].admin).await["agreements"].clone();
+    assert!(
+        old_set.as_str().is_some_and(|f| !f.is_empty()),
+        "no agreement set's fingerprint: {old_set}"
+    );
+    publish_set(&nats.urls[1], &cluster, &changed_set(200.0));
+    until(
+        "every gateway plans with the new agreement set",
+        &rest,
+        |all| {
+            all.iter()
+                .all(|c| c["agreements"] != old_set && c["agreements"] == all[0]["agreements"])
+        },
+    )
     .await;
 
     // A wrong credential: a clear error in `/status`, and the fallback share enforced.
@@ -421,41 +520,238 @@ fn peak(s: &[Sample]) -> f64 {
         .fold(0.0, f64::max)
 }
 
+/// The wall clock's window number (`unix_ms / WINDOW_MS`, as the gateways and the back
+/// end number them).
+fn window_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+        / WINDOW_MS
+}
+
+/// Windows (fractional) since `t`.
+fn windows_since(t: Instant, at: Instant) -> f64 {
+    at.saturating_duration_since(t).as_secs_f64() * 1000.0 / WINDOW_MS as f64
+}
+
+/// An experiment's setting: a three-node NATS cluster, the back end (400 units/s) and
+/// `n` gateways g0…, with one root and fresh quotas everywhere.
+struct Rig {
+    nats: NatsCluster,
+    _backend: Proc,
+    backend: SocketAddr,
+    cluster: String,
+    g: Vec<Gw>,
+}
+
+impl Rig {
+    async fn start(tag: &str, n: usize) -> Rig {
+        let nats = NatsCluster::start(TOKEN);
+        let (backend_proc, backend) = backend(128, 1, &[]);
+        let cluster = format!("{tag}{}", std::process::id());
+        let g: Vec<Gw> = (0..n)
+            .map(|i| start(backend, &nats, i, &cluster, TOKEN))
+            .collect();
+        until(
+            "one root, fresh quotas",
+            &g.iter().collect::<Vec<_>>(),
+            |all| roots(all) == 1 && all_fresh(all),
+        )
+        .await;
+        Rig {
+            nats,
+            _backend: backend_proc,
+            backend,
+            cluster,
+            g,
+        }
+    }
+
+    /// The experiments' load until `stop`: A 40 requests/s on g0 and 20/s on g1 (600
+    /// units/s), B 40/s on g2 (400 units/s); the single-gateway plan on 400 units/s is
+    /// A 100, B 300.
+    fn load(&self, stop: Instant) -> Vec<Arc<AtomicU64>> {
+        vec![
+            offer(self.g[0].gw, "/a", 40.0, stop),
+            offer(self.g[1].gw, "/a", 20.0, stop),
+            offer(self.g[2].gw, "/b/x", 40.0, stop),
+        ]
+    }
+
+    fn all(&self) -> Vec<&Gw> {
+        self.g.iter().collect()
+    }
+
+    fn but(&self, skip: usize) -> Vec<&Gw> {
+        self.g
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| i != skip)
+            .map(|(_, g)| g)
+            .collect()
+    }
+
+    /// Kills gateway `i` (its process is gone; its entry stays, never read again).
+    fn kill(&mut self, i: usize) {
+        if let Some(mut p) = self.g[i].proc.take() {
+            let _ = p.child.kill();
+            let _ = p.child.wait();
+        }
+    }
+
+    fn signal(&self, i: usize, sig: &str) {
+        if let Some(p) = &self.g[i].proc {
+            p.signal(sig);
+        }
+    }
+}
+
+/// One reading of some gateways' cluster objects.
+struct Reading {
+    at: Instant,
+    clusters: Vec<Value>,
+}
+
+/// Reads `gws`' cluster objects every 50 ms until `end`.
+async fn trace(gws: &[&Gw], end: Instant) -> Vec<Reading> {
+    let mut out = Vec::new();
+    while Instant::now() < end {
+        let mut clusters = Vec::new();
+        for g in gws {
+            clusters.push(cluster_of(g.admin).await);
+        }
+        out.push(Reading {
+            at: Instant::now(),
+            clusters,
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    out
+}
+
+/// Requests the back end served per window (its `/__windows`), read once after a run.
+struct Served(BTreeMap<u64, u64>);
+
+impl Served {
+    async fn read(backend: SocketAddr) -> Served {
+        Served(backend_windows(backend).await.into_iter().collect())
+    }
+
+    /// Units served in window `w`.
+    fn units(&self, w: u64) -> f64 {
+        self.0.get(&w).copied().unwrap_or(0) as f64 * COST
+    }
+
+    /// Over windows `from..to`: the most served in one window (% of capacity), how many
+    /// windows served above 105%, how many windows, the mean (% of capacity).
+    fn stats(&self, from: u64, to: u64) -> (f64, usize, usize, f64) {
+        let pct: Vec<f64> = (from..to)
+            .map(|w| self.units(w) / CAPACITY_PER_WINDOW * 100.0)
+            .collect();
+        let peak = pct.iter().copied().fold(0.0, f64::max);
+        let over = pct.iter().filter(|&&p| p > 105.0).count();
+        let mean = pct.iter().sum::<f64>() / pct.len().max(1) as f64;
+        (peak, over, pct.len(), mean)
+    }
+
+    /// The most served in any 3 consecutive windows of `from..to`, % of capacity.
+    fn peak3(&self, from: u64, to: u64) -> f64 {
+        (from..to.saturating_sub(2))
+            .map(|w| (self.units(w) + self.units(w + 1) + self.units(w + 2)) / 3.0)
+            .fold(0.0, f64::max)
+            / CAPACITY_PER_WINDOW
+            * 100.0
+    }
+}
+
+/// Prints one markdown row per figure and remembers whether every bound was met.
+struct Rows {
+    all_met: bool,
+}
+
+impl Rows {
+    fn new() -> Rows {
+        Rows { all_met: true }
+    }
+
+    fn row(&mut self, what: &str, measured: String, bound: &str, met: bool) {
+        self.all_met &= met;
+        println!(
+            "| cluster: {what} | {measured} | {bound} | {} |",
+            if met { "met" } else { "NOT met" }
+        );
+    }
+
+    /// The back end's count per 100 ms window over `from..to` against the 105% bound.
+    fn backend(&mut self, what: &str, served: &Served, from: u64, to: u64) {
+        let (peak, over, n, mean) = served.stats(from, to);
+        self.row(
+            &format!("{what}: back end, most served in one 100 ms window"),
+            format!(
+                "{peak:.0}% of capacity; {over} of {n} windows above 105%; most over 3 \
+                 windows {:.0}%; mean {mean:.0}%",
+                served.peak3(from, to)
+            ),
+            "≤ 105%",
+            peak <= 105.0,
+        );
+    }
+
+    fn done(self) {
+        assert!(self.all_met, "a cluster figure missed its bound");
+    }
+}
+
+/// Windows from `t` until the first reading where `ok` holds.
+fn first_after(readings: &[Reading], t: Instant, ok: impl Fn(&[Value]) -> bool) -> Option<f64> {
+    readings
+        .iter()
+        .find(|r| r.at >= t && ok(&r.clusters))
+        .map(|r| windows_since(t, r.at))
+}
+
+fn fmt_windows(w: Option<f64>) -> String {
+    w.map_or("never".into(), |w| format!("{w:.1}"))
+}
+
+/// A principal's `local_share` (units/s) in a cluster object.
+fn share(c: &Value, name: &str) -> f64 {
+    c["principals"]
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["name"] == name))
+        .and_then(|p| p["local_share"].as_f64())
+        .unwrap_or(0.0)
+}
+
 /// The precise figures, recorded in docs/benchmarks.md ("Cluster on real processes"):
 /// four gateways, A's clients on two of them (unevenly), B's on a third; the shares
-/// against the single-gateway plan, the most admitted between 100 ms samples against
-/// capacity, how fast A takes the capacity when B stops, and what a root kill costs.
-/// Counted at the gateways (admitted within credit). Run by `bench/acceptance.sh`; needs
-/// a quiet machine.
+/// against the single-gateway plan, the most served per 100 ms window at the back end
+/// and the most admitted between 100 ms samples at the gateways against capacity, how
+/// fast A takes the capacity when B stops, and what a root kill costs. Run by
+/// `bench/acceptance.sh`; needs a quiet machine.
 #[ignore = "experiment: precise figures, run on a quiet machine by bench/acceptance.sh"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn experiment_cluster_shares_within_five_percent_and_a_root_kill() {
-    let _nats_alive = NatsCluster::start(TOKEN);
-    let nats = &_nats_alive;
-    let (_backend, backend) = backend(128, 1, &[]);
-    let cluster = format!("ex{}", std::process::id());
-    let mut g: Vec<Gw> = (0..4)
-        .map(|i| start(backend, nats, i, &cluster, TOKEN))
-        .collect();
-    until(
-        "one root, fresh quotas",
-        &g.iter().collect::<Vec<_>>(),
-        |all| roots(all) == 1 && all_fresh(all),
-    )
-    .await;
-    // A: 40/s on g0 and 20/s on g1 (600 units/s); B: 40/s on g2 (400 units/s). The
-    // single-gateway plan for this demand on 400 units/s: A 100, B 300.
+    let mut rig = Rig::start("ex", 4).await;
     let start_at = Instant::now();
+    let first_w = window_now();
     let b_stop = start_at + Duration::from_secs(8);
     let kill_at = b_stop + Duration::from_secs(4);
     let all_stop = kill_at + Duration::from_secs(4);
-    let _a0 = offer(g[0].gw, "/a", 40.0, all_stop);
-    let _a1 = offer(g[1].gw, "/a", 20.0, all_stop);
-    let _b2 = offer(g[2].gw, "/b/x", 40.0, b_stop);
+    let _a = offer(rig.g[0].gw, "/a", 40.0, all_stop);
+    let _a1 = offer(rig.g[1].gw, "/a", 20.0, all_stop);
+    let _b2 = offer(rig.g[2].gw, "/b/x", 40.0, b_stop);
     let mut phases: Vec<Vec<Sample>> = vec![Vec::new()];
-    let mut killed = false;
+    let mut killed = None;
+    let mut b_stop_w = None;
+    let mut kill_w = 0;
     while Instant::now() < all_stop {
-        let s = futures_statuses(&g).await;
+        let live: Vec<&Gw> = rig.g.iter().filter(|g| g.proc.is_some()).collect();
+        let mut s = Vec::new();
+        for g in &live {
+            s.push(status(g.admin).await);
+        }
         let sample = Sample {
             t: start_at.elapsed().as_secs_f64(),
             a: total_admitted(&s, "A"),
@@ -466,22 +762,31 @@ async fn experiment_cluster_shares_within_five_percent_and_a_root_kill() {
         if let Some(p) = phases.last_mut() {
             p.push(sample);
         }
-        if !killed && Instant::now() >= kill_at {
+        if b_stop_w.is_none() && Instant::now() >= b_stop {
+            b_stop_w = Some(window_now());
+        }
+        if killed.is_none() && Instant::now() >= kill_at {
             let root = s
                 .iter()
                 .position(|x| x["cluster"]["role"] == "root")
                 .expect("a root");
-            if let Some(mut p) = g[root].proc.take() {
-                let _ = p.child.kill();
-                let _ = p.child.wait();
-            }
-            g.remove(root);
-            killed = true;
+            let name = s[root]["cluster"]["node"].as_str().unwrap_or("");
+            let i = rig
+                .g
+                .iter()
+                .position(|g| g.proc.is_some() && g.admin == live[root].admin)
+                .unwrap_or(0);
+            println!("root killed: {name}");
+            rig.kill(i);
+            kill_w = window_now();
+            killed = Some(i);
             // The dead gateway's counts leave the sums: a new phase of samples.
             phases.push(Vec::new());
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let last_w = window_now();
+    let served = Served::read(rig.backend).await;
     let before_kill = &phases[0];
     let after_kill = &phases[1];
     // Steady state with B: from 3 s to B's stop.
@@ -516,50 +821,313 @@ async fn experiment_cluster_shares_within_five_percent_and_a_root_kill() {
         .iter()
         .find(|x| x.roots == 1 && !x.fallback)
         .map(|x| (x.t - after_kill[0].t) / 0.1);
-    let mut all_met = true;
-    let mut row = |what: &str, measured: String, bound: &str, met: bool| {
-        all_met &= met;
-        println!(
-            "| cluster: {what} | {measured} | {bound} | {} |",
-            if met { "met" } else { "NOT met" }
-        );
-    };
+    let mut rows = Rows::new();
     let within = |x: f64, want: f64| (x - want).abs() <= 0.05 * want;
-    row(
+    rows.row(
         "A and B admitted by 4 gateways together",
         format!("{a:.1}, {b:.1} units/s"),
         "100, 300 ± 5% (the single-gateway plan)",
         within(a, 100.0) && within(b, 300.0),
     );
-    row(
-        "most admitted between 100 ms samples",
+    rows.backend(
+        "steady with B",
+        &served,
+        first_w + 30,
+        b_stop_w.unwrap_or(first_w + 80),
+    );
+    rows.row(
+        "most admitted between 100 ms samples (the gateways' counters)",
         format!("{:.0}% of capacity", peak_before / 4.0),
         "≤ 105%",
         peak_before <= 420.0,
     );
-    row(
+    rows.row(
         "windows until A takes the capacity after B stops",
         took.map_or("never".into(), |w| format!("{w:.0}")),
         "≤ 3",
         took.is_some_and(|w| w <= 3.0),
     );
-    row(
-        "root killed: most admitted between samples",
+    rows.backend("root killed", &served, kill_w, last_w);
+    rows.row(
+        "root killed: most admitted between samples (the gateways' counters)",
         format!("{:.0}% of capacity", peak_after / 4.0),
         "≤ 105%",
         peak_after <= 420.0,
     );
-    row(
+    rows.row(
         "root killed: windows with a gateway in fallback",
         format!("{fallback_windows:.0}"),
         "reported (lease 10 windows)",
         true,
     );
-    row(
+    rows.row(
         "root killed: windows until a new root hands out fresh quotas",
         new_root_windows.map_or("never".into(), |w| format!("{w:.0}")),
         "≤ lease + 2 = 12",
         new_root_windows.is_some_and(|w| w <= 12.0),
     );
-    assert!(all_met, "a cluster figure missed its bound");
+    rows.done();
+}
+
+/// A leaf carrying A's clients is killed under load: its parent drops it after two
+/// silent windows and its share goes to the others. Figures: the back end's count per
+/// window after the kill, windows until the gateways left hold A's whole share again,
+/// the capacity used afterwards.
+#[ignore = "experiment: a leaf killed, figures for docs/benchmarks.md"]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn experiment_cluster_leaf_killed() {
+    let mut rig = Rig::start("leaf", 4).await;
+    let first_w = window_now();
+    let end = Instant::now() + Duration::from_secs(11);
+    let _load = rig.load(end);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let mut roles = Vec::new();
+    for g in &rig.g {
+        roles.push(cluster_of(g.admin).await["role"].clone());
+    }
+    // The A gateway with more load if it is a leaf, else the other.
+    let victim = [0, 1]
+        .into_iter()
+        .find(|&i| roles[i] == "leaf")
+        .expect("a leaf among g0 and g1");
+    let kill_w = window_now();
+    let killed_at = Instant::now();
+    rig.kill(victim);
+    let rest = rig.but(victim);
+    let readings = trace(&rest, end).await;
+    let last_w = window_now();
+    let served = Served::read(rig.backend).await;
+    let mut rows = Rows::new();
+    rows.backend("leaf killed: before", &served, first_w + 20, kill_w);
+    rows.backend("leaf killed: after", &served, kill_w, last_w);
+    // A's share (100 units/s) held by the gateways left, every one fresh.
+    let back = first_after(&readings, killed_at, |all| {
+        all_fresh(all) && all.iter().map(|c| share(c, "A")).sum::<f64>() >= 95.0
+    });
+    rows.row(
+        &format!("leaf g{victim} killed: windows until the others hold A's share again"),
+        fmt_windows(back),
+        "reported (2 silent windows + the 2-window lead = 4)",
+        back.is_some(),
+    );
+    let (_, _, _, mean) = served.stats(last_w.saturating_sub(30), last_w);
+    rows.row(
+        "leaf killed: capacity used, the last 3 s",
+        format!("{mean:.0}%"),
+        "≥ 95% (demand above capacity)",
+        mean >= 95.0,
+    );
+    rows.done();
+}
+
+/// One NATS server (the one the root connects to first) is killed under load: the
+/// clients reconnect to the others and JetStream keeps quorum. Figures: the most windows
+/// any gateway went without a fresh quota, windows with a gateway in fallback, the back
+/// end's count per window.
+#[ignore = "experiment: a NATS server killed, figures for docs/benchmarks.md"]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn experiment_cluster_nats_server_killed() {
+    let mut rig = Rig::start("nk", 4).await;
+    let first_w = window_now();
+    let end = Instant::now() + Duration::from_secs(11);
+    let _load = rig.load(end);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let mut root = 0;
+    for (i, g) in rig.g.iter().enumerate() {
+        if cluster_of(g.admin).await["role"] == "root" {
+            root = i;
+        }
+    }
+    // Gateway gi lists the servers from the i-th on.
+    let kill_w = window_now();
+    let killed_at = Instant::now();
+    rig.nats.kill(root % 3);
+    let readings = trace(&rig.all(), end).await;
+    let last_w = window_now();
+    let served = Served::read(rig.backend).await;
+    let stale = readings
+        .iter()
+        .flat_map(|r| r.clusters.iter())
+        .filter_map(|c| c["windows_since_fresh"].as_u64())
+        .max()
+        .unwrap_or(0);
+    let fallback_windows: std::collections::BTreeSet<u64> = readings
+        .iter()
+        .filter(|r| r.clusters.iter().any(|c| c["fallback"] == true))
+        .map(|r| (windows_since(killed_at, r.at)) as u64)
+        .collect();
+    let errors: usize = readings
+        .iter()
+        .filter(|r| r.clusters.iter().any(|c| !c["error"].is_null()))
+        .count();
+    let mut rows = Rows::new();
+    rows.row(
+        &format!(
+            "NATS server n{} killed (the root g{root}'s first)",
+            root % 3
+        ),
+        format!(
+            "most windows without a fresh quota {stale}; windows with a gateway in fallback {}; \
+             readings with an engine error {errors} of {}",
+            fallback_windows.len(),
+            readings.len()
+        ),
+        "no effect beyond a window (≤ 1 window stale, none in fallback)",
+        stale <= 1 && fallback_windows.is_empty(),
+    );
+    rows.backend("NATS server killed: before", &served, first_w + 20, kill_w);
+    rows.backend("NATS server killed: after", &served, kill_w, last_w);
+    let (_, _, _, mean) = served.stats(kill_w, kill_w + 10);
+    rows.row(
+        "NATS server killed: capacity used, the 10 windows after",
+        format!("{mean:.0}%"),
+        "reported",
+        true,
+    );
+    rows.done();
+}
+
+/// The root is stopped with SIGSTOP for 5 s under load, then continued: the others elect
+/// a root of a higher epoch; continued, it enforces nothing of its old epoch (its quotas
+/// are stale), rejoins and obeys the new root. Figures: windows until the others have
+/// fresh quotas again, what the continued gateway's `/status` shows, the back end's count
+/// per window while it is stopped and after.
+#[ignore = "experiment: the root stopped for 5 s, figures for docs/benchmarks.md"]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn experiment_cluster_root_paused() {
+    let rig = Rig::start("pz", 4).await;
+    let first_w = window_now();
+    let end = Instant::now() + Duration::from_secs(15);
+    let _load = rig.load(end);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let mut root = 0;
+    let mut old_epoch = 0;
+    for (i, g) in rig.g.iter().enumerate() {
+        let c = cluster_of(g.admin).await;
+        if c["role"] == "root" {
+            root = i;
+            old_epoch = c["epoch"].as_u64().unwrap_or(0);
+        }
+    }
+    let stop_w = window_now();
+    let stopped_at = Instant::now();
+    rig.signal(root, "STOP");
+    let others = rig.but(root);
+    let paused = trace(&others, stopped_at + Duration::from_secs(5)).await;
+    let cont_w = window_now();
+    let continued_at = Instant::now();
+    rig.signal(root, "CONT");
+    let after = trace(&rig.all(), end).await;
+    let last_w = window_now();
+    let served = Served::read(rig.backend).await;
+    let others_back = first_after(&paused, stopped_at, |all| {
+        roots(all) == 1
+            && all_fresh(all)
+            && all.iter().all(|c| c["epoch"].as_u64() > Some(old_epoch))
+    });
+    let new_epoch = paused
+        .last()
+        .and_then(|r| r.clusters.iter().filter_map(|c| c["epoch"].as_u64()).max())
+        .unwrap_or(0);
+    let mine: Vec<&Value> = after.iter().map(|r| &r.clusters[root]).collect();
+    let old_enforced = mine
+        .iter()
+        .filter(|c| c["fallback"] == false && c["epoch"].as_u64() <= Some(old_epoch))
+        .count();
+    let first = mine.first().map(|c| {
+        format!(
+            "first answer: role {}, epoch {}, fallback {}",
+            c["role"], c["epoch"], c["fallback"]
+        )
+    });
+    let rejoined = first_after(&after, continued_at, |all| {
+        let c = &all[root];
+        c["fallback"] == false
+            && c["windows_since_fresh"].as_u64() == Some(0)
+            && c["epoch"].as_u64() >= Some(new_epoch)
+            && c["role"] != "root"
+    });
+    let final_epoch = mine.last().and_then(|c| c["epoch"].as_u64()).unwrap_or(0);
+    let mut rows = Rows::new();
+    rows.row(
+        &format!(
+            "root g{root} stopped 5 s: windows until the others have a new root's fresh quotas"
+        ),
+        fmt_windows(others_back),
+        "≤ lease + 2 = 12",
+        others_back.is_some_and(|w| w <= 12.0),
+    );
+    rows.row(
+        "root stopped 5 s, continued: readings enforcing its old epoch",
+        format!(
+            "{old_enforced} of {} ({}); epoch {old_epoch} → {final_epoch}",
+            mine.len(),
+            first.unwrap_or_default()
+        ),
+        "0, and a newer epoch",
+        old_enforced == 0 && final_epoch > old_epoch,
+    );
+    rows.row(
+        "root stopped 5 s, continued: windows until it obeys the new root with fresh quotas",
+        fmt_windows(rejoined),
+        "reported (member lease 10 windows)",
+        rejoined.is_some(),
+    );
+    rows.backend("root stopped: before", &served, first_w + 20, stop_w);
+    rows.backend("root stopped: while stopped", &served, stop_w, cont_w);
+    rows.backend("root stopped: after SIGCONT", &served, cont_w, last_w);
+    rows.done();
+}
+
+/// A changed agreement set (S's capacity 400 → 200 units/s) is published once in the
+/// config bucket under load. Figures: windows from the publication until every
+/// gateway's `/status` shows the new set, until their quotas together reflect it, and the
+/// back end's rate with the new set.
+#[ignore = "experiment: a changed agreement set, figures for docs/benchmarks.md"]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn experiment_cluster_agreement_change_reaches_every_gateway() {
+    let rig = Rig::start("ag", 4).await;
+    let end = Instant::now() + Duration::from_secs(10);
+    let _load = rig.load(end);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let old_set = cluster_of(rig.g[0].admin).await["agreements"].clone();
+    let set = changed_set(200.0);
+    let published_at = Instant::now();
+    publish_set(&rig.nats.urls[1], &rig.cluster, &set);
+    let readings = trace(&rig.all(), end).await;
+    let last_w = window_now();
+    let served = Served::read(rig.backend).await;
+    let everywhere = first_after(&readings, published_at, |all| {
+        all.iter()
+            .all(|c| c["agreements"] != old_set && c["agreements"] == all[0]["agreements"])
+    });
+    let reflected = first_after(&readings, published_at, |all| {
+        all_fresh(all)
+            && all
+                .iter()
+                .map(|c| share(c, "A") + share(c, "B"))
+                .sum::<f64>()
+                <= 210.0
+    });
+    let mut rows = Rows::new();
+    rows.row(
+        "changed agreement set: windows from publication until every gateway's /status shows it",
+        fmt_windows(everywhere),
+        "≤ 2",
+        everywhere.is_some_and(|w| w <= 2.0),
+    );
+    rows.row(
+        "changed agreement set: windows until the quotas together are within the new capacity",
+        fmt_windows(reflected),
+        "reported (+ the 2-window lead)",
+        reflected.is_some(),
+    );
+    let (_, _, _, mean) = served.stats(last_w.saturating_sub(30), last_w);
+    rows.row(
+        "changed agreement set: back end, the last 3 s",
+        format!("{:.0} units/s", mean / 100.0 * 400.0),
+        "200 ± 5% (the new capacity)",
+        (mean / 100.0 * 400.0 - 200.0).abs() <= 10.0,
+    );
+    rows.done();
 }

@@ -9,7 +9,19 @@
 //! `…/sleep/<ms>` waits that long first; `/echo`
 //! streams the request body back; `/headers` answers the request headers as JSON;
 //! `/__stats` answers `{"requests", "max_concurrent", "concurrent"}` and is not counted;
+//! `/__windows` answers the requests served per window (below) and is not counted;
 //! anything else answers `ok <path>`.
+//!
+//! Per-window counts: every request served is also counted in its window of
+//! `--window-ms` (default 100 ms) of the wall clock, window number `unix_ms / window_ms`
+//! (the numbering the gateways' agreement windows use), at the moment a worker starts
+//! serving it. The counts live in a ring of [`WINDOW_RING`] windows (one atomic word
+//! each: the window's number and its count), so the last 25.6 s (at 100 ms) can be read
+//! back: `/__windows` answers `{"window_ms": 100, "current": W, "windows": [[w, n], …]}`,
+//! the closed windows still in the ring with at least one request, oldest first (`w` the
+//! window number, `n` requests served in it; `current` is still open and left out). An
+//! experiment reads it every few seconds to measure what reached the back end per window,
+//! rather than what the gateways say they admitted.
 //!
 //! Two overload modes for the QoS tests: `--overload-after N --overload-factor F` makes
 //! the service time grow super-linearly past N concurrent requests
@@ -62,6 +74,89 @@ pub struct Args {
     /// CPU time burnt per request, in milliseconds of the serving thread's CPU.
     #[arg(long, default_value_t = 0.0)]
     pub cpu_ms: f64,
+    /// Length of the windows requests are counted in for `/__windows`, in milliseconds
+    /// (numbered `unix_ms / window_ms`).
+    #[arg(long, default_value_t = 100)]
+    pub window_ms: u64,
+}
+
+/// Windows kept by the per-window count (256: 25.6 s at 100 ms).
+pub const WINDOW_RING: usize = 256;
+/// Bits of a ring slot that hold the count; the window's number is in the bits above.
+const COUNT_BITS: u32 = 24;
+const COUNT_MASK: u64 = (1 << COUNT_BITS) - 1;
+
+/// Requests served per window of the wall clock, the last [`WINDOW_RING`] windows: slot
+/// `w % WINDOW_RING` holds window `w`'s number (above [`COUNT_BITS`] bits, modulo
+/// 2^40) and its count (below, saturating at 2^24 − 1), in one word so that a slot is
+/// reset and counted without a lock.
+#[derive(Debug)]
+pub struct WindowCounts {
+    slots: Vec<AtomicU64>,
+}
+
+impl Default for WindowCounts {
+    fn default() -> WindowCounts {
+        WindowCounts {
+            slots: (0..WINDOW_RING).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+}
+
+impl WindowCounts {
+    fn tag(window: u64) -> u64 {
+        window & ((1 << (64 - COUNT_BITS)) - 1)
+    }
+
+    /// Counts one request in window `window` (a window number).
+    pub fn count(&self, window: u64) {
+        let slot = &self.slots[(window % WINDOW_RING as u64) as usize];
+        let tag = Self::tag(window);
+        let mut old = slot.load(SeqCst);
+        loop {
+            let new = if old >> COUNT_BITS == tag {
+                if old & COUNT_MASK == COUNT_MASK {
+                    return; // saturated
+                }
+                old + 1
+            } else {
+                (tag << COUNT_BITS) | 1
+            };
+            match slot.compare_exchange_weak(old, new, SeqCst, SeqCst) {
+                Ok(_) => return,
+                Err(now) => old = now,
+            }
+        }
+    }
+
+    /// Requests counted in window `window`, if it is still in the ring (0 if none came).
+    pub fn get(&self, window: u64) -> u64 {
+        let v = self.slots[(window % WINDOW_RING as u64) as usize].load(SeqCst);
+        if v >> COUNT_BITS == Self::tag(window) {
+            v & COUNT_MASK
+        } else {
+            0
+        }
+    }
+
+    /// The windows before `current` still in the ring that counted a request, oldest
+    /// first: (window number, requests).
+    pub fn closed(&self, current: u64) -> Vec<(u64, u64)> {
+        let first = current.saturating_sub(WINDOW_RING as u64 - 1);
+        (first..current)
+            .map(|w| (w, self.get(w)))
+            .filter(|&(_, n)| n > 0)
+            .collect()
+    }
+}
+
+/// The wall clock's window number for windows of `window_ms` milliseconds.
+fn window_now(window_ms: u64) -> u64 {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0);
+    ms / window_ms.max(1)
 }
 
 /// What the back end counts.
@@ -73,6 +168,8 @@ pub struct Counters {
     pub concurrent: AtomicU64,
     /// Most requests ever served at once.
     pub max_concurrent: AtomicU64,
+    /// Requests served per window of the wall clock (`/__windows`).
+    pub windows: WindowCounts,
 }
 
 /// Runs the back end until killed.
@@ -135,10 +232,26 @@ async fn handle(
         );
         return Ok(Response::new(full(body)));
     }
+    if path == "/__windows" {
+        let current = window_now(args.window_ms);
+        let list = counters
+            .windows
+            .closed(current)
+            .iter()
+            .map(|(w, n)| format!("[{w},{n}]"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let body = format!(
+            "{{\"window_ms\":{},\"current\":{current},\"windows\":[{list}]}}",
+            args.window_ms.max(1)
+        );
+        return Ok(Response::new(full(body)));
+    }
     let Ok(_worker) = workers.acquire().await else {
         return Ok(Response::new(full("closing")));
     };
     counters.requests.fetch_add(1, SeqCst);
+    counters.windows.count(window_now(args.window_ms));
     let now = counters.concurrent.fetch_add(1, SeqCst) + 1;
     counters.max_concurrent.fetch_max(now, SeqCst);
     let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
@@ -199,5 +312,28 @@ fn burn_cpu(cpu: Duration) {
         for i in 0..1000u64 {
             x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(i));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_window_counts_its_own_requests_and_a_reused_slot_starts_at_zero() {
+        let c = WindowCounts::default();
+        let w = 17_000_000_000u64;
+        c.count(w);
+        c.count(w);
+        c.count(w + 1);
+        assert_eq!(c.get(w), 2);
+        assert_eq!(c.get(w + 1), 1);
+        assert_eq!(c.closed(w + 2), vec![(w, 2), (w + 1, 1)]);
+        // A whole ring later the slot is another window's: counted afresh.
+        let later = w + WINDOW_RING as u64;
+        c.count(later);
+        assert_eq!(c.get(later), 1);
+        assert_eq!(c.get(w), 0);
+        assert_eq!(c.closed(later + 1), vec![(later, 1)]);
     }
 }

@@ -91,6 +91,7 @@ async fn demo(length: Duration) -> anyhow::Result<()> {
             overload_after: 0,
             overload_factor: 0.0,
             cpu_ms: 0.0,
+            window_ms: 100,
         };
         tokio::spawn(backend::serve(l, args, Arc::new(Counters::default())));
     }

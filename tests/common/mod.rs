@@ -181,6 +181,14 @@ pub struct Client {
 
 impl Client {
     pub async fn connect(target: SocketAddr, source: Option<IpAddr>) -> Client {
+        Client::try_connect(target, source)
+            .await
+            .expect("connect in time")
+    }
+
+    /// [`Client::connect`], or `None` when the target refuses or does not answer in 5 s
+    /// (a load generator's client to a gateway that was killed).
+    pub async fn try_connect(target: SocketAddr, source: Option<IpAddr>) -> Option<Client> {
         let socket = if target.is_ipv4() {
             TcpSocket::new_v4()
         } else {
@@ -192,13 +200,13 @@ impl Client {
         }
         let stream = tokio::time::timeout(Duration::from_secs(5), socket.connect(target))
             .await
-            .expect("connect in time")
-            .expect("connect");
+            .ok()?
+            .ok()?;
         let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
-            .expect("handshake");
+            .ok()?;
         tokio::spawn(conn);
-        Client { sender }
+        Some(Client { sender })
     }
 
     /// Sends one request and reads the whole answer; `None` if the connection broke.
@@ -309,6 +317,22 @@ pub fn class_mean_delay_ms(status: &serde_json::Value, class: &str) -> f64 {
 pub async fn backend_stats(backend: SocketAddr) -> serde_json::Value {
     let r = get_once(backend, "/__stats", &[]).await;
     serde_json::from_slice(&r.body).expect("backend stats JSON")
+}
+
+/// The synthetic back end's requests per closed window of the wall clock (its
+/// `/__windows`): (window number `unix_ms / window_ms`, requests served in it), oldest
+/// first, windows with none left out.
+pub async fn backend_windows(backend: SocketAddr) -> Vec<(u64, u64)> {
+    let r = get_once(backend, "/__windows", &[]).await;
+    let v: serde_json::Value = serde_json::from_slice(&r.body).expect("backend windows JSON");
+    v["windows"]
+        .as_array()
+        .map(|ws| {
+            ws.iter()
+                .filter_map(|p| Some((p[0].as_u64()?, p[1].as_u64()?)))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Polls `check` every 20 ms until it holds or `limit` passes.

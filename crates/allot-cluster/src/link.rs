@@ -127,6 +127,10 @@ pub struct LinkStatus {
     pub ignored: u64,
     /// The last engine error, if the last attempt failed.
     pub engine_error: Option<String>,
+    /// The fingerprint of the agreement set planned with ([`fingerprint`]): equal on
+    /// every gateway that plans with the same set, so a newly published set can be seen
+    /// to have reached each one.
+    pub agreements: String,
 }
 
 impl LinkStatus {
@@ -148,8 +152,21 @@ impl LinkStatus {
             received: 0,
             ignored: 0,
             engine_error: None,
+            agreements: String::new(),
         }
     }
+}
+
+/// A fingerprint of an agreement set: 16 hex digits of the 64-bit FNV-1a hash of its
+/// JSON form (the form shared in [`Bucket::Config`]); empty if it cannot be written.
+pub fn fingerprint(spec: &AgreementsSpec) -> String {
+    let Ok(bytes) = serde_json::to_vec(spec) else {
+        return String::new();
+    };
+    let hash = bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    format!("{hash:016x}")
 }
 
 /// Why the link stopped.
@@ -273,6 +290,7 @@ pub async fn run<E: Engine>(
     let mut link = Link {
         status: LinkStatus {
             epoch: node.epoch(),
+            agreements: fingerprint(&spec),
             ..LinkStatus::new(&config.node)
         },
         engine,
@@ -471,6 +489,7 @@ impl<E: Engine> Link<E> {
             Some((_, planner)) => {
                 tracing::info!("cluster: a new agreement set was published; planning with it");
                 self.node.set_planner(planner);
+                self.status.agreements = fingerprint(&spec);
                 self.spec = spec;
             }
             None => self.status.ignored += 1,
@@ -498,6 +517,8 @@ impl<E: Engine> Link<E> {
 
     async fn boundary(&mut self, b: u64, demand: &[f64]) {
         self.status.window = b;
+        // The error shown is this window's: cleared here, set again by what fails now.
+        self.status.engine_error = None;
         self.elect().await;
         if b.is_multiple_of(self.config.member_refresh_windows.max(1)) || self.members.is_empty() {
             self.refresh_members().await;

@@ -2,13 +2,24 @@
 //! coming down, and the link's state for `/status` and `/metrics`. The link's loop
 //! (`control::cluster`) writes it; the agreement window loop reads the quota and writes
 //! the demand. Without `[cluster]` nothing writes it and the gateway plans alone.
+//!
+//! The link publishes its state every window. A state not renewed for more than
+//! [`STALE_WINDOWS`] windows (the process was stopped, the link's loop is stuck on the
+//! engine) is no longer enforced: the gateway enforces its fallback share and `/status`
+//! says so, until the link publishes again. This is judged on the monotonic clock, so a
+//! gateway continued after SIGSTOP never applies, even for a moment, the quota it held
+//! before it stopped.
 
 use std::sync::Mutex;
+use std::time::Instant;
 
 use allot_cluster::link::{LinkStatus, Role};
 use allot_model::cluster::Source;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
+
+/// Windows after which a link state not renewed is no longer enforced.
+pub const STALE_WINDOWS: u64 = 2;
 
 /// One principal's figures in the cluster, units per second.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -59,6 +70,10 @@ pub struct ClusterSnapshot {
     /// The last problem with the coordination engine, if the last attempt failed.
     #[serde(default)]
     pub error: Option<String>,
+    /// The fingerprint of the agreement set the link plans with (16 hex digits; equal on
+    /// every gateway planning with the same set; empty while there is no link).
+    #[serde(default)]
+    pub agreements: String,
     /// Per principal of the agreement set.
     pub principals: Vec<ClusterPrincipal>,
 }
@@ -69,6 +84,8 @@ struct State {
     /// `[cluster]` in force: the node name, the window in milliseconds and the principals.
     configured: Option<(String, u64, Vec<String>)>,
     link: Option<LinkStatus>,
+    /// When `link` was last published.
+    updated_at: Option<Instant>,
     /// What to enforce while there is no link (engine unreachable, name taken).
     detached_quota: Vec<f64>,
     detached_since_ms: Option<u64>,
@@ -144,6 +161,7 @@ impl ClusterShared {
             s.detached_since_ms = None;
         }
         s.link = Some(status.clone());
+        s.updated_at = Some(Instant::now());
     }
 
     /// The local demand of the window that just closed (units per window per principal),
@@ -163,12 +181,7 @@ impl ClusterShared {
         if s.configured.is_none() {
             return Quota::Alone;
         }
-        let units = s
-            .link
-            .as_ref()
-            .and_then(|l| l.enforcement.as_ref())
-            .map(|e| e.units.clone())
-            .unwrap_or_else(|| s.detached_quota.clone());
+        let units = s.units();
         if units.len() == principals {
             Quota::Units(units)
         } else {
@@ -183,15 +196,19 @@ impl ClusterShared {
         let (node, window_ms, names) = s.configured.clone()?;
         let per_s = 1000.0 / window_ms.max(1) as f64;
         let link = s.link.as_ref();
-        let enforcement = link.and_then(|l| l.enforcement.as_ref());
+        let enforcement = s.in_force().and_then(|l| l.enforcement.as_ref());
+        let stale_ms = s.stale_ms();
         let (fallback, fallback_since_ms) = match enforcement.map(|e| e.source) {
             Some(Source::Fallback { since_window }) => (true, Some(since_window * window_ms)),
             Some(_) => (false, None),
-            None => (true, s.detached_since_ms),
+            None => (
+                true,
+                s.detached_since_ms
+                    .or(stale_ms.map(|ms| unix_ms().saturating_sub(ms))),
+            ),
         };
-        let local: Vec<f64> = enforcement
-            .map(|e| e.units.clone())
-            .unwrap_or_else(|| s.detached_quota.clone());
+        let stale_windows = stale_ms.map_or(0, |ms| ms / window_ms.max(1) + STALE_WINDOWS);
+        let local = s.units();
         let global = link.map(|l| l.global_demand.clone()).unwrap_or_default();
         let principals = names
             .iter()
@@ -210,15 +227,58 @@ impl ClusterShared {
             root: link.and_then(|l| l.root.clone()),
             children: link.map(|l| l.children.clone()).unwrap_or_default(),
             members: link.map_or(0, |l| l.members as u64),
-            windows_since_fresh: link.map_or(0, |l| l.windows_since_fresh),
+            windows_since_fresh: link.map_or(0, |l| l.windows_since_fresh) + stale_windows,
             fallback,
             fallback_since_ms,
             messages_sent_total: link.map_or(0, |l| l.sent),
             messages_received_total: link.map_or(0, |l| l.received),
             messages_ignored_total: link.map_or(0, |l| l.ignored),
             error: s.error.clone(),
+            agreements: link.map(|l| l.agreements.clone()).unwrap_or_default(),
             principals,
         })
+    }
+}
+
+impl State {
+    /// How long past [`STALE_WINDOWS`] windows the link's state has gone unrenewed, in
+    /// milliseconds; `None` while it is renewed in time (or there is none).
+    fn stale_ms(&self) -> Option<u64> {
+        let window_ms = self.configured.as_ref().map_or(100, |c| c.1.max(1));
+        let limit = window_ms.saturating_mul(STALE_WINDOWS);
+        let age = u64::try_from(
+            self.link
+                .as_ref()
+                .and(self.updated_at)?
+                .elapsed()
+                .as_millis(),
+        )
+        .unwrap_or(u64::MAX);
+        age.checked_sub(limit).filter(|&over| over > 0)
+    }
+
+    /// The link's state, while it is renewed in time.
+    fn in_force(&self) -> Option<&LinkStatus> {
+        self.link.as_ref().filter(|_| self.stale_ms().is_none())
+    }
+
+    /// What to enforce now, units per window per principal: the link's quota while its
+    /// state is renewed in time; once stale, the lesser of its last quota and the
+    /// detached share (so the gateways together stay within what their last plans or
+    /// the mandatory-only plan allow); with no link, the detached share.
+    fn units(&self) -> Vec<f64> {
+        if let Some(e) = self.in_force().and_then(|l| l.enforcement.as_ref()) {
+            return e.units.clone();
+        }
+        match self.link.as_ref().and_then(|l| l.enforcement.as_ref()) {
+            Some(e) if e.units.len() == self.detached_quota.len() => e
+                .units
+                .iter()
+                .zip(&self.detached_quota)
+                .map(|(u, d)| u.min(*d))
+                .collect(),
+            _ => self.detached_quota.clone(),
+        }
     }
 }
 
@@ -245,7 +305,8 @@ mod tests {
     #[test]
     fn detached_it_enforces_its_fallback_then_the_links_quota() {
         let c = ClusterShared::default();
-        c.configure("g1", 100, vec!["A".into(), "B".into()], vec![1.0, 3.0]);
+        // Windows of 100 s: the link's state below never goes stale during the test.
+        c.configure("g1", 100_000, vec!["A".into(), "B".into()], vec![1.0, 3.0]);
         assert_eq!(c.quota(2), Quota::Units(vec![1.0, 3.0]));
         let s = c.snapshot().expect("configured");
         assert!(s.fallback && s.fallback_since_ms.is_some());
@@ -263,7 +324,36 @@ mod tests {
         let s = c.snapshot().expect("configured");
         assert!(!s.fallback && s.fallback_since_ms.is_none());
         assert_eq!(s.role, "leaf");
-        assert_eq!(s.principals[1].local_share, 50.0);
-        assert_eq!(s.principals[1].global_demand, 80.0);
+        assert_eq!(s.principals[1].local_share, 0.05);
+        assert_eq!(s.principals[1].global_demand, 0.08);
+    }
+
+    #[test]
+    fn a_link_state_not_renewed_for_two_windows_is_no_longer_enforced() {
+        let c = ClusterShared::default();
+        // Windows of 1 ms: stale after 2 ms without a new state.
+        c.configure("g1", 1, vec!["A".into()], vec![1.0]);
+        let mut link = LinkStatus::new("g1");
+        link.role = Role::Root;
+        link.epoch = 7;
+        link.enforcement = Some(Enforcement {
+            units: vec![4.0],
+            source: Source::Fresh,
+        });
+        c.update(&link);
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        assert_eq!(c.quota(1), Quota::Units(vec![1.0]));
+        let s = c.snapshot().expect("configured");
+        assert!(s.fallback && s.fallback_since_ms.is_some(), "{s:?}");
+        assert!(s.windows_since_fresh >= STALE_WINDOWS, "{s:?}");
+        assert_eq!(s.principals[0].local_share, 1000.0);
+        // A last quota below the detached share: the lesser is enforced.
+        link.enforcement = Some(Enforcement {
+            units: vec![0.5],
+            source: Source::Fresh,
+        });
+        c.update(&link);
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        assert_eq!(c.quota(1), Quota::Units(vec![0.5]));
     }
 }

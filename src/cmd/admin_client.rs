@@ -36,7 +36,7 @@ pub async fn call(
         })?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
-        .context("admin API handshake")?;
+        .with_context(|| format!("admin API at {addr}: handshake"))?;
     tokio::spawn(conn);
     let mut req = Request::builder()
         .method(method)
@@ -51,9 +51,15 @@ pub async fn call(
     let req = req.body(Full::new(Bytes::from(body.unwrap_or_default())))?;
     let resp = tokio::time::timeout(Duration::from_secs(10), sender.send_request(req))
         .await
-        .context("admin API: no answer within 10 s")??;
+        .with_context(|| format!("admin API at {addr}: no answer within 10 s"))?
+        .with_context(|| format!("admin API at {addr}: {path}"))?;
     let status = resp.status();
-    let text = resp.into_body().collect().await?.to_bytes();
+    let text = resp
+        .into_body()
+        .collect()
+        .await
+        .with_context(|| format!("admin API at {addr}: reading the answer to {path}"))?
+        .to_bytes();
     Ok((status, String::from_utf8_lossy(&text).into_owned()))
 }
 

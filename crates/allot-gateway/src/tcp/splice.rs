@@ -213,16 +213,21 @@ mod tests {
         }
     }
 
+    /// Limits of an unshaped connection with no deadline, closed after `idle`.
+    fn unshaped(idle: Duration) -> Limits {
+        Limits {
+            idle,
+            deadline: None,
+            shaper: None,
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn bytes_go_both_ways_and_the_first_to_finish_is_named() {
         let (client, mut client_peer) = duplex(1 << 16);
         let (server, mut server_peer) = duplex(1 << 16);
         let c = Default::default();
-        let limits = Limits {
-            idle: Duration::from_secs(5),
-            deadline: None,
-            shaper: None,
-        };
+        let limits = unshaped(Duration::from_secs(5));
         let run = tokio::spawn(async move {
             let c: [AtomicU64; 4] = c;
             let ended = both_ways(
@@ -258,11 +263,7 @@ mod tests {
         let (client, mut client_peer) = duplex(1 << 16);
         let (server, mut server_peer) = duplex(1 << 16);
         let c: [AtomicU64; 4] = Default::default();
-        let limits = Limits {
-            idle: Duration::from_secs(5),
-            deadline: None,
-            shaper: None,
-        };
+        let limits = unshaped(Duration::from_secs(5));
         let sent: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
         let expected = sent.clone();
         let run = tokio::spawn(async move {
@@ -297,11 +298,7 @@ mod tests {
         let (client, _client_peer) = duplex(1024);
         let (server, _server_peer) = duplex(1024);
         let c: [AtomicU64; 4] = Default::default();
-        let limits = Limits {
-            idle: Duration::from_secs(30),
-            deadline: None,
-            shaper: None,
-        };
+        let limits = unshaped(Duration::from_secs(30));
         let t0 = Instant::now();
         let ended = both_ways(
             tokio::io::split(client),

@@ -1,10 +1,13 @@
 //! The ALPS scheduler loop behind `allot cpu`: sensor (`/proc`) → controller
 //! ([`allot_model::alps`]) → actuator (SIGSTOP/SIGCONT through the [`StoppedSet`]).
 //!
-//! Every quantum, on an absolute deadline: read the members the model asks for, give it
-//! the readings, stop and continue whom it says. About once a second: refresh membership.
-//! At each cycle end: read every principal once more for the accuracy report (what each
-//! consumed in the cycle against its entitlement, ALPS paper section 3.3).
+//! Every quantum, on an absolute deadline (ticks with nothing to read are slept
+//! through): read the members the model asks for, give it the readings, stop and
+//! continue whom it says. Between ticks, extra steps when a member's exhaustion or the
+//! cycle's end is predicted before the next tick. About once a second: refresh
+//! membership. At each cycle end: read every principal's CPU clock once more for the
+//! accuracy report (what each consumed in the cycle against its entitlement, ALPS paper
+//! section 3.3).
 
 use std::collections::VecDeque;
 use std::path::PathBuf;

@@ -217,19 +217,73 @@ impl Alps {
         }
     }
 
+    /// The CPU a present, eligible member gets when the eligible members split the CPUs
+    /// evenly by parallelism (`cpus·p / Σp`, at most its own parallelism `p`), in CPUs;
+    /// 0 for a member that is absent or stopped. A member's rate jumps up to this as soon
+    /// as the others are stopped, before any reading can show it.
+    pub fn fair_rate(&self, id: usize) -> f64 {
+        let Some(m) = self.members.get(id) else {
+            return 0.0;
+        };
+        if !m.active || !m.eligible {
+            return 0.0;
+        }
+        let total: u32 = self
+            .members
+            .iter()
+            .filter(|m| m.active && m.eligible)
+            .map(|m| m.parallelism)
+            .sum();
+        let p = f64::from(m.parallelism);
+        (f64::from(self.cpus) * p / f64::from(total.max(1))).min(p)
+    }
+
     /// A refinement below the quantum (not in the paper): an eligible member with less
-    /// than one quantum of allowance left, consuming `cpu_per_wall` of a CPU, will use it
-    /// up in `allowance·Q / cpu_per_wall` of wall time. If that is before the next quantum,
-    /// returns it, so the actuator can stop the member on time instead of letting it
-    /// overrun until the next tick; the model corrects any misprediction at the next read.
+    /// than one quantum of allowance left will use it up in `allowance·Q / rate` of wall
+    /// time, where the rate is the larger of what it was seen to use, `cpu_per_wall` (CPUs),
+    /// and [`Alps::fair_rate`] (it gets more as soon as others are stopped). If that is
+    /// before the next quantum, returns it (ns from the reading), so the actuator can stop
+    /// the member on time instead of letting it overrun until the next tick. Erring early
+    /// costs one more reading, after which the prediction is made again from what is left.
     pub fn exhaustion_in_ns(&self, id: usize, cpu_per_wall: f64) -> Option<u64> {
         let m = self.members.get(id)?;
-        if !m.active || !m.eligible || m.allowance >= 1.0 || cpu_per_wall <= 0.0 {
+        if !m.active || !m.eligible || m.allowance >= 1.0 {
+            return None;
+        }
+        let rate = cpu_per_wall
+            .max(self.fair_rate(id))
+            .min(f64::from(m.parallelism));
+        if rate <= 0.0 {
             return None;
         }
         let q = self.config.quantum_ns as f64;
-        let t = (m.allowance.max(0.0) * q / cpu_per_wall.min(f64::from(m.parallelism))).round();
+        let t = (m.allowance.max(0.0) * q / rate).round();
         (t < q).then_some(t as u64)
+    }
+
+    /// Another refinement below the quantum: when every present, eligible member was read
+    /// at `now` (the cycle's remaining time is then exact) and the eligible members, on
+    /// at most `min(cpus, Σ parallelism)` CPUs, could finish the cycle before the next
+    /// tick, the earliest they could (ns from `now`). A step then ends the cycle on time
+    /// instead of up to a quantum late, or, if the members got less than every CPU, finds
+    /// what is left and predicts again.
+    pub fn cycle_end_in_ns(&self, now: Nanos) -> Option<u64> {
+        if self.cycle_remaining_ns <= 0 {
+            return None;
+        }
+        let mut par = 0u32;
+        for m in self.members.iter().filter(|m| m.active && m.eligible) {
+            if m.last_read_ns != now.0 || m.last_cpu_ns.is_none() {
+                return None;
+            }
+            par += m.parallelism;
+        }
+        let cpus = par.min(self.cpus);
+        if cpus == 0 {
+            return None;
+        }
+        let t = self.cycle_remaining_ns / i128::from(cpus);
+        (t < i128::from(self.config.quantum_ns)).then_some(t as u64)
     }
 
     /// Work-conserving mode (not in the paper): the present members past their allowance
@@ -307,16 +361,58 @@ impl Alps {
         self.cycle_remaining_ns += delta_ns as i128;
     }
 
+    /// The earliest tick at or after `now` at which [`Alps::begin_quantum`] could have a
+    /// member to read: before it every tick reads nothing and changes nothing, so the
+    /// caller may sleep through those ticks. The basic algorithm reads every tick
+    /// (`now`). Optimised: the earliest of each eligible member's next read and of the
+    /// moment the cycle could be about to end (what is left of it, less what the unread
+    /// members may have used already, consumed on every CPU they can use), less one
+    /// quantum (a step reads whatever could finish before the following tick).
+    pub fn next_due_ns(&self, now: Nanos) -> u64 {
+        if self.config.algorithm == Algorithm::Basic {
+            return now.0;
+        }
+        let q = self.config.quantum_ns;
+        let (mut per_member, mut oldest, mut par) = (0u128, now.0, 0u32);
+        let mut first_read = u64::MAX;
+        for m in self.members.iter().filter(|m| m.active && m.eligible) {
+            per_member +=
+                u128::from(now.0.saturating_sub(m.last_read_ns)) * u128::from(m.parallelism);
+            oldest = oldest.min(m.last_read_ns);
+            par += m.parallelism;
+            first_read = first_read.min(m.next_read_ns);
+        }
+        let by_cpus = u128::from(now.0 - oldest) * u128::from(self.cpus);
+        let unread = per_member.min(by_cpus) as i128;
+        let rate = i128::from(par.min(self.cpus).max(1));
+        let left = (self.cycle_remaining_ns - unread).max(0) / rate;
+        let cycle_end = now
+            .0
+            .saturating_add(left.min(i128::from(u64::MAX >> 1)) as u64);
+        first_read.min(cycle_end).saturating_sub(q).max(now.0)
+    }
+
     /// Starts a step at `now` (normally a quantum tick): returns the members to read
     /// (eligible, present, and — optimised — able to use up their allowance before the
     /// next tick).
     pub fn begin_quantum(&mut self, now: Nanos) -> Vec<usize> {
-        self.count += 1;
         let horizon = now.0.saturating_add(self.config.quantum_ns);
+        self.begin_step(now, Nanos(horizon), &[])
+    }
+
+    /// Starts a step at `now` whose next step comes no later than `next` (an extra step
+    /// between ticks: the following tick). Returns the members to read: those of `also`
+    /// (whose exhaustion was predicted for now) that are eligible, and — optimised —
+    /// those that could use up their allowance before `next`, or every eligible member if
+    /// the cycle could end before then. Reading only these keeps an extra step as cheap
+    /// as what it is for, however many members there are.
+    pub fn begin_step(&mut self, now: Nanos, next: Nanos, also: &[usize]) -> Vec<usize> {
+        self.count += 1;
+        let horizon = next.0.max(now.0);
         let basic = self.config.algorithm == Algorithm::Basic;
         // The optimised algorithm subtracts consumption from the cycle only when it reads
         // it, so the end of a cycle would be seen late. If what the unread members may
-        // have used by the next tick could finish the cycle, read them all now.
+        // have used by the next step could finish the cycle, read them all now.
         let (mut per_member, mut oldest) = (0u128, horizon);
         for m in self.members.iter().filter(|m| m.active && m.eligible) {
             let since = horizon.saturating_sub(m.last_read_ns);
@@ -330,7 +426,9 @@ impl Alps {
             .members
             .iter()
             .enumerate()
-            .filter(|(_, m)| m.active && m.eligible && (read_all || m.next_read_ns < horizon))
+            .filter(|(i, m)| {
+                m.active && m.eligible && (read_all || m.next_read_ns < horizon || also.contains(i))
+            })
             .map(|(i, _)| i)
             .collect();
         self.reads += due.len() as u64;
@@ -635,10 +733,121 @@ mod tests {
             &[(0, p(15_000_000)), (1, p(15_000_000))],
         );
         assert_eq!(alps.exhaustion_in_ns(0, 0.5), Some(10_000_000));
-        // At a tenth of a CPU it would take 50 ms: after the next quantum, so no early stop.
-        assert_eq!(alps.exhaustion_in_ns(0, 0.1), None);
+        // Seen at a tenth of a CPU, but two members split the CPU: it may get half of it,
+        // so the prediction is the earlier one.
+        assert!((alps.fair_rate(0) - 0.5).abs() < 1e-12);
+        assert_eq!(alps.exhaustion_in_ns(0, 0.1), Some(10_000_000));
         // Member 1 has more than a quantum left.
         assert_eq!(alps.exhaustion_in_ns(1, 1.0), None);
+        // With four CPUs it could have a whole one: 5 ms left is 5 ms of wall.
+        alps.set_cpus(4);
+        assert_eq!(alps.exhaustion_in_ns(0, 0.1), Some(5_000_000));
+    }
+
+    #[test]
+    fn ticks_with_nothing_to_read_can_be_skipped() {
+        let q = 20_000_000u64;
+        let mut alps = Alps::new(config(Algorithm::Optimized), &[2, 7]).unwrap();
+        let due = alps.begin_quantum(Nanos(0));
+        assert_eq!(due, vec![0, 1]);
+        alps.end_quantum(Nanos(0), &[(0, p_of(0)), (1, p_of(0))]);
+        // Member 0 could use its 2 quanta by 40 ms: a step after 20 ms may have to read
+        // it (a step reads what could finish before the following tick); none before.
+        assert_eq!(alps.next_due_ns(Nanos(0)), q);
+        assert_eq!(alps.begin_quantum(Nanos(q / 2)), Vec::<usize>::new());
+        assert_eq!(alps.begin_quantum(Nanos(q + 1)), vec![0]);
+        // The basic algorithm reads every tick.
+        let basic = Alps::new(config(Algorithm::Basic), &[2, 7]).unwrap();
+        assert_eq!(basic.next_due_ns(Nanos(7)), 7);
+    }
+
+    #[test]
+    fn skipping_ticks_changes_no_decision() {
+        // Every tick against only the ticks `next_due_ns` asks for: the same CPU split.
+        let shares = [1, 9, 20];
+        let q = 20_000_000u64;
+        let mut runs = Vec::new();
+        for skip in [false, true] {
+            let mut alps = Alps::new(config(Algorithm::Optimized), &shares).unwrap();
+            let mut cpu = SimCpu::new(5, 3_000_000);
+            let mut steps = 0;
+            for k in 0..2_500u64 {
+                cpu.run(q, &|_| true);
+                let now = Nanos((k + 1) * q);
+                if skip && alps.next_due_ns(now) > now.0 {
+                    continue;
+                }
+                steps += 1;
+                let due = alps.begin_quantum(now);
+                let readings: Vec<(usize, Progress)> =
+                    due.iter().map(|&i| (i, p_of(cpu.cpu_ns[i]))).collect();
+                let out = alps.end_quantum(now, &readings);
+                for &i in &out.stop {
+                    cpu.stopped[i] = true;
+                }
+                for &i in &out.resume {
+                    cpu.stopped[i] = false;
+                }
+            }
+            runs.push((cpu.cpu_ns.clone(), steps, alps.reads()));
+        }
+        assert_eq!(runs[0].0, runs[1].0, "the same CPU split");
+        assert_eq!(runs[0].2, runs[1].2, "the same reads");
+        assert!(
+            runs[1].1 * 3 < runs[0].1 * 2,
+            "steps: {} vs {}",
+            runs[1].1,
+            runs[0].1
+        );
+    }
+
+    #[test]
+    fn an_extra_step_reads_only_what_cannot_wait_for_the_next_tick() {
+        let q = 20_000_000u64;
+        let mut alps = Alps::new(config(Algorithm::Optimized), &[1, 1, 1, 1, 1, 1, 1, 1]).unwrap();
+        let all: Vec<usize> = (0..8).collect();
+        assert_eq!(alps.begin_quantum(Nanos(0)), all);
+        let zero: Vec<(usize, Progress)> = all.iter().map(|&i| (i, p_of(0))).collect();
+        alps.end_quantum(Nanos(0), &zero);
+        // Each could use its quantum by 20 ms: a tick at 5 ms reads all of them ...
+        assert_eq!(alps.begin_quantum(Nanos(q / 4)), all);
+        // ... an extra step at 5 ms before the tick at 10 ms reads only the member asked
+        // for: nobody else can be done by then, nor can the 8-quantum cycle.
+        assert_eq!(alps.begin_step(Nanos(q / 4), Nanos(q / 2), &[3]), vec![3]);
+    }
+
+    fn p_of(cpu_ns: u64) -> Progress {
+        Progress {
+            cpu_ns,
+            blocked: false,
+        }
+    }
+
+    #[test]
+    fn predicts_the_end_of_a_cycle_only_from_fresh_readings() {
+        let q = 20_000_000u64;
+        let mut alps = Alps::new(config(Algorithm::Basic), &[1, 1]).unwrap();
+        let p = |cpu_ns| Progress {
+            cpu_ns,
+            blocked: false,
+        };
+        alps.begin_quantum(Nanos(0));
+        alps.end_quantum(Nanos(0), &[(0, p(0)), (1, p(0))]);
+        // 2Q left of a 2Q cycle on one CPU: not before the next tick.
+        assert_eq!(alps.cycle_end_in_ns(Nanos(0)), None);
+        alps.begin_quantum(Nanos(q));
+        alps.end_quantum(Nanos(q), &[(0, p(q / 2)), (1, p(q / 4))]);
+        // 2Q − 0.75Q = 1.25Q left: still not within a quantum.
+        assert_eq!(alps.cycle_end_in_ns(Nanos(q)), None);
+        alps.begin_quantum(Nanos(2 * q));
+        alps.end_quantum(Nanos(2 * q), &[(0, p(q * 3 / 4)), (1, p(q / 2))]);
+        // 0.75Q left, both eligible, one CPU: 15 ms at the earliest.
+        assert_eq!(alps.cycle_end_in_ns(Nanos(2 * q)), Some(15_000_000));
+        // On two CPUs half that.
+        alps.set_cpus(2);
+        assert_eq!(alps.cycle_end_in_ns(Nanos(2 * q)), Some(7_500_000));
+        // A reading older than `now`: the remaining time is not known, no prediction.
+        assert_eq!(alps.cycle_end_in_ns(Nanos(2 * q + 1)), None);
     }
 
     #[test]

@@ -157,13 +157,59 @@ impl Principal {
 
     /// Reads every member; members found gone are dropped. `None` if none is left.
     pub fn sample(&mut self, stopped: &mut StoppedSet) -> Option<PrincipalSample> {
+        self.sample_with(stopped, None)
+    }
+
+    /// The scheduler's reading: each member through [`ProcHandle::sample_cpu`], whose
+    /// tasks' states are read only if it used less than its part of `min_progress_ns`
+    /// (split evenly between the members) since its last reading. Members found gone are dropped; `None` if none is left.
+    pub fn sample_cpu(
+        &mut self,
+        stopped: &mut StoppedSet,
+        min_progress_ns: u64,
+    ) -> Option<PrincipalSample> {
+        self.sample_with(stopped, Some(min_progress_ns))
+    }
+
+    /// Cumulative CPU since first seen, read now from each member's CPU clock where it
+    /// has one (one call per member; see [`ProcHandle::cpu_now`]). Members found gone
+    /// are dropped; `None` if none is left.
+    pub fn read_cpu(&mut self, stopped: &mut StoppedSet) -> Option<u64> {
+        let mut gone = Vec::new();
+        for (pid, h) in self.members.iter_mut() {
+            if h.cpu_now().is_err() {
+                gone.push(*pid);
+            }
+        }
+        for pid in gone {
+            self.drop_member(pid, stopped);
+        }
+        (!self.members.is_empty()).then(|| self.cpu_ns())
+    }
+
+    fn sample_with(
+        &mut self,
+        stopped: &mut StoppedSet,
+        min_progress_ns: Option<u64>,
+    ) -> Option<PrincipalSample> {
+        let per_member = min_progress_ns.map(|m| {
+            if m == 0 {
+                0
+            } else {
+                (m / self.members.len().max(1) as u64).max(1)
+            }
+        });
         let mut runnable = 0;
         let mut stopped_tasks = 0;
         let mut tasks = 0;
         let mut wait_ns = 0;
         let mut gone = Vec::new();
         for (pid, h) in self.members.iter_mut() {
-            match h.sample() {
+            let s = match per_member {
+                Some(m) => h.sample_cpu(m),
+                None => h.sample(),
+            };
+            match s {
                 Ok(s) => {
                     runnable += s.runnable;
                     stopped_tasks += s.stopped;

@@ -594,9 +594,16 @@ impl Sim {
                     self.push(at, Kind::Report(to, report));
                 }
                 Outgoing::Quotas(q) => {
+                    // Published on the sender's subject: every child of the sender gets
+                    // it, a child left out of the parts too (it takes zero).
                     let q = Rc::new(q);
-                    for part in &q.parts {
-                        let Some(&to) = self.index.get(&part.to) else {
+                    let children: Vec<String> = self.gateways[from]
+                        .node
+                        .position()
+                        .map(|p| p.children.clone())
+                        .unwrap_or_default();
+                    for child in &children {
+                        let Some(&to) = self.index.get(child) else {
                             continue;
                         };
                         if self.rng.unit() < self.args.loss {

@@ -135,6 +135,11 @@ pub trait Engine: Clone + Send + Sync + 'static {
         &self,
         subject: &str,
     ) -> impl Future<Output = Result<mpsc::Receiver<Bytes>, EngineError>> + Send;
+    /// How many times the connection to the engine was lost so far (a count: the
+    /// messages of those moments were lost together); 0 for an engine without one.
+    fn interruptions(&self) -> u64 {
+        0
+    }
 }
 
 /// Depth of each watch and subscription channel; a slow reader loses messages beyond it
@@ -149,6 +154,8 @@ struct MemState {
     subscribers: HashMap<String, Vec<mpsc::Sender<Bytes>>>,
     /// Subjects whose messages are dropped (tests of loss and partitions).
     muted: Vec<String>,
+    /// Key-value requests wait until this instant (an engine electing a leader).
+    stalled_until: Option<tokio::time::Instant>,
 }
 
 /// The engine in memory, with the same semantics as the real one: revisions, expiry by
@@ -172,6 +179,19 @@ impl MemEngine {
     /// [`MemEngine::unmute`].
     pub fn mute(&self, prefix: &str) {
         self.lock().muted.push(prefix.to_string());
+    }
+
+    /// Holds every key-value request (create, update, put, get, entries, delete) until
+    /// `until`, as an engine electing a new leader does; messages still flow.
+    pub fn stall_keys(&self, until: tokio::time::Instant) {
+        self.lock().stalled_until = Some(until);
+    }
+
+    async fn keys_ready(&self) {
+        let until = self.lock().stalled_until;
+        if let Some(until) = until {
+            tokio::time::sleep_until(until).await;
+        }
     }
 
     /// Delivers messages on `prefix` again.
@@ -228,6 +248,7 @@ impl Engine for MemEngine {
         key: &str,
         value: Bytes,
     ) -> Result<Option<u64>, EngineError> {
+        self.keys_ready().await;
         let mut s = self.lock();
         if self.live(&mut s, bucket, key).is_some() {
             return Ok(None);
@@ -242,6 +263,7 @@ impl Engine for MemEngine {
         value: Bytes,
         revision: u64,
     ) -> Result<Option<u64>, EngineError> {
+        self.keys_ready().await;
         let mut s = self.lock();
         match self.live(&mut s, bucket, key) {
             Some(e) if e.revision == revision => Ok(Some(self.write(&mut s, bucket, key, value))),
@@ -250,16 +272,19 @@ impl Engine for MemEngine {
     }
 
     async fn put(&self, bucket: Bucket, key: &str, value: Bytes) -> Result<u64, EngineError> {
+        self.keys_ready().await;
         let mut s = self.lock();
         Ok(self.write(&mut s, bucket, key, value))
     }
 
     async fn get(&self, bucket: Bucket, key: &str) -> Result<Option<Entry>, EngineError> {
+        self.keys_ready().await;
         let mut s = self.lock();
         Ok(self.live(&mut s, bucket, key))
     }
 
     async fn entries(&self, bucket: Bucket) -> Result<Vec<Entry>, EngineError> {
+        self.keys_ready().await;
         let mut s = self.lock();
         let keys: Vec<String> = s
             .keys
@@ -276,6 +301,7 @@ impl Engine for MemEngine {
     }
 
     async fn delete(&self, bucket: Bucket, key: &str) -> Result<(), EngineError> {
+        self.keys_ready().await;
         self.lock().keys.remove(&(bucket, key.to_string()));
         Ok(())
     }

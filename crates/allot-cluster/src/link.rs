@@ -245,6 +245,179 @@ fn planner_of(spec: &AgreementsSpec) -> Option<(AgreementSet, Arc<Planner>)> {
     Some((set, planner))
 }
 
+/// The longest one key-value request of a chore may take before it counts as failed
+/// (it is retried at a later boundary).
+const REQUEST_LIMIT: Duration = Duration::from_secs(2);
+
+/// One key-value request, failed if it takes longer than `limit`.
+async fn bounded<T>(
+    limit: Duration,
+    request: impl std::future::Future<Output = Result<T, EngineError>>,
+) -> Result<T, EngineError> {
+    tokio::time::timeout(limit, request)
+        .await
+        .map_err(|_| EngineError::Unavailable("a key-value request timed out".into()))?
+}
+
+async fn join_opt<T>(task: &mut Option<tokio::task::JoinHandle<T>>) -> Option<T> {
+    match task {
+        Some(t) => t.await.ok(),
+        None => std::future::pending().await,
+    }
+}
+
+fn root_bytes(value: &RootValue) -> Bytes {
+    Bytes::from(serde_json::to_vec(value).unwrap_or_default())
+}
+
+/// What the root's chore found.
+#[derive(Debug)]
+struct RootFound {
+    /// When the chore began: a renewal or a win holds from then at the latest.
+    began: Instant,
+    outcome: Option<RootOutcome>,
+    errors: Vec<EngineError>,
+}
+
+#[derive(Debug)]
+enum RootOutcome {
+    /// The lease renewed: the key's new revision and value.
+    Renewed(u64, RootValue),
+    /// The election won: the key's revision and value (with the epoch).
+    Won(u64, RootValue),
+    /// The key holds another value (empty if none).
+    Seen(Bytes),
+}
+
+/// Renews the root's lease (`renew`: the revision held and the value) or stands for
+/// election with epochs above `floor`.
+async fn root_chore<E: Engine>(
+    engine: E,
+    node: String,
+    renew: Option<(u64, RootValue)>,
+    floor: u64,
+    limit: Duration,
+) -> RootFound {
+    let mut found = RootFound {
+        began: Instant::now(),
+        outcome: None,
+        errors: Vec::new(),
+    };
+    if let Some((rev, value)) = renew {
+        match bounded(
+            limit,
+            engine.update(Bucket::Election, ROOT_KEY, root_bytes(&value), rev),
+        )
+        .await
+        {
+            Ok(Some(next)) => found.outcome = Some(RootOutcome::Renewed(next, value)),
+            // Changed or expired, unless a renewal that timed out landed after all: the
+            // key is still this node's if it holds this node's value.
+            Ok(None) => match bounded(limit, engine.get(Bucket::Election, ROOT_KEY)).await {
+                Ok(Some(e))
+                    if serde_json::from_slice::<RootValue>(&e.value).ok().as_ref()
+                        == Some(&value) =>
+                {
+                    found.outcome = Some(RootOutcome::Renewed(e.revision, value));
+                }
+                Ok(e) => {
+                    found.outcome = Some(RootOutcome::Seen(e.map(|e| e.value).unwrap_or_default()))
+                }
+                Err(e) => found.errors.push(e),
+            },
+            Err(e) => found.errors.push(e),
+        }
+        return found;
+    }
+    let claim = RootValue {
+        node: node.clone(),
+        epoch: 0,
+    };
+    match bounded(
+        limit,
+        engine.create(Bucket::Election, ROOT_KEY, root_bytes(&claim)),
+    )
+    .await
+    {
+        Ok(Some(rev)) => {
+            // Won: the winning revision is the epoch; write it for everyone.
+            let value = RootValue {
+                node,
+                epoch: rev.max(floor + 1),
+            };
+            match bounded(
+                limit,
+                engine.update(Bucket::Election, ROOT_KEY, root_bytes(&value), rev),
+            )
+            .await
+            {
+                Ok(Some(next)) => found.outcome = Some(RootOutcome::Won(next, value)),
+                Ok(None) => {}
+                Err(e) => found.errors.push(e),
+            }
+        }
+        // Someone holds it: read who.
+        Ok(None) => match bounded(limit, engine.get(Bucket::Election, ROOT_KEY)).await {
+            Ok(Some(e)) => found.outcome = Some(RootOutcome::Seen(e.value)),
+            Ok(None) => {}
+            Err(e) => found.errors.push(e),
+        },
+        Err(e) => found.errors.push(e),
+    }
+    found
+}
+
+/// What the members' chore found.
+#[derive(Debug)]
+struct MembersFound {
+    /// The membership's revision after the chore (`None` inside: neither renewed nor
+    /// created); `None` if the engine failed before knowing.
+    member_rev: Option<Option<u64>>,
+    /// Every live member, if read.
+    members: Option<BTreeSet<String>>,
+    errors: Vec<EngineError>,
+}
+
+/// Renews `node`'s membership held at `rev` (joining again if it expired) and rereads
+/// the members.
+async fn members_chore<E: Engine>(
+    engine: E,
+    node: String,
+    value: Bytes,
+    rev: Option<u64>,
+    limit: Duration,
+) -> MembersFound {
+    let mut found = MembersFound {
+        member_rev: None,
+        members: None,
+        errors: Vec::new(),
+    };
+    let renewed = match rev {
+        Some(rev) => {
+            bounded(
+                limit,
+                engine.update(Bucket::Members, &node, value.clone(), rev),
+            )
+            .await
+        }
+        None => Ok(None),
+    };
+    match renewed {
+        Ok(Some(rev)) => found.member_rev = Some(Some(rev)),
+        // Expired (paused, partitioned): join again.
+        Ok(None) => match bounded(limit, engine.create(Bucket::Members, &node, value)).await {
+            Ok(rev) => found.member_rev = Some(rev),
+            Err(e) => found.errors.push(e),
+        },
+        Err(e) => found.errors.push(e),
+    }
+    match bounded(limit, engine.entries(Bucket::Members)).await {
+        Ok(entries) => found.members = Some(entries.into_iter().map(|e| e.key).collect()),
+        Err(e) => found.errors.push(e),
+    }
+    found
+}
+
 struct Link<E: Engine> {
     engine: E,
     config: LinkConfig,
@@ -257,11 +430,22 @@ struct Link<E: Engine> {
     root_seen: Option<(String, u64, Instant)>,
     /// This node's lease revision while it is root.
     my_root_rev: Option<u64>,
+    /// When the root's lease was last won or renewed by this node (the renewal's start).
+    renewed_at: Option<Instant>,
+    /// The root's lease being renewed, or an election being stood for, beside the
+    /// window step.
+    root_chore: Option<tokio::task::JoinHandle<RootFound>>,
+    /// The membership being renewed and the members reread, beside the window step.
+    members_chore: Option<tokio::task::JoinHandle<MembersFound>>,
+    /// The window the members were last reread at.
+    members_at: Option<u64>,
     /// What the current shape was built from.
     shaped: Option<(String, u64, BTreeSet<String>)>,
     down: Option<mpsc::Receiver<Bytes>>,
     deadline: Option<(Instant, u64)>,
     spec: AgreementsSpec,
+    /// The engine's interruptions counted at the last boundary.
+    interruptions: u64,
 }
 
 /// Runs the link until `shutdown` resolves. `spec` is this gateway's agreement set: it
@@ -300,12 +484,18 @@ pub async fn run<E: Engine>(
         members: BTreeSet::new(),
         root_seen: None,
         my_root_rev: None,
+        renewed_at: None,
+        root_chore: None,
+        members_chore: None,
+        members_at: None,
         shaped: None,
         down: None,
         deadline: None,
         spec,
         config,
+        interruptions: 0,
     };
+    link.interruptions = link.engine.interruptions();
     link.join().await?;
     let mut up = Some(
         link.engine
@@ -337,6 +527,18 @@ pub async fn run<E: Engine>(
                 link.boundary(b, &local).await;
                 status.send_replace(link.status.clone());
             }
+            found = join_opt(&mut link.root_chore) => {
+                link.root_chore = None;
+                if let Some(found) = found {
+                    link.root_found(found);
+                }
+            }
+            found = join_opt(&mut link.members_chore) => {
+                link.members_chore = None;
+                if let Some(found) = found {
+                    link.members_found(found);
+                }
+            }
             _ = sleep_opt(deadline) => {
                 if let Some((_, w)) = link.deadline.take() {
                     let out = link.node.deadline(w);
@@ -361,7 +563,10 @@ pub async fn run<E: Engine>(
                     link.status.received += 1;
                     match serde_json::from_slice::<Quotas>(&bytes) {
                         Ok(q) => match link.node.on_quotas(&q) {
-                            Ok(out) => link.send(out).await,
+                            Ok(out) => {
+                                link.root_alive(q.epoch);
+                                link.send(out).await;
+                            }
                             Err(_) => link.status.ignored += 1,
                         },
                         Err(_) => link.status.ignored += 1,
@@ -382,6 +587,15 @@ pub async fn run<E: Engine>(
         }
     }
     // Leaving: give up the root's lease and the membership so others move on at once.
+    for chore in [
+        link.root_chore.take().map(|t| t.abort_handle()),
+        link.members_chore.take().map(|t| t.abort_handle()),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        chore.abort();
+    }
     if let Some(rev) = link.my_root_rev {
         if let Ok(Some(e)) = link.engine.get(Bucket::Election, ROOT_KEY).await {
             if e.revision == rev {
@@ -462,7 +676,7 @@ impl<E: Engine> Link<E> {
             .put(Bucket::Config, AGREEMENTS_KEY, Bytes::from(text))
             .await
         {
-            self.status.engine_error = Some(e.to_string());
+            self.failed(&e);
             return;
         }
         if let Some((_, planner)) = planner_of(&self.spec) {
@@ -511,18 +725,56 @@ impl<E: Engine> Link<E> {
         }
         if root.node != self.config.node {
             self.my_root_rev = None;
+        } else if self.my_root_rev.is_none() {
+            // This node's own key from a lease it no longer holds (it stepped down, or an
+            // earlier process of the same name): not a live root; it expires.
+            return;
         }
         self.root_seen = Some((root.node, root.epoch, Instant::now()));
+    }
+
+    /// Fresh quotas of `epoch` arrived from the parent: the root of that epoch planned
+    /// them a moment ago, so it is alive whatever the engine's keys say (they may be
+    /// stuck in an election of the engine's own).
+    fn root_alive(&mut self, epoch: u64) {
+        if let Some((_, e, seen)) = &mut self.root_seen {
+            if *e == epoch {
+                *seen = Instant::now();
+            }
+        }
+    }
+
+    /// Leaves the tree: no root obeyed, no parent, no children.
+    fn detach_tree(&mut self) {
+        if self.shaped.is_some() {
+            self.node.leave();
+            self.shaped = None;
+            self.down = None;
+            self.status.role = Role::Detached;
+            self.status.parent = None;
+            self.status.children.clear();
+        }
+    }
+
+    /// An engine operation failed: shown in the status, and told to the node (messages
+    /// around it may have been lost together).
+    fn failed(&mut self, e: &EngineError) {
+        self.status.engine_error = Some(e.to_string());
+        // The window now, not the boundary's: an operation may have taken long.
+        let now = self.unix_ms(Instant::now()) / self.config.window.as_millis().max(1) as u64;
+        self.node.engine_failed(now.max(self.status.window));
     }
 
     async fn boundary(&mut self, b: u64, demand: &[f64]) {
         self.status.window = b;
         // The error shown is this window's: cleared here, set again by what fails now.
         self.status.engine_error = None;
-        self.elect().await;
-        if b.is_multiple_of(self.config.member_refresh_windows.max(1)) || self.members.is_empty() {
-            self.refresh_members().await;
+        let interruptions = self.engine.interruptions();
+        if interruptions != self.interruptions {
+            self.interruptions = interruptions;
+            self.node.engine_failed(b);
         }
+        self.chores(b);
         self.reshape().await;
         if b > 0 {
             let out = self.node.close_window(b - 1, demand);
@@ -557,101 +809,102 @@ impl<E: Engine> Link<E> {
             .map_or(0, |s| s.depth())
     }
 
-    /// Renews the root's lease, or stands for election when the lease has run out.
-    async fn elect(&mut self) {
+    /// Starts the key-value chores due at boundary `b`, each beside the window step (a
+    /// JetStream request can wait seconds while the engine elects a leader of its own, and
+    /// the tree must not wait with it): renewing the root's lease or standing for
+    /// election, and renewing the membership and rereading the members. A chore still
+    /// running is not started twice. A root whose last renewal is a lease old steps down
+    /// first: its key may have expired and another gateway won it.
+    fn chores(&mut self, b: u64) {
         let now = Instant::now();
-        if let Some(rev) = self.my_root_rev {
-            let value = RootValue {
-                node: self.config.node.clone(),
-                epoch: self.node.epoch(),
-            };
-            let bytes = Bytes::from(serde_json::to_vec(&value).unwrap_or_default());
-            match self
-                .engine
-                .update(Bucket::Election, ROOT_KEY, bytes, rev)
-                .await
-            {
-                Ok(Some(next)) => {
-                    self.my_root_rev = Some(next);
-                    self.root_seen = Some((value.node, value.epoch, now));
-                    self.status.engine_error = None;
-                }
-                Ok(None) => self.my_root_rev = None, // lost the lease
-                Err(e) => self.status.engine_error = Some(e.to_string()),
-            }
-            return;
+        if self.my_root_rev.is_some()
+            && self
+                .renewed_at
+                .is_none_or(|t| now.saturating_duration_since(t) >= self.config.root_lease)
+        {
+            tracing::warn!("cluster: the root's lease was not renewed for a lease; stepping down");
+            self.my_root_rev = None;
+            self.root_seen = None;
+            self.detach_tree();
         }
-        let expired = self.root_seen.as_ref().is_none_or(|(_, _, seen)| {
-            now.saturating_duration_since(*seen) >= self.config.root_lease
-        });
-        if !expired {
-            return;
+        let limit = (self.config.root_lease / 2).clamp(self.config.window, REQUEST_LIMIT);
+        if self.root_chore.is_none() {
+            let renew = self.my_root_rev.map(|rev| {
+                (
+                    rev,
+                    RootValue {
+                        node: self.config.node.clone(),
+                        epoch: self.node.epoch(),
+                    },
+                )
+            });
+            let expired = self.root_seen.as_ref().is_none_or(|(_, _, seen)| {
+                now.saturating_duration_since(*seen) >= self.config.root_lease
+            });
+            if renew.is_some() || expired {
+                let engine = self.engine.clone();
+                let node = self.config.node.clone();
+                let floor = self.node.epoch();
+                self.root_chore = Some(tokio::spawn(root_chore(engine, node, renew, floor, limit)));
+            }
         }
-        let claim = RootValue {
-            node: self.config.node.clone(),
-            epoch: 0,
-        };
-        let bytes = Bytes::from(serde_json::to_vec(&claim).unwrap_or_default());
-        match self.engine.create(Bucket::Election, ROOT_KEY, bytes).await {
-            Ok(Some(rev)) => {
-                // Won: the winning revision is the epoch; write it for everyone.
-                let value = RootValue {
-                    node: self.config.node.clone(),
-                    epoch: rev.max(self.node.epoch() + 1),
-                };
-                let bytes = Bytes::from(serde_json::to_vec(&value).unwrap_or_default());
-                if let Ok(Some(next)) = self
-                    .engine
-                    .update(Bucket::Election, ROOT_KEY, bytes, rev)
-                    .await
-                {
-                    tracing::info!(epoch = value.epoch, "cluster: this gateway is the root");
-                    self.my_root_rev = Some(next);
-                    self.node.observe_epoch(value.epoch);
-                    write_epoch(&self.config.epoch_file, value.epoch);
-                    self.root_seen = Some((value.node, value.epoch, now));
-                }
-            }
-            Ok(None) => {
-                // Someone holds it: read who.
-                if let Ok(Some(e)) = self.engine.get(Bucket::Election, ROOT_KEY).await {
-                    self.saw_root(&e.value);
-                }
-            }
-            Err(e) => self.status.engine_error = Some(e.to_string()),
+        let refresh = self.config.member_refresh_windows.max(1);
+        let due = self.members.is_empty() || self.members_at.is_none_or(|w| b >= w + refresh);
+        if self.members_chore.is_none() && due {
+            self.members_at = Some(b);
+            self.members_chore = Some(tokio::spawn(members_chore(
+                self.engine.clone(),
+                self.config.node.clone(),
+                self.member_value(),
+                self.member_rev,
+                limit,
+            )));
         }
     }
 
-    async fn refresh_members(&mut self) {
-        let key = self.config.node.clone();
-        let renewed = match self.member_rev {
-            Some(rev) => {
-                self.engine
-                    .update(Bucket::Members, &key, self.member_value(), rev)
-                    .await
-            }
-            None => Ok(None),
-        };
-        match renewed {
-            Ok(Some(rev)) => self.member_rev = Some(rev),
-            Ok(None) => {
-                // Expired (paused, partitioned): join again.
-                self.member_rev = self
-                    .engine
-                    .create(Bucket::Members, &key, self.member_value())
-                    .await
-                    .ok()
-                    .flatten();
-            }
-            Err(e) => self.status.engine_error = Some(e.to_string()),
+    /// What renewing the lease or standing for election found.
+    fn root_found(&mut self, found: RootFound) {
+        for e in &found.errors {
+            self.failed(e);
         }
-        match self.engine.entries(Bucket::Members).await {
-            Ok(entries) => {
-                self.members = entries.into_iter().map(|e| e.key).collect();
-                self.members.insert(key);
-                self.status.members = self.members.len();
+        match found.outcome {
+            Some(RootOutcome::Renewed(rev, value)) if self.my_root_rev.is_some() => {
+                self.my_root_rev = Some(rev);
+                self.renewed_at = Some(found.began);
+                self.root_seen = Some((value.node, value.epoch, found.began));
             }
-            Err(e) => self.status.engine_error = Some(e.to_string()),
+            Some(RootOutcome::Won(rev, value)) if value.epoch >= self.node.epoch() => {
+                tracing::info!(epoch = value.epoch, "cluster: this gateway is the root");
+                self.my_root_rev = Some(rev);
+                self.renewed_at = Some(found.began);
+                self.node.observe_epoch(value.epoch);
+                write_epoch(&self.config.epoch_file, value.epoch);
+                self.root_seen = Some((value.node, value.epoch, found.began));
+            }
+            Some(RootOutcome::Seen(value)) => {
+                if self.my_root_rev.is_some() {
+                    // The lease is lost: the key changed or expired.
+                    self.my_root_rev = None;
+                    self.root_seen = None;
+                }
+                self.saw_root(&value);
+            }
+            _ => {}
+        }
+    }
+
+    /// What renewing the membership and rereading the members found.
+    fn members_found(&mut self, found: MembersFound) {
+        for e in &found.errors {
+            self.failed(e);
+        }
+        if let Some(rev) = found.member_rev {
+            self.member_rev = rev;
+        }
+        if let Some(mut members) = found.members {
+            members.insert(self.config.node.clone());
+            self.status.members = members.len();
+            self.members = members;
         }
     }
 
@@ -662,14 +915,7 @@ impl<E: Engine> Link<E> {
         };
         if Instant::now().saturating_duration_since(seen) >= self.config.root_lease * 2 {
             // The root's key has gone unrenewed for long: no tree until a new election.
-            if self.shaped.is_some() {
-                self.node.leave();
-                self.shaped = None;
-                self.down = None;
-                self.status.role = Role::Detached;
-                self.status.parent = None;
-                self.status.children.clear();
-            }
+            self.detach_tree();
             return;
         }
         let mut members = self.members.clone();
@@ -734,7 +980,7 @@ impl<E: Engine> Link<E> {
             };
             match self.engine.publish(&subject, Bytes::from(bytes)).await {
                 Ok(()) => self.status.sent += 1,
-                Err(e) => self.status.engine_error = Some(e.to_string()),
+                Err(e) => self.failed(&e),
             }
         }
     }

@@ -2,6 +2,8 @@
 //! `…-election`, `…-config`, history 1, `max_age` = the lease) and core NATS subjects for
 //! the per-window messages.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, kv};
@@ -28,6 +30,8 @@ fn unavailable(e: impl std::fmt::Display) -> EngineError {
 pub struct NatsEngine {
     client: async_nats::Client,
     stores: [kv::Store; 3],
+    /// Connections lost so far (disconnected, or the server entering lame-duck mode).
+    interruptions: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for NatsEngine {
@@ -43,8 +47,19 @@ impl NatsEngine {
         config: &ClusterConfig,
         lifetimes: Lifetimes,
     ) -> Result<NatsEngine, EngineError> {
+        let interruptions = Arc::new(AtomicU64::new(0));
+        let counter = Arc::clone(&interruptions);
         let mut options = async_nats::ConnectOptions::new()
             .name(format!("allot {}", config.name))
+            .event_callback(move |event| {
+                if matches!(
+                    event,
+                    async_nats::Event::Disconnected | async_nats::Event::LameDuckMode
+                ) {
+                    counter.fetch_add(1, Ordering::Relaxed);
+                }
+                std::future::ready(())
+            })
             .connection_timeout(CONNECT_TIMEOUT)
             .request_timeout(Some(REQUEST_TIMEOUT));
         if let Some(token) = &config.token {
@@ -96,7 +111,11 @@ impl NatsEngine {
         let stores: [kv::Store; 3] = stores
             .try_into()
             .map_err(|_| unavailable("three buckets expected"))?;
-        Ok(NatsEngine { client, stores })
+        Ok(NatsEngine {
+            client,
+            stores,
+            interruptions,
+        })
     }
 
     fn store(&self, bucket: Bucket) -> &kv::Store {
@@ -210,6 +229,10 @@ impl Engine for NatsEngine {
             .publish(subject.to_string(), payload)
             .await
             .map_err(unavailable)
+    }
+
+    fn interruptions(&self) -> u64 {
+        self.interruptions.load(Ordering::Relaxed)
     }
 
     async fn subscribe(&self, subject: &str) -> Result<mpsc::Receiver<Bytes>, EngineError> {

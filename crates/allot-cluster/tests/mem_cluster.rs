@@ -48,6 +48,17 @@ fn start(
     demand: Vec<f64>,
     origin: tokio::time::Instant,
 ) -> Gateway {
+    start_leased(engine, name, demand, origin, WINDOW * 2)
+}
+
+/// A gateway whose root lease is `root_lease`.
+fn start_leased(
+    engine: &MemEngine,
+    name: &str,
+    demand: Vec<f64>,
+    origin: tokio::time::Instant,
+    root_lease: Duration,
+) -> Gateway {
     let (demand_tx, demand_rx) = watch::channel(demand);
     let (status_tx, status_rx) = watch::channel(LinkStatus::new(name));
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
@@ -57,7 +68,7 @@ fn start(
         fanout: 32,
         window: WINDOW,
         hop: WINDOW / 10,
-        root_lease: WINDOW * 2,
+        root_lease,
         member_lease: Duration::from_secs(1),
         member_refresh_windows: 5,
         epoch_file: None,
@@ -213,4 +224,63 @@ async fn a_second_gateway_with_a_live_name_is_refused() {
         matches!(result, Err(link::LinkError::NameTaken(_))),
         "{result:?}"
     );
+}
+
+/// The engine's keys stall (a JetStream leader election) for less than the root's lease:
+/// the tree goes on as if nothing happened, every gateway on fresh quotas every window,
+/// one root of one epoch. Stalled past the lease, the root steps down.
+#[tokio::test(start_paused = true)]
+async fn a_stall_of_the_engines_keys_shorter_than_the_lease_leaves_the_tree_alone() {
+    let lease = WINDOW * 10;
+    let engine = MemEngine::new(Lifetimes {
+        member: Duration::from_secs(3),
+        root: lease,
+    });
+    let origin = tokio::time::Instant::now();
+    let g = [
+        start_leased(&engine, "g1", vec![0.0, 10.0, 0.0], origin, lease),
+        start_leased(&engine, "g2", vec![0.0, 10.0, 30.0], origin, lease),
+        start_leased(&engine, "g3", vec![0.0, 0.0, 10.0], origin, lease),
+    ];
+    let all: Vec<&Gateway> = g.iter().collect();
+    tokio::time::sleep(Duration::from_secs(2) + WINDOW / 2).await;
+    let (_, _, fresh) = settled(&all, 10).await;
+    assert_eq!(fresh, 3);
+    let epoch = g[0].status.borrow().epoch;
+    let root = g
+        .iter()
+        .position(|x| x.status.borrow().role == Role::Root)
+        .expect("a root");
+    // Stalled for 6 windows, less than the 10-window lease.
+    engine.stall_keys(tokio::time::Instant::now() + WINDOW * 6);
+    for _ in 0..20 {
+        tokio::time::sleep(WINDOW).await;
+        for x in &g {
+            let s = x.status.borrow();
+            assert!(
+                s.windows_since_fresh <= 1 && s.epoch == epoch,
+                "{} during the stall: {:?}",
+                s.node,
+                *s
+            );
+        }
+        let (a, b, _) = totals(&all);
+        assert!(a + b <= 40.0 + 1e-6, "A {a} B {b}");
+    }
+    assert_eq!(g[root].status.borrow().role, Role::Root);
+    // Stalled for 3 leases: the root steps down once its last renewal is a lease old.
+    engine.stall_keys(tokio::time::Instant::now() + lease * 3);
+    tokio::time::sleep(lease + WINDOW * 3).await;
+    assert_ne!(g[root].status.borrow().role, Role::Root);
+    // The stall over, one root of a higher epoch hands out fresh quotas again.
+    tokio::time::sleep(lease * 4).await;
+    let (a, b, fresh) = settled(&all, 20).await;
+    assert_eq!(fresh, 3);
+    assert!(a + b <= 40.0 + 1e-6, "A {a} B {b}");
+    let roots = g
+        .iter()
+        .filter(|x| x.status.borrow().role == Role::Root)
+        .count();
+    assert_eq!(roots, 1);
+    assert!(g.iter().all(|x| x.status.borrow().epoch > epoch));
 }

@@ -191,9 +191,31 @@ async fn gateways_on_three_nats_servers_share_one_plan_and_replace_a_root_that_l
     nats.kill(2);
     tokio::time::sleep(WINDOW * 5).await;
     let (a, b, _, _, _) = totals(&g);
-    assert!(a + b <= 40.0 + 1e-6, "never over capacity: A {a} B {b}");
+    let each: Vec<String> = g
+        .iter()
+        .map(|x| {
+            let s = x.status.borrow();
+            format!(
+                "{} {:?} epoch {} window {} {:?} error {:?}",
+                s.node, s.role, s.epoch, s.window, s.enforcement, s.engine_error
+            )
+        })
+        .collect();
+    assert!(
+        a + b <= 40.0 + 1e-6,
+        "never over capacity: A {a} B {b}; {each:#?}"
+    );
 
-    // The root leaves: another takes over with a higher epoch.
+    // The root leaves: another takes over with a higher epoch. (With a lease of two
+    // windows the root may have stepped down while the killed server's streams elected
+    // new leaders: wait for one.)
+    until(
+        "a root after the server's death",
+        &g,
+        |(_, _, _, roots, _)| roots == 1,
+    )
+    .await;
+    let epoch = totals(&g).4;
     let root = g
         .iter()
         .position(|x| x.status.borrow().role == Role::Root)

@@ -13,11 +13,20 @@
 //! two plans never mix inside one window.
 //!
 //! What a node enforces in window `v` ([`Node::enforce`]): the quota for `v` (fresh), or
-//! failing that the lesser of the ones for `v − 1` and before (stale by one); after [`PARENT_SILENT_WINDOWS`]
+//! failing that the one for `v − 1` (stale by one; the lesser of it and the plan before
+//! while the shell reports the engine failing, [`Node::engine_failed`]); after
+//! [`PARENT_SILENT_WINDOWS`]
 //! without a quota, its share of the mandatory-only plan (fallback: the planner's plan
 //! when every principal asks for its guarantee, split like the quotas, so the shares of
 //! all gateways never sum above capacity). A quota of a lower epoch than the highest seen,
 //! or older than [`STALE_WINDOWS`], is never enforced.
+//!
+//! Messages are at most once, and a lost one is stood in for by the sender's previous one
+//! (a child's last report, the last quota held): exact while demand is steady, wrong just
+//! after a step, when a loss costs the most. So a report or quotas message that moved by
+//! more than [`REPEAT_CHANGE`] from the sender's previous one is sent twice (both copies
+//! in the step's [`Outgoing`]), and a second copy is taken as nothing new. At 10 000
+//! gateways this costs the root a handful of messages a second.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -39,8 +48,19 @@ pub const CHILD_SILENT_WINDOWS: u64 = 2;
 /// Quotas are split a hair under proportion so round-off never hands down more than
 /// was received.
 const SPLIT_MARGIN: f64 = 1.0 - 1e-12;
+/// After the engine fails ([`Node::engine_failed`]), windows (counted from the failure's)
+/// in which a stale quota is the lesser of the last two plans: one for the failure's own
+/// messages, [`LEAD_WINDOWS`] for the plans made from demand reported across it.
+pub const ENGINE_FAILED_WINDOWS: u64 = LEAD_WINDOWS + 1;
 /// Report breakdowns kept to split a late quota with the figures it was computed from.
 const BREAKDOWNS_KEPT: usize = 4;
+/// A lost message is stood in for by the sender's previous one (a child's last report, the
+/// last quota held). A message that differs from the sender's previous one by more than
+/// this fraction of the larger figure, in any principal, would be stood in for badly, so
+/// it is sent twice ([`Outgoing`] holds it twice): a unitless fraction. Messages that
+/// barely move (steady demand) are sent once, so repeats cost messages only when the
+/// demand or the plan moves.
+pub const REPEAT_CHANGE: f64 = 0.1;
 
 /// Demand of a subtree, sent up once a window.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -188,8 +208,16 @@ pub struct Node {
     /// This node's share of the mandatory-only plan, from the last quota received.
     fallback_share: Option<Vec<f64>>,
     fallback_since: Option<u64>,
+    /// The last window in which the shell saw the engine fail (an error, a reconnect).
+    engine_failed: Option<u64>,
     /// The whole cluster's demand behind the last plan made or received.
     global_demand: Vec<f64>,
+    /// The demand of the last report sent up, to tell whether the next one moved.
+    last_report_sent: Option<Vec<f64>>,
+    /// The parts of the last quotas sent down, to tell whether the next ones moved.
+    last_parts_sent: Option<Vec<QuotaPart>>,
+    /// Sender, epoch and target window of the last quotas taken, to know a repeat.
+    last_quotas_taken: Option<(String, u64, u64)>,
 }
 
 /// The mandatory-only plan: what the planner gives when every principal asks for exactly
@@ -209,6 +237,27 @@ fn add(into: &mut [f64], from: &[f64]) {
     for (a, b) in into.iter_mut().zip(from) {
         *a += b;
     }
+}
+
+/// True when `new` would be stood in for badly by `old`: some figure differs by more than
+/// [`REPEAT_CHANGE`] of the larger of the two, or the lengths differ.
+fn moved(old: &[f64], new: &[f64]) -> bool {
+    old.len() != new.len()
+        || old
+            .iter()
+            .zip(new)
+            .any(|(a, b)| (a - b).abs() > REPEAT_CHANGE * a.abs().max(b.abs()))
+}
+
+/// True when quotas `new` would be stood in for badly by `old`: a child added or left
+/// out, or one child's quota or fallback [`moved`].
+fn parts_moved(old: &[QuotaPart], new: &[QuotaPart]) -> bool {
+    old.len() != new.len()
+        || new.iter().any(|n| {
+            old.iter().find(|o| o.to == n.to).is_none_or(|o| {
+                moved(&o.units, &n.units) || moved(&o.fallback_units, &n.fallback_units)
+            })
+        })
 }
 
 /// `total · weight / sum` per principal, a hair under, zero where `sum` is zero.
@@ -246,7 +295,11 @@ impl Node {
             held: VecDeque::new(),
             fallback_share: None,
             fallback_since: None,
+            engine_failed: None,
             global_demand: Vec::new(),
+            last_report_sent: None,
+            last_parts_sent: None,
+            last_quotas_taken: None,
         }
     }
 
@@ -311,6 +364,10 @@ impl Node {
             .map(|p| p.children.clone())
             .unwrap_or_default();
         self.reports.retain(|name, _| children.contains(name));
+        // A new parent or new children hold no stand-in from this node: its next
+        // messages count as moved.
+        self.last_report_sent = None;
+        self.last_parts_sent = None;
         true
     }
 
@@ -319,6 +376,8 @@ impl Node {
         self.position = None;
         self.reports.clear();
         self.pending = None;
+        self.last_report_sent = None;
+        self.last_parts_sent = None;
     }
 
     /// Window `window` has closed with `local_demand` (units per principal) at this
@@ -371,12 +430,14 @@ impl Node {
         if !well_formed(&report.demand, self.principals) {
             return Err(Ignored::Malformed);
         }
-        if self
-            .reports
-            .get(&report.from)
-            .is_some_and(|r| r.window >= report.window)
-        {
-            return Err(Ignored::Old);
+        if let Some(r) = self.reports.get(&report.from) {
+            // The second copy of a report already counted: nothing new.
+            if r.window == report.window && r.demand == report.demand {
+                return Ok(Vec::new());
+            }
+            if r.window >= report.window {
+                return Err(Ignored::Old);
+            }
         }
         self.reports.insert(
             report.from,
@@ -420,15 +481,30 @@ impl Node {
             self.breakdowns.pop_front();
         }
         match position.parent {
-            Some(parent) => vec![Outgoing::Report {
-                to: parent,
-                report: Report {
-                    epoch: self.epoch,
-                    window,
-                    from: self.name.clone(),
-                    demand: total,
-                },
-            }],
+            Some(parent) => {
+                // Sent twice when the parent's stand-in (this node's previous report)
+                // would be off: a loss then costs the plan the most.
+                let copies = if self
+                    .last_report_sent
+                    .as_ref()
+                    .is_none_or(|old| moved(old, &total))
+                {
+                    2
+                } else {
+                    1
+                };
+                self.last_report_sent = Some(total.clone());
+                let out = Outgoing::Report {
+                    to: parent,
+                    report: Report {
+                        epoch: self.epoch,
+                        window,
+                        from: self.name.clone(),
+                        demand: total,
+                    },
+                };
+                vec![out; copies]
+            }
             None => {
                 self.global_demand = total.clone();
                 let units = self
@@ -438,21 +514,20 @@ impl Node {
                     .unwrap_or_else(|_| self.mandatory_plan.clone());
                 let fallback = self.mandatory_plan.clone();
                 self.split(window, window + LEAD_WINDOWS, &units, &fallback)
-                    .into_iter()
-                    .collect()
             }
         }
     }
 
     /// Splits a subtree's quota (and its fallback) by the demand reported for `window`:
-    /// holds this node's part and returns the message for the children, if any.
+    /// holds this node's part and returns the message for the children, if any (twice
+    /// when it moved).
     fn split(
         &mut self,
         window: u64,
         target_window: u64,
         units: &[f64],
         fallback: &[f64],
-    ) -> Option<Outgoing> {
+    ) -> Vec<Outgoing> {
         let breakdown = self
             .breakdowns
             .iter()
@@ -493,16 +568,29 @@ impl Node {
             ),
         };
         self.hold(target_window, own, own_fallback);
-        has_children.then(|| {
-            Outgoing::Quotas(Quotas {
-                epoch: self.epoch,
-                window,
-                target_window,
-                from: self.name.clone(),
-                parts,
-                demand: self.global_demand.clone(),
-            })
-        })
+        if !has_children {
+            return Vec::new();
+        }
+        // Sent twice when a child's stand-in (its previous quota) would be off.
+        let copies = if self
+            .last_parts_sent
+            .as_ref()
+            .is_none_or(|old| parts_moved(old, &parts))
+        {
+            2
+        } else {
+            1
+        };
+        self.last_parts_sent = Some(parts.clone());
+        let out = Outgoing::Quotas(Quotas {
+            epoch: self.epoch,
+            window,
+            target_window,
+            from: self.name.clone(),
+            parts,
+            demand: self.global_demand.clone(),
+        });
+        vec![out; copies]
     }
 
     fn hold(&mut self, target_window: u64, units: Vec<f64>, fallback: Vec<f64>) {
@@ -543,6 +631,16 @@ impl Node {
         {
             return Err(Ignored::Malformed);
         }
+        // The second copy of quotas already taken: nothing new, nothing to pass down.
+        if self
+            .last_quotas_taken
+            .as_ref()
+            .is_some_and(|(from, epoch, target)| {
+                *from == quotas.from && *epoch == quotas.epoch && *target == quotas.target_window
+            })
+        {
+            return Ok(Vec::new());
+        }
         if self
             .held
             .back()
@@ -560,10 +658,16 @@ impl Node {
             .find(|p| p.to == self.name)
             .map(|p| (p.units.clone(), p.fallback_units.clone()))
             .unwrap_or((zero.clone(), zero));
-        Ok(self
-            .split(quotas.window, quotas.target_window, &units, &fallback)
-            .into_iter()
-            .collect())
+        self.last_quotas_taken = Some((quotas.from.clone(), quotas.epoch, quotas.target_window));
+        Ok(self.split(quotas.window, quotas.target_window, &units, &fallback))
+    }
+
+    /// The shell saw the coordination engine fail in window `window` (an operation's
+    /// error, a lost connection): messages of this window and the next
+    /// [`ENGINE_FAILED_WINDOWS`] may have been lost together, so a quota stale in them
+    /// is the lesser of the last two plans held.
+    pub fn engine_failed(&mut self, window: u64) {
+        self.engine_failed = Some(self.engine_failed.map_or(window, |f| f.max(window)));
     }
 
     /// What this node admits in window `window` (call once, at the window's start).
@@ -577,11 +681,19 @@ impl Node {
             let age_windows = window - h.target_window;
             if age_windows < PARENT_SILENT_WINDOWS.min(STALE_WINDOWS + 1) {
                 self.fallback_since = None;
-                // Stale, the last plan may be an outlier the others have moved on from (a
-                // sibling dropped in it and back since): the lesser of it and the plan
-                // before, so a missed quota never enforces more than two plans agree on.
+                // Stale: the last plan stands in. A plan that moved from the one before
+                // was sent twice, so it is off by more than REPEAT_CHANGE only when
+                // both copies of this window's were lost, which independent losses
+                // rarely do. An engine failing loses messages together (every copy, for
+                // every gateway behind a server that went away), and the last plan may
+                // be an outlier the others have moved on from (a sibling dropped in it
+                // and back since): then the lesser of it and the plan before, so a
+                // missed quota never enforces more than two plans agree on.
                 let mut units = h.units.clone();
-                if age_windows > 0 {
+                let failing = self
+                    .engine_failed
+                    .is_some_and(|f| f + ENGINE_FAILED_WINDOWS >= window);
+                if age_windows > 0 && failing {
                     if let Some(before) = self
                         .held
                         .iter()

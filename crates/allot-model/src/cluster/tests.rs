@@ -239,10 +239,39 @@ fn the_root_plans_global_demand_and_each_gateway_gets_its_part_two_windows_later
 }
 
 #[test]
-fn a_stale_quota_is_the_lesser_of_the_last_two_plans() {
+fn a_stale_quota_is_the_last_plan_even_right_after_a_step() {
     let planner = two_tenants();
     let (shape, mut nodes) = tree(&names(2), "g00000", 4, &planner);
-    // g1's share of A: all of A's 10 in the first plan, half of it in the second.
+    // g1's share of A: half of A's 10 in the first plan, all of it after the step.
+    let first = |_: &str| vec![0.0, 20.0, 40.0];
+    let second = |name: &str| match name {
+        "g00001" => vec![0.0, 20.0, 40.0],
+        _ => vec![0.0, 0.0, 40.0],
+    };
+    run_window(&mut nodes, &shape, 1, &first, &mut || false);
+    run_window(&mut nodes, &shape, 2, &second, &mut || false);
+    let g1 = nodes.get_mut("g00001").expect("member");
+    assert!(near(g1.enforce(3).units[1], 5.0));
+    assert!(near(g1.enforce(4).units[1], 10.0));
+    // The quota for window 5 is lost: the plan after the step stands in, not the lesser
+    // of it and the plan before (that would undo the step for a window). A plan that
+    // moved was sent twice, so a stand-in is off by more than the repeat threshold only
+    // when both copies were lost.
+    let stale = g1.enforce(5);
+    assert_eq!(stale.source, Source::Stale { age_windows: 1 });
+    assert!(
+        near(stale.units[1], 10.0) && near(stale.units[2], 15.0),
+        "{:?}",
+        stale.units
+    );
+}
+
+#[test]
+fn while_the_engine_fails_a_stale_quota_is_the_lesser_of_the_last_two_plans() {
+    let planner = two_tenants();
+    let (shape, mut nodes) = tree(&names(2), "g00000", 4, &planner);
+    // g1's share of A: all of A's 10 in the first plan (the root's report was lost with
+    // the engine), half of it in the second.
     let first = |name: &str| match name {
         "g00001" => vec![0.0, 20.0, 40.0],
         _ => vec![0.0, 0.0, 40.0],
@@ -250,9 +279,15 @@ fn a_stale_quota_is_the_lesser_of_the_last_two_plans() {
     let second = |_: &str| vec![0.0, 20.0, 40.0];
     run_window(&mut nodes, &shape, 1, &first, &mut || false);
     run_window(&mut nodes, &shape, 2, &second, &mut || false);
-    let g1 = nodes.get_mut("g00001").expect("member");
+    let mut g1 = nodes.get("g00001").expect("member").clone();
     assert!(near(g1.enforce(3).units[1], 10.0));
     assert!(near(g1.enforce(4).units[1], 5.0));
+    // Without an engine failure the last plan stands in (independent losses).
+    let mut calm = g1.clone();
+    assert!(near(calm.enforce(5).units[1], 5.0));
+    // The engine failed in window 4: the quota for window 5 went missing with it, and
+    // the stand-in is the lesser of the last two plans, per principal.
+    g1.engine_failed(4);
     let stale = g1.enforce(5);
     assert_eq!(stale.source, Source::Stale { age_windows: 1 });
     assert!(
@@ -260,6 +295,135 @@ fn a_stale_quota_is_the_lesser_of_the_last_two_plans() {
         "{:?}",
         stale.units
     );
+    // The other way round: the outlier is the last plan (A all to g1 after the drop).
+    let (shape, mut nodes) = tree(&names(2), "g00000", 4, &planner);
+    run_window(&mut nodes, &shape, 1, &second, &mut || false);
+    run_window(&mut nodes, &shape, 2, &first, &mut || false);
+    let g1 = nodes.get_mut("g00001").expect("member");
+    assert!(near(g1.enforce(3).units[1], 5.0));
+    assert!(near(g1.enforce(4).units[1], 10.0));
+    // A failure more than ENGINE_FAILED_WINDOWS before: the last plan stands in.
+    let mut old = g1.clone();
+    old.engine_failed(5 - ENGINE_FAILED_WINDOWS - 1);
+    assert!(
+        near(old.enforce(5).units[1], 10.0),
+        "the failure is too old"
+    );
+    g1.engine_failed(3);
+    assert!(
+        near(g1.enforce(5).units[1], 5.0),
+        "the lesser, not the outlier"
+    );
+}
+
+#[test]
+fn a_report_or_quotas_that_moved_are_sent_twice_and_steady_ones_once() {
+    let planner = two_tenants();
+    let shape = Shape::new(&names(2), "g00000", 4).expect("valid");
+    let mut leaf = Node::new("g00001", Arc::clone(&planner));
+    let mut root = Node::new("g00000", Arc::clone(&planner));
+    assert!(leaf.reshape(1, &shape) && root.reshape(1, &shape));
+    // Per window: the leaf's demand of A (B asks 20), how many copies of its report go
+    // up, how many of the root's quotas come down, and A's quota in them.
+    for (window, a, report_copies, quota_copies, quota_a) in [
+        (1, 20.0, 2, 2, 20.0), // the first: no stand-in yet
+        (2, 20.0, 1, 1, 20.0), // steady
+        (3, 21.0, 1, 1, 20.0), // moved by 1/21 < REPEAT_CHANGE
+        (4, 30.0, 2, 1, 20.0), // the demand moved by 9/30, the plan did not
+        (5, 30.0, 1, 1, 20.0),
+        (6, 0.0, 2, 2, 0.0), // stopped: both moved
+        (7, 10.0, 2, 2, 10.0),
+    ] {
+        let out = leaf.close_window(window, &[0.0, a, 20.0]);
+        let (to, report, n) = one_report(&out);
+        assert_eq!(
+            (to.as_str(), report.window, n),
+            ("g00000", window, report_copies)
+        );
+        // Every copy arrives: the second is nothing new.
+        for i in 0..n {
+            assert_eq!(root.on_report(report.clone()), Ok(vec![]), "copy {i}");
+        }
+        let (q, n) = one_quotas(&root.close_window(window, &[0.0; 3]));
+        assert_eq!(q.target_window, window + LEAD_WINDOWS);
+        assert_eq!(n, quota_copies, "window {window}: {q:?}");
+        // The leaf takes the first copy and counts the second as nothing new.
+        for _ in 0..n {
+            assert_eq!(leaf.on_quotas(&q), Ok(vec![]));
+        }
+        let e = leaf.enforce(q.target_window);
+        assert_eq!(e.source, Source::Fresh);
+        assert!(near(e.units[1], quota_a), "window {window}: {:?}", e.units);
+    }
+}
+
+#[test]
+fn an_aggregator_passes_its_parents_quotas_down_once_per_copy_taken() {
+    let planner = two_tenants();
+    // Fan-out 2: g00000 is the root, g00001 an aggregator over g00002 and g00003.
+    let shape = Shape::new(&names(4), "g00000", 2).expect("valid");
+    let mut agg = Node::new("g00001", Arc::clone(&planner));
+    assert!(agg.reshape(1, &shape));
+    let report = |from: &str| Report {
+        epoch: 1,
+        window: 1,
+        from: from.into(),
+        demand: vec![0.0, 10.0, 10.0],
+    };
+    agg.close_window(1, &[0.0; 3]);
+    assert_eq!(agg.on_report(report("g00002")), Ok(vec![]));
+    let up = agg.on_report(report("g00003")).expect("a child's report");
+    assert_eq!(one_report(&up).2, 2);
+    let q = Quotas {
+        epoch: 1,
+        window: 1,
+        target_window: 3,
+        from: "g00000".into(),
+        parts: vec![QuotaPart {
+            to: "g00001".into(),
+            units: vec![0.0, 8.0, 12.0],
+            fallback_units: vec![0.0, 4.0, 12.0],
+        }],
+        demand: vec![],
+    };
+    // The first copy is split for the children (twice: the first quotas they get); the
+    // second copy changes nothing and sends nothing.
+    let (down, copies) = one_quotas(&agg.on_quotas(&q).expect("from the parent"));
+    assert_eq!(copies, 2);
+    assert_eq!(down.parts.len(), 2);
+    assert!(near(down.parts[0].units[1], 4.0) && near(down.parts[1].units[2], 6.0));
+    assert_eq!(agg.on_quotas(&q), Ok(vec![]));
+}
+
+#[test]
+fn with_one_copy_of_each_message_lost_the_plan_still_sees_the_step() {
+    let planner = two_tenants();
+    let members = names(2);
+    let (shape, mut nodes) = tree(&members, "g00000", 2, &planner);
+    let before = |_: &str| vec![0.0, 2.0, 8.0];
+    let after = |_: &str| vec![0.0, 8.0, 0.0];
+    for w in 1..4 {
+        run_window(&mut nodes, &shape, w, &before, &mut || false);
+    }
+    // The step: every other delivery is lost, so of the leaf's report and of the root's
+    // quotas (each sent twice, since they moved) exactly one copy arrives. Sent once,
+    // the report would have been lost and stood in for by the one before (A 2, B 8),
+    // and the leaf would get A 2, not 8.
+    let mut flip = false;
+    let mut lose = || {
+        flip = !flip;
+        flip
+    };
+    run_window(&mut nodes, &shape, 4, &after, &mut lose);
+    // A alone asks 8 per gateway: each gateway gets its 8.
+    for name in &members {
+        let e = nodes
+            .get_mut(name)
+            .expect("member")
+            .enforce(4 + LEAD_WINDOWS);
+        assert_eq!(e.source, Source::Fresh, "{name}");
+        assert!(near(e.units[1], 8.0), "{name}: {:?}", e.units);
+    }
 }
 
 #[test]
@@ -273,6 +437,43 @@ fn a_gateway_never_told_its_share_falls_back_to_an_equal_part_of_the_guarantees(
         "{:?}",
         e.units
     );
+}
+
+/// The one report in `out`, sent `copies` times (every copy the same).
+fn one_report(out: &[Outgoing]) -> (String, Report, usize) {
+    let reports: Vec<(&String, &Report)> = out
+        .iter()
+        .filter_map(|o| match o {
+            Outgoing::Report { to, report } => Some((to, report)),
+            Outgoing::Quotas(_) => None,
+        })
+        .collect();
+    assert_eq!(reports.len(), out.len(), "only reports: {out:?}");
+    let Some(&(to, first)) = reports.first() else {
+        panic!("no report: {out:?}");
+    };
+    assert!(
+        reports.iter().all(|(t, r)| *t == to && *r == first),
+        "copies differ: {out:?}"
+    );
+    (to.clone(), first.clone(), reports.len())
+}
+
+/// The one quotas message in `out`, sent `copies` times (every copy the same).
+fn one_quotas(out: &[Outgoing]) -> (Quotas, usize) {
+    let all: Vec<&Quotas> = out
+        .iter()
+        .filter_map(|o| match o {
+            Outgoing::Quotas(q) => Some(q),
+            Outgoing::Report { .. } => None,
+        })
+        .collect();
+    assert_eq!(all.len(), out.len(), "only quotas: {out:?}");
+    let Some(&first) = all.first() else {
+        panic!("no quotas: {out:?}");
+    };
+    assert!(all.iter().all(|q| *q == first), "copies differ: {out:?}");
+    (first.clone(), all.len())
 }
 
 #[test]
@@ -301,26 +502,22 @@ fn an_aggregator_waits_for_its_children_then_reports_their_sum() {
     let out = node
         .on_report(report("g00003", 3, 8.0))
         .expect("a child's report");
-    let [Outgoing::Report { to, report: up }] = out.as_slice() else {
-        panic!("one report up: {out:?}");
-    };
-    assert_eq!(to, "g00000");
+    // The first report has no stand-in at the parent: it is sent twice.
+    let (to, up, copies) = one_report(&out);
+    assert_eq!((to.as_str(), copies), ("g00000", 2));
     assert_eq!(up.demand, vec![0.0, 13.0, 2.0]);
     // Next window g00003 is silent: at the deadline its last report stands in.
     assert!(node.close_window(4, &[0.0, 1.0, 0.0]).is_empty());
     assert_eq!(node.on_report(report("g00002", 4, 4.0)), Ok(vec![]));
     let out = node.deadline(4);
-    let [Outgoing::Report { report: up, .. }] = out.as_slice() else {
-        panic!("one report up: {out:?}");
-    };
+    let (_, up, copies) = one_report(&out);
     assert_eq!(up.demand, vec![0.0, 13.0, 0.0]);
+    assert_eq!(copies, 2, "B went from 2 to 0: moved");
     // Silent a second window: its demand is dropped.
     node.close_window(5, &[0.0, 1.0, 0.0]);
     assert_eq!(node.on_report(report("g00002", 5, 4.0)), Ok(vec![]));
     let out = node.deadline(5);
-    let [Outgoing::Report { report: up, .. }] = out.as_slice() else {
-        panic!("one report up: {out:?}");
-    };
+    let (_, up, _) = one_report(&out);
     assert_eq!(up.demand, vec![0.0, 5.0, 0.0]);
     assert!(node.deadline(5).is_empty(), "one report per window");
 }
@@ -361,8 +558,14 @@ fn messages_from_outside_the_tree_or_lower_epochs_or_malformed_are_ignored() {
         Err(Ignored::Malformed)
     );
     assert!(root.on_report(report("g00001", 1, vec![0.0; 3])).is_ok());
+    // The second copy of the same report is taken as nothing new; another report of
+    // the same window is old.
     assert_eq!(
         root.on_report(report("g00001", 1, vec![0.0; 3])),
+        Ok(vec![])
+    );
+    assert_eq!(
+        root.on_report(report("g00001", 1, vec![0.0, 1.0, 0.0])),
         Err(Ignored::Old)
     );
     // A quota from a root of a lower epoch is never obeyed.
@@ -401,13 +604,20 @@ fn a_new_epoch_drops_the_quotas_of_the_old_root() {
 #[test]
 fn a_child_left_out_by_its_parent_gets_zero_and_passes_zero_down() {
     let planner = two_tenants();
-    let members = names(3);
-    let shape = Shape::new(&members, "g00000", 2).expect("valid");
-    let agg = shape.positions()[1].clone();
-    let mut node = Node::new(agg.name.clone(), Arc::clone(&planner));
+    // Fan-out 2: g00001 is an aggregator over g00002 and g00003.
+    let shape = Shape::new(&names(4), "g00000", 2).expect("valid");
+    let mut node = Node::new("g00001", Arc::clone(&planner));
     node.reshape(1, &shape);
-    node.close_window(1, &[0.0, 5.0, 5.0]);
-    node.deadline(1);
+    for child in ["g00002", "g00003"] {
+        let report = Report {
+            epoch: 1,
+            window: 1,
+            from: child.into(),
+            demand: vec![0.0, 5.0, 5.0],
+        };
+        assert_eq!(node.on_report(report), Ok(vec![]));
+    }
+    assert_eq!(one_report(&node.close_window(1, &[0.0, 5.0, 5.0])).2, 2);
     let out = node
         .on_quotas(&Quotas {
             epoch: 1,
@@ -419,9 +629,9 @@ fn a_child_left_out_by_its_parent_gets_zero_and_passes_zero_down() {
         })
         .expect("from the parent");
     assert_eq!(node.enforce(3).units, vec![0.0; 3]);
-    if let [Outgoing::Quotas(q)] = out.as_slice() {
-        assert!(q.parts.iter().all(|p| p.units.iter().all(|u| *u == 0.0)));
-    }
+    let (q, _) = one_quotas(&out);
+    assert_eq!(q.parts.len(), 2);
+    assert!(q.parts.iter().all(|p| p.units.iter().all(|u| *u == 0.0)));
 }
 
 proptest! {

@@ -622,6 +622,25 @@ fn poll_head(
     }
 }
 
+/// Whether the client has gone (closed its connection, or it broke) while its request
+/// is served; arranges a wake-up when it does otherwise. Only once the request body is
+/// all read: until then a close is the body reader's to find. What a client sends
+/// meanwhile (a pipelined request) waits in the buffer, up to `limit` bytes.
+fn poll_gone(shared: &Mutex<Inbound>, cx: &mut Context<'_>, limit: usize) -> bool {
+    let mut inb = lock(shared);
+    if inb.body != Inbody::Done {
+        return false;
+    }
+    while inb.buf.len() < limit {
+        match inb.poll_read_more(cx) {
+            Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return true,
+            Poll::Ready(Ok(_)) => {}
+            Poll::Pending => return false,
+        }
+    }
+    false
+}
+
 /// Writes all of `bytes` to the client (after what is left of an owed `100 Continue`).
 async fn write_all(shared: &Mutex<Inbound>, bytes: &[u8]) -> io::Result<()> {
     let mut written = 0;
@@ -722,17 +741,26 @@ pub(crate) async fn serve(
         let head_request = req.method() == Method::HEAD;
         let version = req.version();
         let req = req.map(|()| client_body);
-        let resp = match super::handle(
+        let handling = super::handle(
             Arc::clone(&live),
             listener,
             Arc::clone(&peer),
             state.clone(),
             req,
-        )
-        .await
-        {
-            Ok(resp) => resp,
-            Err(never) => match never {},
+        );
+        let mut handling = std::pin::pin!(handling);
+        // A client that leaves while its request waits or is served ends it, and
+        // everything it holds goes back.
+        let handled = std::future::poll_fn(|cx| match handling.as_mut().poll(cx) {
+            Poll::Ready(r) => Poll::Ready(Some(r)),
+            Poll::Pending if poll_gone(&shared, cx, limits.max_head_bytes) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        })
+        .await;
+        let resp = match handled {
+            Some(Ok(resp)) => resp,
+            Some(Err(never)) => match never {},
+            None => return Ok(()),
         };
         if !stopped && stopping.as_mut().poll(&mut noop_cx()).is_ready() {
             stopped = true;
@@ -742,7 +770,7 @@ pub(crate) async fn serve(
             http10: version == Version::HTTP_10,
             keep_alive: keep_alive && !stopped,
         };
-        let clean = respond(&shared, &mut out, reply, resp).await?;
+        let clean = respond(&shared, &mut out, reply, resp, limits.max_head_bytes).await?;
         if !clean {
             shutdown(&shared).await;
             return Ok(());
@@ -789,6 +817,7 @@ async fn respond(
     out: &mut BytesMut,
     reply: Reply,
     resp: http::Response<GatewayBody>,
+    limit: usize,
 ) -> io::Result<bool> {
     let (parts, body) = resp.into_parts();
     out.clear();
@@ -817,7 +846,17 @@ async fn respond(
                     write_all(shared, out).await?;
                     out.clear();
                 }
-                std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await
+                let waited = std::future::poll_fn(|cx| match body.as_mut().poll_frame(cx) {
+                    Poll::Ready(f) => Poll::Ready(Some(f)),
+                    Poll::Pending if poll_gone(shared, cx, limit) => Poll::Ready(None),
+                    Poll::Pending => Poll::Pending,
+                })
+                .await;
+                match waited {
+                    Some(f) => f,
+                    // The client left mid-body.
+                    None => return Ok(false),
+                }
             }
         };
         let data = match frame {

@@ -16,8 +16,8 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, Waker};
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -39,10 +39,6 @@ struct Shared {
     responses_done: AtomicU32,
     /// The client left a response unread past the send timeout.
     send_timed_out: AtomicBool,
-    /// The socket's reader, parked while a request is served: woken when the response is
-    /// over so that the idle timeout starts then (nothing else may wake it, and a
-    /// keep-alive connection would be held open for ever).
-    reader: Mutex<Option<Waker>>,
 }
 
 impl ConnState {
@@ -55,25 +51,6 @@ impl ConnState {
     pub fn response_done(&self) {
         self.0.in_request.store(false, Relaxed);
         self.0.responses_done.fetch_add(1, Relaxed);
-        let parked = match self.0.reader.lock() {
-            Ok(mut w) => w.take(),
-            Err(poisoned) => poisoned.into_inner().take(),
-        };
-        if let Some(w) = parked {
-            w.wake();
-        }
-    }
-
-    /// The reader waits while a request is served: `response_done` wakes it.
-    fn park_reader(&self, cx: &Context<'_>) {
-        let mut w = match self.0.reader.lock() {
-            Ok(w) => w,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        match w.as_ref() {
-            Some(old) if old.will_wake(cx.waker()) => {}
-            _ => *w = Some(cx.waker().clone()),
-        }
     }
 
     /// Whether the connection was cut off because the client stopped reading.
@@ -278,14 +255,9 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for TimedIo<T> {
             Phase::Idle(since) if this.fresh => since + this.timeouts.first_byte,
             Phase::Idle(since) => since + this.timeouts.idle,
             Phase::Head(deadline) => deadline,
-            Phase::Busy => {
-                this.state.park_reader(cx);
-                // The response may have ended between the check above and parking.
-                if !this.state.0.in_request.load(Relaxed) {
-                    cx.waker().wake_by_ref();
-                }
-                return Poll::Pending;
-            }
+            // Untimed here: the connection reads its next head once the response is
+            // over, and the idle timeout starts then.
+            Phase::Busy => return Poll::Pending,
             Phase::Linger(_) => return Poll::Pending,
         };
         if !this.armed || this.timer.deadline() > deadline {

@@ -454,6 +454,10 @@ fn content_length(value: &[u8]) -> Option<u64> {
     std::str::from_utf8(value).ok()?.parse().ok()
 }
 
+/// A header field's name and value, as offsets into its head: `(name start, name end,
+/// value start, value end)`. Heads are far smaller than 4 GiB.
+type Span = (u32, u32, u32, u32);
+
 /// A whole request head at the start of `buf`, taken out of it; `None` when more bytes
 /// are needed.
 fn parse_head(buf: &mut BytesMut, limits: Limits) -> Result<Option<Parsed>, HeadError> {
@@ -502,12 +506,22 @@ fn parse_head(buf: &mut BytesMut, limits: Limits) -> Result<Option<Parsed>, Head
     let count = req.headers.len();
     // Names and values point into the head's bytes: keep their offsets, then share the
     // bytes.
-    let mut spans = Vec::with_capacity(count);
-    for h in req.headers.iter() {
-        let n = h.name.as_ptr() as usize - base;
-        let v = h.value.as_ptr() as usize - base;
-        spans.push((n, n + h.name.len(), v, v + h.value.len()));
+    let mut stack_spans = [const { MaybeUninit::<Span>::uninit() }; STACK_HEADERS];
+    let mut heap_spans;
+    let spans: &mut [MaybeUninit<Span>] = if count <= STACK_HEADERS {
+        &mut stack_spans[..count]
+    } else {
+        heap_spans = Vec::with_capacity(count);
+        heap_spans.resize_with(count, MaybeUninit::uninit);
+        &mut heap_spans[..]
+    };
+    for (slot, h) in spans.iter_mut().zip(req.headers.iter()) {
+        let n = (h.name.as_ptr() as usize - base) as u32;
+        let v = (h.value.as_ptr() as usize - base) as u32;
+        slot.write((n, n + h.name.len() as u32, v, v + h.value.len() as u32));
     }
+    // SAFETY: every one of the `count` slots was written just above.
+    let spans: &[Span] = unsafe { &*(spans as *const [MaybeUninit<Span>] as *const [Span]) };
     let head = buf.split_to(len).freeze();
     let uri = http::Uri::from_maybe_shared(head.slice(path_span.0..path_span.1))
         .map_err(|_| bad("malformed request target"))?;
@@ -516,7 +530,8 @@ fn parse_head(buf: &mut BytesMut, limits: Limits) -> Result<Option<Parsed>, Head
     let mut closed = false;
     let mut expect_continue = false;
     let (mut length, mut chunked, mut te, mut cl) = (None, false, false, false);
-    for &(n0, n1, v0, v1) in &spans {
+    for &(n0, n1, v0, v1) in spans {
+        let (n0, n1, v0, v1) = (n0 as usize, n1 as usize, v0 as usize, v1 as usize);
         let name =
             HeaderName::from_bytes(&head[n0..n1]).map_err(|_| bad("malformed header name"))?;
         let value = HeaderValue::from_maybe_shared(head.slice(v0..v1))

@@ -464,8 +464,7 @@ fn parse_head(buf: &mut BytesMut, limits: Limits) -> Result<Option<Parsed>, Head
     let bad = |why| HeadError::Refuse(StatusCode::BAD_REQUEST, why);
     let mut stack = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; STACK_HEADERS];
     let mut heap;
-    let slots: &mut [MaybeUninit<httparse::Header<'_>>] = if limits.max_headers <= STACK_HEADERS
-    {
+    let slots: &mut [MaybeUninit<httparse::Header<'_>>] = if limits.max_headers <= STACK_HEADERS {
         &mut stack[..limits.max_headers]
     } else {
         heap = Vec::with_capacity(limits.max_headers);
@@ -939,8 +938,12 @@ fn encode_head(
     out: &mut BytesMut,
 ) -> (Outbody, bool) {
     let status = parts.status;
-    let mut keep_alive =
-        reply.keep_alive && !parts.headers.get_all(header::CONNECTION).iter().any(|v| lists(v.as_bytes(), b"close"));
+    let mut keep_alive = reply.keep_alive
+        && !parts
+            .headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .any(|v| lists(v.as_bytes(), b"close"));
     let bodiless_status = status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED;
@@ -1072,8 +1075,8 @@ mod date {
     pub(super) fn format(secs: u64) -> Text {
         const DAYS: [&[u8; 3]; 7] = [b"Thu", b"Fri", b"Sat", b"Sun", b"Mon", b"Tue", b"Wed"];
         const MONTHS: [&[u8; 3]; 12] = [
-            b"Jan", b"Feb", b"Mar", b"Apr", b"May", b"Jun", b"Jul", b"Aug", b"Sep", b"Oct",
-            b"Nov", b"Dec",
+            b"Jan", b"Feb", b"Mar", b"Apr", b"May", b"Jun", b"Jul", b"Aug", b"Sep", b"Oct", b"Nov",
+            b"Dec",
         ];
         let days = secs / 86_400;
         let rem = secs % 86_400;
@@ -1157,24 +1160,42 @@ mod tests {
         assert!(!p.keep_alive);
         assert!(p.req.headers().get(header::CONTENT_LENGTH).is_none());
         let cases: [(&[u8], u16); 9] = [
-            (b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", 400),
+            (
+                b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+                400,
+            ),
             (b"POST / HTTP/1.1\r\nContent-Length: +1\r\n\r\n", 400),
             (b"POST / HTTP/1.1\r\nContent-Length: 1, 1\r\n\r\n", 400),
             (b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n", 400),
-            (b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+            (
+                b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
+                400,
+            ),
             (b"GET / HTTP/1.1\r\nX: a\r\n b\r\n\r\n", 400),
             (b"GET / HTTP/1.1\r\nX: a\0b\r\n\r\n", 400),
             (b"GET / HTTP/1.1\r\nX : a\r\n\r\n", 400),
             (b"GET / HTTP/2.0\r\n\r\n", 400),
         ];
         for (raw, want) in cases {
-            assert_eq!(status(raw), Some(want), "{:?}", String::from_utf8_lossy(raw));
+            assert_eq!(
+                status(raw),
+                Some(want),
+                "{:?}",
+                String::from_utf8_lossy(raw)
+            );
         }
         let p = parse(b"POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\n")
             .unwrap()
             .unwrap();
         assert_eq!(p.body, Inbody::Length(3));
-        assert_eq!(p.req.headers().get_all(header::CONTENT_LENGTH).iter().count(), 1);
+        assert_eq!(
+            p.req
+                .headers()
+                .get_all(header::CONTENT_LENGTH)
+                .iter()
+                .count(),
+            1
+        );
     }
 
     #[test]
@@ -1231,6 +1252,10 @@ mod tests {
         ] {
             assert!(decode(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
         }
-        assert_eq!(decode(b"ffffffffffffffff\r\nab"), Err("more"), "16 digits are taken");
+        assert_eq!(
+            decode(b"ffffffffffffffff\r\nab"),
+            Err("more"),
+            "16 digits are taken"
+        );
     }
 }

@@ -915,7 +915,6 @@ async fn respond(
             out.clear();
         }
     }
-    drop(body);
     let complete = match framing {
         Outbody::Length(_) => left == 0,
         Outbody::Chunked => {

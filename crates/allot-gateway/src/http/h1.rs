@@ -1020,7 +1020,7 @@ fn encode_head(
 
 /// The answer to a head the connection cannot serve; the connection closes after it.
 fn refusal(status: StatusCode, why: &str, out: &mut BytesMut) {
-    let text = format!("allot: bad request: {why}\n");
+    let text = format!("allot: {why} ({})\n", status.as_str());
     let _ = std::fmt::Write::write_fmt(
         out,
         format_args!(

@@ -367,7 +367,7 @@ impl ClientBody {
 /// Why the client's request body could not be read.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-pub struct ClientBodyError(pub String);
+pub struct ClientBodyError(String);
 
 impl Body for ClientBody {
     type Data = Bytes;

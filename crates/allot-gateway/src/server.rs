@@ -123,7 +123,7 @@ pub async fn run(
 ) -> Result<(), ServeError> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let (force_tx, force_rx) = watch::channel(false);
-    let http_graceful = Arc::new(GracefulShutdown::new());
+    let http_drain = Arc::new(TcpDrain::default());
     let admin_graceful = Arc::new(GracefulShutdown::new());
     let tcp = Arc::new(TcpDrain::default());
     // One budget of descriptors for every listener's clients.
@@ -148,9 +148,9 @@ pub async fn run(
         let (gw, stop) = (gw.clone(), stop_rx.clone());
         let task = match l.config.protocol {
             Protocol::Http => {
-                let graceful = Arc::clone(&http_graceful);
+                let drain = Arc::clone(&http_drain);
                 tasks.spawn(async move {
-                    serve_http(gw, index, name, listener, slots, graceful, stop).await
+                    serve_http(gw, index, name, listener, slots, drain, stop).await
                 })
             }
             Protocol::Tcp | Protocol::Ftp => {
@@ -198,14 +198,9 @@ pub async fn run(
     }
     let grace = gw.shutdown_grace();
     let drained = tokio::time::timeout(grace, async {
-        let http = Arc::try_unwrap(http_graceful).ok();
         let admin = Arc::try_unwrap(admin_graceful).ok();
         tokio::join!(
-            async {
-                if let Some(g) = http {
-                    g.shutdown().await
-                }
-            },
+            http_drain.idle(),
             async {
                 if let Some(g) = admin {
                     g.shutdown().await
@@ -263,7 +258,8 @@ impl Slots {
     }
 }
 
-/// TCP connections in service, for the shutdown to wait on.
+/// Client connections in service (of the HTTP or of the TCP listeners), for the shutdown
+/// to wait on.
 #[derive(Default)]
 struct TcpDrain {
     active: std::sync::atomic::AtomicUsize,
@@ -282,7 +278,7 @@ impl TcpDrain {
     }
 }
 
-/// Counts one TCP connection in service while alive.
+/// Counts one client connection in service while alive.
 struct Draining(Arc<TcpDrain>);
 
 impl Draining {
@@ -404,7 +400,7 @@ async fn serve_http(
     name: &'static str,
     listener: TcpListener,
     slots: Slots,
-    graceful: Arc<GracefulShutdown>,
+    drain: Arc<TcpDrain>,
     stop: watch::Receiver<bool>,
 ) -> io::Result<()> {
     let local = listener.local_addr()?;
@@ -414,7 +410,9 @@ async fn serve_http(
         Box::pin(async move { slots.acquire().await })
             as std::pin::Pin<Box<dyn Future<Output = _> + Send>>
     };
+    let connections_stop = stop.clone();
     accept_loop(listener, name, acquire, stop, move |stream, peer, slot| {
+        let stop = &connections_stop;
         let _ = stream.set_nodelay(true);
         let live = Arc::clone(gw.live());
         live.connections.fetch_add(1, Relaxed);
@@ -431,41 +429,24 @@ async fn serve_http(
             idle: Duration::from_millis(l.idle_timeout_ms()),
             send: Duration::from_millis(l.send_timeout_ms),
         };
-        let (max_head, max_headers, max_uri) = (l.max_head_bytes, l.max_headers, l.max_uri_bytes);
+        let limits = crate::http::h1::Limits {
+            // At least 8 KiB, as hyper, which served clients before, took.
+            max_head_bytes: l.max_head_bytes.max(8192),
+            max_headers: l.max_headers,
+        };
+        let max_uri = l.max_uri_bytes;
         drop(rt);
         let state = ConnState::default();
-        let io = TokioIo::new(TimedIo::new(stream, state.clone(), timeouts, max_uri));
+        let io = TimedIo::new(stream, state.clone(), timeouts, max_uri);
         let client = Arc::new(Peer::new(peer, local));
-        let svc = service_fn(move |req| {
-            crate::http::handle(
-                Arc::clone(&live),
-                index,
-                Arc::clone(&client),
-                state.clone(),
-                req,
-            )
-        });
-        let mut builder = http1::Builder::new();
-        builder
-            .timer(TokioTimer::new())
-            // TimedIo times heads (with a 408); hyper's own timer would arm and drop a
-            // sleep on every request of a keep-alive connection.
-            .header_read_timeout(None)
-            // Heads and small bodies go out in one buffer and one write.
-            .writev(false)
-            .keep_alive(true)
-            // hyper answers 431 past this; it needs at least 8 KiB.
-            .max_buf_size(max_head.max(8192));
-        if max_headers != 100 {
-            // hyper's default; any other value costs an allocation per request.
-            builder.max_headers(max_headers);
-        }
-        let conn = graceful.watch(builder.serve_connection(io, svc));
+        let draining = Draining::new(&drain);
+        let stop = stop.clone();
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            let served = crate::http::h1::serve(io, state, live, index, client, limits, stop).await;
+            if let Err(e) = served {
                 tracing::debug!(%peer, error = %e, "client connection ended");
             }
-            drop((slot, open));
+            drop((slot, open, draining));
         });
     })
     .await

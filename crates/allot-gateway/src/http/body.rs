@@ -249,7 +249,7 @@ impl Drop for Proxied {
         if self.held.is_none() {
             return;
         }
-        // Either hyper saw the end from the size hint and never polled for it (clean), or
+        // Either the connection saw the end from the size hint and never polled for it (clean), or
         // the client's connection ended mid-body: it stopped reading, or went away.
         if self.inner.is_end_stream() && self.shaped.is_none() {
             self.finish(None);

@@ -4,11 +4,11 @@
 //! timeout, and a client that stops reading its response is cut off after the send
 //! timeout (so a slot is never held by a client that does not read).
 //!
-//! hyper's own header timeout closes the connection without a word; clients and
-//! operators expect nginx's 408, so the timing lives here, around the socket.
+//! Clients and operators expect nginx's 408 for a head that does not come in time, so
+//! the timing lives here, around the socket, under the connection's codec (`http::h1`).
 //!
 //! The socket also reads the request line as it arrives: a request target longer than the
-//! listener's limit gets 414 here, before hyper would have buffered the whole head (and
+//! listener's limit gets 414 here, before the codec would have buffered the whole head (and
 //! answered 431 for a head too large). The rest of what the client sends is then read and
 //! dropped until it stops or the head timeout passes, so the 414 reaches it rather than
 //! a reset.
@@ -16,8 +16,8 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, Waker};
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -39,10 +39,6 @@ struct Shared {
     responses_done: AtomicU32,
     /// The client left a response unread past the send timeout.
     send_timed_out: AtomicBool,
-    /// The socket's reader, parked while a request is served: woken when the response is
-    /// over so that the idle timeout starts then (nothing else may wake it, and a
-    /// keep-alive connection would be held open for ever).
-    reader: Mutex<Option<Waker>>,
 }
 
 impl ConnState {
@@ -55,25 +51,6 @@ impl ConnState {
     pub fn response_done(&self) {
         self.0.in_request.store(false, Relaxed);
         self.0.responses_done.fetch_add(1, Relaxed);
-        let parked = match self.0.reader.lock() {
-            Ok(mut w) => w.take(),
-            Err(poisoned) => poisoned.into_inner().take(),
-        };
-        if let Some(w) = parked {
-            w.wake();
-        }
-    }
-
-    /// The reader waits while a request is served: `response_done` wakes it.
-    fn park_reader(&self, cx: &Context<'_>) {
-        let mut w = match self.0.reader.lock() {
-            Ok(w) => w,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        match w.as_ref() {
-            Some(old) if old.will_wake(cx.waker()) => {}
-            _ => *w = Some(cx.waker().clone()),
-        }
     }
 
     /// Whether the connection was cut off because the client stopped reading.
@@ -109,7 +86,7 @@ enum Phase {
 }
 
 /// Longest method the request-line reader follows, in bytes; past it the line is left to
-/// hyper.
+/// the codec.
 const MAX_METHOD: u8 = 20;
 
 /// Where the reader is in the request line of the head being received.
@@ -119,7 +96,7 @@ enum Line {
     Method(u8),
     /// In the target, after this many bytes.
     Target(usize),
-    /// Past the target, or not a request line this reader follows: hyper judges the rest.
+    /// Past the target, or not a request line this reader follows: the codec judges the rest.
     Done,
 }
 
@@ -256,7 +233,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for TimedIo<T> {
                     match this.line.read(new, this.max_uri_bytes) {
                         Ok(line) => this.line = line,
                         Err(()) => {
-                            // Nothing of this read goes to hyper: the answer is ours.
+                            // Nothing of this read goes to the codec: the answer is made here.
                             buf.set_filled(before);
                             this.line = Line::Done;
                             this.answer_uri_too_long(cx);
@@ -278,14 +255,9 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncRead for TimedIo<T> {
             Phase::Idle(since) if this.fresh => since + this.timeouts.first_byte,
             Phase::Idle(since) => since + this.timeouts.idle,
             Phase::Head(deadline) => deadline,
-            Phase::Busy => {
-                this.state.park_reader(cx);
-                // The response may have ended between the check above and parking.
-                if !this.state.0.in_request.load(Relaxed) {
-                    cx.waker().wake_by_ref();
-                }
-                return Poll::Pending;
-            }
+            // Untimed here: the connection reads its next head once the response is
+            // over, and the idle timeout starts then.
+            Phase::Busy => return Poll::Pending,
             Phase::Linger(_) => return Poll::Pending,
         };
         if !this.armed || this.timer.deadline() > deadline {
@@ -335,7 +307,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin> TimedIo<T> {
     }
 
     /// After a 414: drops what the client still sends, and ends the connection (an error
-    /// hyper does not answer) once it closes or `deadline` passes.
+    /// the codec does not answer) once it closes or `deadline` passes.
     fn linger(&mut self, cx: &mut Context<'_>, deadline: Instant) -> Poll<std::io::Result<()>> {
         let over = || {
             Poll::Ready(Err(std::io::Error::new(
@@ -461,7 +433,7 @@ mod tests {
     }
 
     #[test]
-    fn what_is_not_a_request_line_start_is_left_to_hyper() {
+    fn what_is_not_a_request_line_start_is_left_to_the_codec() {
         let long = vec![b'a'; 100];
         // The rest of a header after a read boundary, a lower-case word, a binary start.
         assert_eq!(read_all(&[b"Bearer ", &long], 10), Ok(Line::Done));

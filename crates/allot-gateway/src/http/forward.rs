@@ -253,7 +253,7 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for name in named.iter().chain(HOP_BY_HOP.iter()) {
         headers.remove(name);
     }
-    // hyper frames the body itself (length or chunked) on each side.
+    // Each side frames the body itself (length or chunked).
     headers.remove(header::TRANSFER_ENCODING);
 }
 

@@ -13,6 +13,7 @@ pub(crate) mod body;
 pub(crate) mod conn;
 pub(crate) mod error;
 pub(crate) mod forward;
+pub(crate) mod h1;
 
 use std::convert::Infallible;
 use std::sync::atomic::Ordering::Relaxed;
@@ -22,13 +23,13 @@ use allot_model::classify::{Headers, RequestFacts};
 use http::header::{self, HeaderMap};
 use http::{Request, Response};
 use http_body::Body as _;
-use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use self::body::{GatewayBody, Held, Proxied};
 use self::conn::ConnState;
 use self::error::Answer;
 use self::forward::{Peer, Target};
+use self::h1::ClientBody;
 use crate::access;
 use crate::admission::{self, Admitted, Unit};
 use crate::runtime::{ClassRt, InFlight, ListenerRt, Live, Runtime};
@@ -36,14 +37,14 @@ use crate::sched::Permit;
 use crate::stats::{AbortReason, RefuseReason};
 use crate::upstream::{BodyFailure, RequestBody};
 
-/// hyper's entry point for one request on one client connection of listener `listener`
+/// The entry point of one request on one client connection of listener `listener`
 /// (its index in the configuration).
 pub(crate) async fn handle(
     live: Arc<Live>,
     listener: usize,
     peer: Arc<Peer>,
     conn: ConnState,
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
 ) -> Result<Response<GatewayBody>, Infallible> {
     conn.request_started();
     let rt = live.load();
@@ -69,7 +70,7 @@ pub(crate) async fn handle(
 }
 
 /// The access log's entry of a request, as far as its head tells.
-fn entry_for(req: &Request<Incoming>, peer: &Peer) -> access::Entry {
+fn entry_for(req: &Request<ClientBody>, peer: &Peer) -> access::Entry {
     let header = |h: header::HeaderName| {
         req.headers()
             .get(h)
@@ -112,7 +113,7 @@ async fn serve(
     live: &Live,
     peer: &Peer,
     conn: &ConnState,
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
     entry: &mut Option<access::Entry>,
 ) -> Result<Response<GatewayBody>, Answer> {
     let arrived = Instant::now();
@@ -191,7 +192,7 @@ fn classify<'r>(
     rt: &'r Runtime,
     listener: &ListenerRt,
     peer: &Peer,
-    req: &Request<Incoming>,
+    req: &Request<ClientBody>,
     target: &Target,
 ) -> Result<&'r ClassRt, Answer> {
     let facts = RequestFacts {
@@ -224,7 +225,7 @@ async fn forward(
     class: &ClassRt,
     peer: &Peer,
     conn: &ConnState,
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
     target: Target,
     permit: Permit,
     started: Instant,

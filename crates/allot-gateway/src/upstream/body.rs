@@ -13,9 +13,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
+use crate::http::h1::{ClientBody, ClientBodyError};
 use crate::stats::ClassStats;
 
 /// Errors of the client's body, as the back-end connection sees them.
@@ -35,7 +35,7 @@ pub enum BodyError {
     },
     /// The client's body was malformed or cut short.
     #[error(transparent)]
-    Broken(#[from] hyper::Error),
+    Broken(#[from] ClientBodyError),
 }
 
 /// How the client's body ended, when it did not end well.
@@ -52,7 +52,7 @@ pub enum BodyFailure {
 /// The client's request body on its way to the back end.
 #[derive(Debug)]
 pub struct RequestBody {
-    inner: Option<Incoming>,
+    inner: Option<ClientBody>,
     limit_bytes: u64,
     seen_bytes: u64,
     stats: Arc<ClassStats>,
@@ -66,7 +66,7 @@ pub struct RequestBody {
 impl RequestBody {
     /// Wraps the client's body with a size limit and a timeout on pauses.
     pub fn new(
-        inner: Incoming,
+        inner: ClientBody,
         limit_bytes: u64,
         idle: Duration,
         stats: Arc<ClassStats>,

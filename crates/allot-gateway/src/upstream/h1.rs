@@ -1,8 +1,8 @@
 //! HTTP/1.1 towards the back ends: one request at a time on a keep-alive connection,
 //! written and read by the request that holds the connection, in its own task.
 //!
-//! hyper serves the clients; towards the back ends the gateway speaks HTTP/1.1 itself,
-//! because a proxy needs less than hyper's client does and pays for every step of it on
+//! Towards the back ends the gateway speaks HTTP/1.1 itself (as it does towards the
+//! clients, in `http::h1`), because a proxy needs less than hyper's client does and pays for every step of it on
 //! every request: the head is written straight from the request's header map into one
 //! buffer, the response head is parsed with `httparse` into a header map whose values
 //! share the read buffer, and the body is read from the same buffer, with no channel or
@@ -715,7 +715,7 @@ impl ResponseBody {
                             self.done = true;
                             return Poll::Ready(None);
                         }
-                        // Trailer fields are dropped: hyper frames the client's response.
+                        // Trailer fields are dropped: the client's response is framed anew.
                         Chunk::Trailers | Chunk::Data(_) => {}
                     }
                 }

@@ -34,6 +34,9 @@ pub(crate) enum Answer {
     /// The request is malformed in a way the gateway and the back end could read
     /// differently (400, and the connection closes).
     BadRequest(&'static str),
+    /// The request head has more or longer header fields than the listener allows (431,
+    /// and the connection closes).
+    HeadTooLarge(&'static str),
     /// The client paused its body past the body timeout (408, and the connection closes).
     BodyTimeout,
     /// The client's body was malformed or cut short (400, and the connection closes).
@@ -85,6 +88,12 @@ pub(crate) fn respond(answer: Answer, retry_after_s: u64) -> Response<GatewayBod
         Answer::BadRequest(why) => (
             StatusCode::BAD_REQUEST,
             format!("allot: bad request: {why}\n").into(),
+            None,
+            true,
+        ),
+        Answer::HeadTooLarge(why) => (
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            format!("allot: {why} (431)\n").into(),
             None,
             true,
         ),

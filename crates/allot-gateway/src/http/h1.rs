@@ -38,16 +38,18 @@ use std::task::{ready, Context, Poll};
 
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Method, Request, StatusCode, Version};
-use http_body::{Body, Frame, SizeHint};
+use http::{Method, Request, Version};
+use http_body::{Body, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use super::body::GatewayBody;
 use super::conn::{ConnState, TimedIo};
+use super::error::{self, Answer};
 use super::forward::Peer;
 use crate::runtime::Live;
+use crate::upstream::{BodySource, ClientBody};
 
 /// The client's socket, timed.
 type Io = TimedIo<TcpStream>;
@@ -336,98 +338,26 @@ fn chunk_size(line: &[u8]) -> Result<u64, &'static str> {
     Ok(size)
 }
 
-/// The request body, read from the client's connection as the back end takes it.
-pub struct ClientBody {
-    shared: Option<Arc<Mutex<Inbound>>>,
-    /// For a `Content-Length` body: bytes left; `None` for a chunked one.
-    left: Option<u64>,
-    done: bool,
-}
-
-impl std::fmt::Debug for ClientBody {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ClientBody")
-            .field("left", &self.left)
-            .field("done", &self.done)
-            .finish()
-    }
-}
-
-impl ClientBody {
-    /// A body that is empty.
-    fn empty() -> ClientBody {
-        ClientBody {
-            shared: None,
-            left: Some(0),
-            done: true,
-        }
-    }
-}
-
-/// Why the client's request body could not be read.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct ClientBodyError(String);
-
-impl Body for ClientBody {
-    type Data = Bytes;
-    type Error = ClientBodyError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, ClientBodyError>>> {
-        let this = &mut *self;
-        if this.done {
-            return Poll::Ready(None);
-        }
-        let Some(shared) = this.shared.as_ref() else {
-            return Poll::Ready(None);
-        };
-        let mut inb = lock(shared);
+/// The client's connection is where its request bodies are read from, as the back end
+/// takes them.
+impl BodySource for Mutex<Inbound> {
+    fn poll_data(&self, cx: &mut Context<'_>) -> Poll<Option<Result<(Bytes, bool), String>>> {
+        let mut inb = lock(self);
         if let Err(e) = ready!(inb.poll_continue(cx)) {
             inb.body = Inbody::Broken;
-            this.done = true;
-            return Poll::Ready(Some(Err(ClientBodyError(e.to_string()))));
+            return Poll::Ready(Some(Err(e.to_string())));
         }
         let polled = ready!(inb.poll_body(cx));
-        if inb.body == Inbody::Done {
-            this.done = true;
-        }
-        match polled {
-            Some(Ok(data)) => {
-                if let Some(left) = this.left.as_mut() {
-                    *left -= data.len() as u64;
-                }
-                Poll::Ready(Some(Ok(Frame::data(data))))
-            }
-            Some(Err(e)) => {
-                this.done = true;
-                Poll::Ready(Some(Err(ClientBodyError(e))))
-            }
-            None => {
-                this.done = true;
-                Poll::Ready(None)
-            }
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.done
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self.left {
-            Some(n) => SizeHint::with_exact(n),
-            None => SizeHint::default(),
-        }
+        let ended = inb.body == Inbody::Done;
+        Poll::Ready(polled.map(|r| r.map(|data| (data, ended))))
     }
 }
 
-/// A request head the connection cannot serve: the status it answers, and why.
+/// A request head the connection cannot serve: the gateway's answer, and the connection
+/// closes after it.
 #[derive(Debug)]
 enum HeadError {
-    Refuse(StatusCode, &'static str),
+    Refuse(Answer),
     Io(io::Error),
 }
 
@@ -461,7 +391,8 @@ type Span = (u32, u32, u32, u32);
 /// A whole request head at the start of `buf`, taken out of it; `None` when more bytes
 /// are needed.
 fn parse_head(buf: &mut BytesMut, limits: Limits) -> Result<Option<Parsed>, HeadError> {
-    let bad = |why| HeadError::Refuse(StatusCode::BAD_REQUEST, why);
+    let bad = |why| HeadError::Refuse(Answer::BadRequest(why));
+    let too_large = |why| HeadError::Refuse(Answer::HeadTooLarge(why));
     let mut stack = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; STACK_HEADERS];
     let mut heap;
     let slots: &mut [MaybeUninit<httparse::Header<'_>>] = if limits.max_headers <= STACK_HEADERS {
@@ -475,25 +406,14 @@ fn parse_head(buf: &mut BytesMut, limits: Limits) -> Result<Option<Parsed>, Head
     let len = match req.parse_with_uninit_headers(buf, slots) {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) if buf.len() >= limits.max_head_bytes => {
-            return Err(HeadError::Refuse(
-                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                "request head too large",
-            ))
+            return Err(too_large("request head too large"))
         }
         Ok(httparse::Status::Partial) => return Ok(None),
-        Err(httparse::Error::TooManyHeaders) => {
-            return Err(HeadError::Refuse(
-                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                "too many header fields",
-            ))
-        }
+        Err(httparse::Error::TooManyHeaders) => return Err(too_large("too many header fields")),
         Err(_) => return Err(bad("malformed request head")),
     };
     if len > limits.max_head_bytes {
-        return Err(HeadError::Refuse(
-            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            "request head too large",
-        ));
+        return Err(too_large("request head too large"));
     }
     let method = Method::from_bytes(req.method.unwrap_or("").as_bytes())
         .map_err(|_| bad("malformed method"))?;
@@ -717,10 +637,15 @@ pub(crate) async fn serve(
             Ok(Some(p)) => p,
             Ok(None) => return Ok(()),
             Err(HeadError::Io(e)) => return Err(e),
-            Err(HeadError::Refuse(status, why)) => {
-                out.clear();
-                refusal(status, why, &mut out);
-                write_all(&shared, &out).await?;
+            Err(HeadError::Refuse(answer)) => {
+                let retry_after_s = live.load().config.gateway.retry_after_s;
+                let reply = Reply {
+                    head_request: false,
+                    http10: false,
+                    keep_alive: false,
+                };
+                let resp = error::respond(answer, retry_after_s);
+                respond(&shared, &mut out, reply, resp, limits.max_head_bytes).await?;
                 shutdown(&shared).await;
                 return Ok(());
             }
@@ -741,14 +666,11 @@ pub(crate) async fn serve(
                     if expect_continue && req.version() == Version::HTTP_11 {
                         inb.continue_owed = Some(0);
                     }
-                    ClientBody {
-                        shared: Some(Arc::clone(&shared)),
-                        left: match body {
-                            Inbody::Length(n) => Some(n),
-                            _ => None,
-                        },
-                        done: false,
-                    }
+                    let left = match body {
+                        Inbody::Length(n) => Some(n),
+                        _ => None,
+                    };
+                    ClientBody::new(Arc::clone(&shared) as Arc<dyn BodySource>, left)
                 }
             }
         };
@@ -944,8 +866,8 @@ fn encode_head(
             .iter()
             .any(|v| lists(v.as_bytes(), b"close"));
     let bodiless_status = status.is_informational()
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED;
+        || status.as_u16() == 204 // No Content
+        || status.as_u16() == 304; // Not Modified
     let declared = parts
         .headers
         .get(header::CONTENT_LENGTH)
@@ -971,12 +893,12 @@ fn encode_head(
     };
     if reply.http10 {
         out.extend_from_slice(b"HTTP/1.0 ");
-    } else if status == StatusCode::OK {
+    } else if status.as_u16() == 200 {
         out.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
     } else {
         out.extend_from_slice(b"HTTP/1.1 ");
     }
-    if reply.http10 || status != StatusCode::OK {
+    if reply.http10 || status.as_u16() != 200 {
         out.extend_from_slice(status.as_str().as_bytes());
         out.extend_from_slice(b" ");
         out.extend_from_slice(status.canonical_reason().unwrap_or("<none>").as_bytes());
@@ -1016,23 +938,6 @@ fn encode_head(
     }
     out.extend_from_slice(b"\r\n");
     (framing, keep_alive)
-}
-
-/// The answer to a head the connection cannot serve; the connection closes after it.
-fn refusal(status: StatusCode, why: &str, out: &mut BytesMut) {
-    let text = format!("allot: {why} ({})\n", status.as_str());
-    let _ = std::fmt::Write::write_fmt(
-        out,
-        format_args!(
-            "HTTP/1.1 {} {}\r\nconnection: close\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\ndate: ",
-            status.as_str(),
-            status.canonical_reason().unwrap_or("<none>"),
-            text.len()
-        ),
-    );
-    date::now(|d| out.extend_from_slice(d));
-    out.extend_from_slice(b"\r\n\r\n");
-    out.extend_from_slice(text.as_bytes());
 }
 
 /// The `Date` header's value (RFC 9110 §5.6.7), made once a second per thread.
@@ -1124,7 +1029,7 @@ mod tests {
 
     fn status(raw: &[u8]) -> Option<u16> {
         match parse(raw) {
-            Err(HeadError::Refuse(s, _)) => Some(s.as_u16()),
+            Err(HeadError::Refuse(a)) => Some(error::respond(a, 0).status().as_u16()),
             _ => None,
         }
     }

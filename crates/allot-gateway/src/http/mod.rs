@@ -29,13 +29,12 @@ use self::body::{GatewayBody, Held, Proxied};
 use self::conn::ConnState;
 use self::error::Answer;
 use self::forward::{Peer, Target};
-use self::h1::ClientBody;
 use crate::access;
 use crate::admission::{self, Admitted, Unit};
 use crate::runtime::{ClassRt, InFlight, ListenerRt, Live, Runtime};
 use crate::sched::Permit;
 use crate::stats::{AbortReason, RefuseReason};
-use crate::upstream::{BodyFailure, RequestBody};
+use crate::upstream::{BodyFailure, ClientBody, RequestBody};
 
 /// The entry point of one request on one client connection of listener `listener`
 /// (its index in the configuration).

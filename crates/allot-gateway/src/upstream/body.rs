@@ -1,22 +1,116 @@
-//! The client's request body on its way to the back end: streamed, counted, cut off past
-//! the size limit or a pause longer than the body timeout. Why it failed is kept in it
-//! ([`RequestBody::failure`]) for the request's handler to read after the exchange, so a
-//! client's broken or stalled upload is answered as the client's fault (400, 408, 413)
-//! and never counted against the back end.
+//! The client's request body on its way to the back end: read from its source (the
+//! client's connection, behind [`BodySource`], so this module needs nothing of the
+//! server side), streamed, counted, cut off past the size limit or a pause longer than
+//! the body timeout. Why it failed is kept in it ([`RequestBody::failure`]) for the
+//! request's handler to read after the exchange, so a client's broken or stalled upload
+//! is answered as the client's fault (400, 408, 413) and never counted against the back
+//! end.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
 
-use crate::http::h1::{ClientBody, ClientBodyError};
 use crate::stats::ClassStats;
+
+/// Where a client's request body is read from (its connection), as the back end takes
+/// it.
+pub trait BodySource: Send + Sync {
+    /// The body's next bytes and whether they were its last; `None` at its end; or why
+    /// it cannot be read.
+    fn poll_data(&self, cx: &mut Context<'_>) -> Poll<Option<Result<(Bytes, bool), String>>>;
+}
+
+/// The client's request body as it comes from its source.
+pub struct ClientBody {
+    source: Option<Arc<dyn BodySource>>,
+    /// For a body of known length: bytes left; `None` for a chunked one.
+    left_bytes: Option<u64>,
+    done: bool,
+}
+
+impl std::fmt::Debug for ClientBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientBody")
+            .field("left_bytes", &self.left_bytes)
+            .field("done", &self.done)
+            .finish()
+    }
+}
+
+impl ClientBody {
+    /// A body that is empty.
+    pub fn empty() -> ClientBody {
+        ClientBody {
+            source: None,
+            left_bytes: Some(0),
+            done: true,
+        }
+    }
+
+    /// A body read from `source`, of `left_bytes` bytes when its length is known.
+    pub fn new(source: Arc<dyn BodySource>, left_bytes: Option<u64>) -> ClientBody {
+        ClientBody {
+            source: Some(source),
+            left_bytes,
+            done: false,
+        }
+    }
+}
+
+/// Why the client's request body could not be read.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ClientBodyError(String);
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = ClientBodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, ClientBodyError>>> {
+        let this = &mut *self;
+        let Some(source) = this.source.as_ref().filter(|_| !this.done) else {
+            return Poll::Ready(None);
+        };
+        match ready!(source.poll_data(cx)) {
+            Some(Ok((data, last))) => {
+                this.done = last;
+                if let Some(left) = this.left_bytes.as_mut() {
+                    *left = left.saturating_sub(data.len() as u64);
+                }
+                Poll::Ready(Some(Ok(Frame::data(data))))
+            }
+            Some(Err(e)) => {
+                this.done = true;
+                Poll::Ready(Some(Err(ClientBodyError(e))))
+            }
+            None => {
+                this.done = true;
+                Poll::Ready(None)
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.left_bytes {
+            Some(n) => SizeHint::with_exact(n),
+            None => SizeHint::default(),
+        }
+    }
+}
 
 /// Errors of the client's body, as the back-end connection sees them.
 #[derive(Debug, thiserror::Error)]

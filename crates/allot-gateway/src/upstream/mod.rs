@@ -36,7 +36,7 @@ use self::h1::{ExchangeError, H1Conn, Outcome, Outgoing, ResponseBody};
 use crate::config::{BackendConfig, Balance};
 use crate::sched::BackendGate;
 use crate::stats::{BackendFailure, BackendStats};
-pub use body::{BodyError, BodyFailure, RequestBody};
+pub use body::{BodyError, BodyFailure, BodySource, ClientBody, RequestBody};
 
 /// Failed requests of one back end are logged at most this often, with their count.
 pub const FAILURE_LOG_PERIOD: Duration = Duration::from_secs(10);

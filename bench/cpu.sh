@@ -11,6 +11,8 @@
 # all got (then the mean over windows), plus the worst long-run relative error. Overhead: CPU time of the
 # controlling processes (allot, the cpulimit instances) over wall time; the kernel's
 # own scheduling cost for cgroups is not visible from user space and is reported as 0.
+# Timer floor: what a process that only sleeps to allot's deadlines costs here (the
+# wake_floor example), at one wake a quantum and at allot's measured step rate.
 # Needs: taskset (util-linux), python3; installs cpulimit if missing (apt-get).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -80,6 +82,20 @@ print(f"per-{window:g}s RMS error {100*sum(rms)/max(len(rms),1):6.2f}%  worst lo
 PY
 }
 
+# floor JSON: what waking alone costs on this machine, while the workers still run: the
+# wake_floor example sleeps to absolute deadlines with allot's own timer, at the
+# scheduler's tick rate (one a quantum) and at the step rate allot's run reports.
+floor() {
+  local steps
+  steps=$(python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print("%.1f" % (d["quanta"]/d["wall_s"]))' "$1" 2>/dev/null) || return
+  cargo build --release -q -p allot-proc --example wake_floor 2>/dev/null || { echo "                       (wake_floor example did not build)"; return; }
+  local pin=()
+  [ "$(nproc)" -gt 1 ] && pin=(taskset -c "$(( CPU == 0 ? 1 : 0 ))")
+  for rate in 50 "$steps"; do
+    printf '%-22s %s\n' "timer floor" "$("${pin[@]}" target/release/examples/wake_floor "$rate" 10)"
+  done
+}
+
 compare() {
   echo "workload: ${#SHARES[@]} busy loops on CPU $CPU, target shares ${SHARES[*]}, ${SECS}s each"
 
@@ -95,6 +111,7 @@ compare() {
     wait "${CONTROLLERS[0]}" 2>/dev/null
     python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print("%-22s per-cycle RMS error %6.2f%% over %d cycles (allot report)" % ("", 100*d["mean_rms_rel_error"], d["cycles"]))' "$json" 2>/dev/null \
       || echo "                       (no JSON summary: $backend back end not available here)"
+    if [ "$backend" = signals ]; then floor "$json"; fi
     rm -f "$json"
     cleanup
   done
@@ -124,6 +141,8 @@ compare() {
     base=/sys/fs/cgroup; knob=cpu.weight
   fi
   made=()
+  # Groups an interrupted run left behind (empty once their workers are gone).
+  [ -n "$base" ] && for g in "$base"/allot-bench-*; do [ -d "$g" ] && rmdir "$g" 2>/dev/null; done
   if [ -n "$base" ] && mkdir "$base/allot-bench-0" 2>/dev/null; then
     made+=("$base/allot-bench-0")
     start_workers ${#SHARES[@]}

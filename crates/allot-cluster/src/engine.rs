@@ -44,7 +44,9 @@ pub struct Entry {
     pub key: String,
     /// The value (empty for a deletion seen by a watch).
     pub value: Bytes,
-    /// Revision of this value; revisions only grow, across all keys of a bucket.
+    /// Revision of this value. Every write to a bucket (a put, a create, an update, a
+    /// delete) takes the bucket's next revision, so a revision one above another means
+    /// nothing else was written to the bucket between them; expiry by age takes none.
     pub revision: u64,
 }
 
@@ -148,7 +150,8 @@ const CHANNEL_DEPTH: usize = 1024;
 
 #[derive(Debug, Default)]
 struct MemState {
-    revision: u64,
+    /// Each bucket's last revision (a bucket is one stream: its own sequence).
+    revisions: HashMap<Bucket, u64>,
     keys: HashMap<(Bucket, String), (Entry, tokio::time::Instant)>,
     watchers: Vec<(Bucket, mpsc::Sender<Entry>)>,
     subscribers: HashMap<String, Vec<mpsc::Sender<Bytes>>>,
@@ -217,11 +220,13 @@ impl MemEngine {
     }
 
     fn write(&self, state: &mut MemState, bucket: Bucket, key: &str, value: Bytes) -> u64 {
-        state.revision += 1;
+        let revision = state.revisions.entry(bucket).or_default();
+        *revision += 1;
+        let revision = *revision;
         let entry = Entry {
             key: key.to_string(),
             value,
-            revision: state.revision,
+            revision,
         };
         state.watchers.retain(|(b, tx)| {
             if *b == bucket {
@@ -237,7 +242,7 @@ impl MemEngine {
             (bucket, key.to_string()),
             (entry, tokio::time::Instant::now()),
         );
-        state.revision
+        revision
     }
 }
 

@@ -125,7 +125,8 @@ pub struct LinkStatus {
     pub received: u64,
     /// Messages ignored (malformed, from outside the tree, of another epoch).
     pub ignored: u64,
-    /// The last engine error, if the last attempt failed.
+    /// The last engine error, until a chore (renewing the lease or the membership)
+    /// succeeds again.
     pub engine_error: Option<String>,
     /// The fingerprint of the agreement set planned with ([`fingerprint`]): equal on
     /// every gateway that plans with the same set, so a newly published set can be seen
@@ -249,6 +250,14 @@ fn planner_of(spec: &AgreementsSpec) -> Option<(AgreementSet, Arc<Planner>)> {
 /// (it is retried at a later boundary).
 const REQUEST_LIMIT: Duration = Duration::from_secs(2);
 
+/// How long a root leads on while its lease goes unrenewed because the engine does not
+/// answer (requests fail or time out), as long as every child still reports: the tree's
+/// messages flow without the key-value store, and a JetStream stream whose leader's
+/// server died takes seconds to elect another (longer than a lease of a few windows),
+/// during which no other gateway can win the root's key either. Past this, or once a
+/// child falls silent, the root steps down as its lease says.
+pub const RIDE_THROUGH: Duration = Duration::from_secs(30);
+
 /// One key-value request, failed if it takes longer than `limit`.
 async fn bounded<T>(
     limit: Duration,
@@ -303,32 +312,60 @@ async fn root_chore<E: Engine>(
         outcome: None,
         errors: Vec::new(),
     };
-    if let Some((rev, value)) = renew {
-        match bounded(
-            limit,
-            engine.update(Bucket::Election, ROOT_KEY, root_bytes(&value), rev),
-        )
-        .await
-        {
-            Ok(Some(next)) => found.outcome = Some(RootOutcome::Renewed(next, value)),
-            // Changed or expired, unless a renewal that timed out landed after all: the
-            // key is still this node's if it holds this node's value.
-            Ok(None) => match bounded(limit, engine.get(Bucket::Election, ROOT_KEY)).await {
-                Ok(Some(e))
-                    if serde_json::from_slice::<RootValue>(&e.value).ok().as_ref()
-                        == Some(&value) =>
-                {
-                    found.outcome = Some(RootOutcome::Renewed(e.revision, value));
-                }
-                Ok(e) => {
-                    found.outcome = Some(RootOutcome::Seen(e.map(|e| e.value).unwrap_or_default()))
-                }
-                Err(e) => found.errors.push(e),
-            },
-            Err(e) => found.errors.push(e),
-        }
+    let Some((rev, value)) = renew else {
+        stand(&engine, node, floor, None, limit, &mut found).await;
         return found;
+    };
+    match bounded(
+        limit,
+        engine.update(Bucket::Election, ROOT_KEY, root_bytes(&value), rev),
+    )
+    .await
+    {
+        Ok(Some(next)) => found.outcome = Some(RootOutcome::Renewed(next, value)),
+        // Changed or expired, unless a renewal that timed out landed after all: the
+        // key is still this node's if it holds this node's value.
+        Ok(None) => match bounded(limit, engine.get(Bucket::Election, ROOT_KEY)).await {
+            Ok(Some(e))
+                if serde_json::from_slice::<RootValue>(&e.value).ok().as_ref() == Some(&value) =>
+            {
+                found.outcome = Some(RootOutcome::Renewed(e.revision, value));
+            }
+            Ok(Some(e)) => found.outcome = Some(RootOutcome::Seen(e.value)),
+            // Expired while the engine could not renew it (the root rode it through):
+            // stand again at once.
+            Ok(None) => {
+                stand(
+                    &engine,
+                    node,
+                    floor,
+                    Some((rev, value.epoch)),
+                    limit,
+                    &mut found,
+                )
+                .await
+            }
+            Err(e) => found.errors.push(e),
+        },
+        Err(e) => found.errors.push(e),
     }
+    found
+}
+
+/// Stands for election: create-if-absent, then writes the epoch into the key. The epoch
+/// is the winning revision (at least `floor + 1`), except for a root whose own key
+/// expired unrenewed (`held`: the revision it last held and its epoch): if its win is
+/// the bucket's very next revision, nothing was written to the election bucket between
+/// (no other gateway won the key meanwhile), so its term goes on under the same epoch
+/// and the tree need not change.
+async fn stand<E: Engine>(
+    engine: &E,
+    node: String,
+    floor: u64,
+    held: Option<(u64, u64)>,
+    limit: Duration,
+    found: &mut RootFound,
+) {
     let claim = RootValue {
         node: node.clone(),
         epoch: 0,
@@ -341,10 +378,11 @@ async fn root_chore<E: Engine>(
     {
         Ok(Some(rev)) => {
             // Won: the winning revision is the epoch; write it for everyone.
-            let value = RootValue {
-                node,
-                epoch: rev.max(floor + 1),
+            let epoch = match held {
+                Some((last, epoch)) if rev == last + 1 && epoch >= floor => epoch,
+                _ => rev.max(floor + 1),
             };
+            let value = RootValue { node, epoch };
             match bounded(
                 limit,
                 engine.update(Bucket::Election, ROOT_KEY, root_bytes(&value), rev),
@@ -364,7 +402,6 @@ async fn root_chore<E: Engine>(
         },
         Err(e) => found.errors.push(e),
     }
-    found
 }
 
 /// What the members' chore found.
@@ -373,6 +410,8 @@ struct MembersFound {
     /// The membership's revision after the chore (`None` inside: neither renewed nor
     /// created); `None` if the engine failed before knowing.
     member_rev: Option<Option<u64>>,
+    /// Whether the membership held had expired and was created again.
+    rejoined: bool,
     /// Every live member, if read.
     members: Option<BTreeSet<String>>,
     errors: Vec<EngineError>,
@@ -389,6 +428,7 @@ async fn members_chore<E: Engine>(
 ) -> MembersFound {
     let mut found = MembersFound {
         member_rev: None,
+        rejoined: false,
         members: None,
         errors: Vec::new(),
     };
@@ -406,7 +446,10 @@ async fn members_chore<E: Engine>(
         Ok(Some(rev)) => found.member_rev = Some(Some(rev)),
         // Expired (paused, partitioned): join again.
         Ok(None) => match bounded(limit, engine.create(Bucket::Members, &node, value)).await {
-            Ok(rev) => found.member_rev = Some(rev),
+            Ok(created) => {
+                found.rejoined = rev.is_some() && created.is_some();
+                found.member_rev = Some(created);
+            }
             Err(e) => found.errors.push(e),
         },
         Err(e) => found.errors.push(e),
@@ -439,6 +482,10 @@ struct Link<E: Engine> {
     members_chore: Option<tokio::task::JoinHandle<MembersFound>>,
     /// The window the members were last reread at.
     members_at: Option<u64>,
+    /// When the members read last became doubtful: the engine failed, or this node found
+    /// its own membership expired and joined again. Keys may have expired meanwhile that
+    /// their live owners renew only at their next refresh.
+    doubted_at: Option<Instant>,
     /// What the current shape was built from.
     shaped: Option<(String, u64, BTreeSet<String>)>,
     down: Option<mpsc::Receiver<Bytes>>,
@@ -488,6 +535,7 @@ pub async fn run<E: Engine>(
         root_chore: None,
         members_chore: None,
         members_at: None,
+        doubted_at: None,
         shaped: None,
         down: None,
         deadline: None,
@@ -760,6 +808,7 @@ impl<E: Engine> Link<E> {
     /// around it may have been lost together).
     fn failed(&mut self, e: &EngineError) {
         self.status.engine_error = Some(e.to_string());
+        self.doubted_at = Some(Instant::now());
         // The window now, not the boundary's: an operation may have taken long.
         let now = self.unix_ms(Instant::now()) / self.config.window.as_millis().max(1) as u64;
         self.node.engine_failed(now.max(self.status.window));
@@ -767,12 +816,11 @@ impl<E: Engine> Link<E> {
 
     async fn boundary(&mut self, b: u64, demand: &[f64]) {
         self.status.window = b;
-        // The error shown is this window's: cleared here, set again by what fails now.
-        self.status.engine_error = None;
         let interruptions = self.engine.interruptions();
         if interruptions != self.interruptions {
             self.interruptions = interruptions;
             self.node.engine_failed(b);
+            self.doubted_at = Some(Instant::now());
         }
         self.chores(b);
         self.reshape().await;
@@ -814,13 +862,25 @@ impl<E: Engine> Link<E> {
     /// the tree must not wait with it): renewing the root's lease or standing for
     /// election, and renewing the membership and rereading the members. A chore still
     /// running is not started twice. A root whose last renewal is a lease old steps down
-    /// first: its key may have expired and another gateway won it.
+    /// first (its key may have expired and another gateway won it), unless it rides the
+    /// engine's outage through: its renewals found no other root (they failed or did not
+    /// answer), every child still reports, and the outage is shorter than
+    /// [`RIDE_THROUGH`].
     fn chores(&mut self, b: u64) {
         let now = Instant::now();
+        let unrenewed = self.renewed_at.map(|t| now.saturating_duration_since(t));
+        let riding = unrenewed.is_some_and(|d| d < RIDE_THROUGH)
+            && self.node.children_reporting(b.saturating_sub(1));
         if self.my_root_rev.is_some()
-            && self
-                .renewed_at
-                .is_none_or(|t| now.saturating_duration_since(t) >= self.config.root_lease)
+            && unrenewed.is_some_and(|d| d >= self.config.root_lease)
+            && riding
+        {
+            // The tree is alive without the engine: it still knows its root is this node.
+            if let Some((_, _, seen)) = &mut self.root_seen {
+                *seen = now;
+            }
+        } else if self.my_root_rev.is_some()
+            && unrenewed.is_none_or(|d| d >= self.config.root_lease)
         {
             tracing::warn!("cluster: the root's lease was not renewed for a lease; stepping down");
             self.my_root_rev = None;
@@ -867,6 +927,10 @@ impl<E: Engine> Link<E> {
         for e in &found.errors {
             self.failed(e);
         }
+        if found.errors.is_empty() {
+            // The engine answered: the error shown is over.
+            self.status.engine_error = None;
+        }
         match found.outcome {
             Some(RootOutcome::Renewed(rev, value)) if self.my_root_rev.is_some() => {
                 self.my_root_rev = Some(rev);
@@ -898,11 +962,28 @@ impl<E: Engine> Link<E> {
         for e in &found.errors {
             self.failed(e);
         }
+        if found.errors.is_empty() {
+            self.status.engine_error = None;
+        }
         if let Some(rev) = found.member_rev {
             self.member_rev = rev;
         }
+        if found.rejoined {
+            self.doubted_at = Some(Instant::now());
+        }
         if let Some(mut members) = found.members {
             members.insert(self.config.node.clone());
+            // Right after the engine failed or this node's own membership expired, the
+            // others' keys may have expired too (the engine was out, or this process
+            // stopped), and they join again each at its next renewal. Until every live
+            // member has had one (a member lease), the members known before stay, so the
+            // tree does not drop them meanwhile.
+            if self
+                .doubted_at
+                .is_some_and(|t| t.elapsed() < self.config.member_lease)
+            {
+                members.extend(self.members.iter().cloned());
+            }
             self.status.members = members.len();
             self.members = members;
         }

@@ -228,9 +228,11 @@ async fn a_second_gateway_with_a_live_name_is_refused() {
 
 /// The engine's keys stall (a JetStream leader election) for less than the root's lease:
 /// the tree goes on as if nothing happened, every gateway on fresh quotas every window,
-/// one root of one epoch. Stalled past the lease, the root steps down.
+/// one root of one epoch. Stalled for several leases while every child still reports,
+/// the root rides the outage through under the same epoch; stalled while its children
+/// are silent, it steps down once its lease has run out.
 #[tokio::test(start_paused = true)]
-async fn a_stall_of_the_engines_keys_shorter_than_the_lease_leaves_the_tree_alone() {
+async fn a_stall_of_the_engines_keys_leaves_the_tree_alone_while_every_child_reports() {
     let lease = WINDOW * 10;
     let engine = MemEngine::new(Lifetimes {
         member: Duration::from_secs(3),
@@ -268,10 +270,38 @@ async fn a_stall_of_the_engines_keys_shorter_than_the_lease_leaves_the_tree_alon
         assert!(a + b <= 40.0 + 1e-6, "A {a} B {b}");
     }
     assert_eq!(g[root].status.borrow().role, Role::Root);
-    // Stalled for 3 leases: the root steps down once its last renewal is a lease old.
+    // Stalled for 3 leases: the root's renewals fail, but every child still reports, so
+    // it leads on; its key expired meanwhile and nothing else was written to the
+    // election bucket, so it wins the key back under the same epoch.
+    engine.stall_keys(tokio::time::Instant::now() + lease * 3);
+    for _ in 0..50 {
+        tokio::time::sleep(WINDOW).await;
+        for x in &g {
+            let s = x.status.borrow();
+            assert!(
+                s.windows_since_fresh <= 1 && s.epoch == epoch,
+                "{} during and after a stall of 3 leases: {:?}",
+                s.node,
+                *s
+            );
+        }
+        let (a, b, _) = totals(&all);
+        assert!(
+            a + b <= 40.0 + 1e-6,
+            "A {a} B {b} {:#?}",
+            g.iter()
+                .map(|x| x.status.borrow().clone())
+                .collect::<Vec<_>>()
+        );
+    }
+    assert_eq!(g[root].status.borrow().role, Role::Root);
+    // Stalled again with the children's reports lost (the root cut off from its tree):
+    // it steps down once its last renewal is a lease old.
+    engine.mute("allot.test.up.");
     engine.stall_keys(tokio::time::Instant::now() + lease * 3);
     tokio::time::sleep(lease + WINDOW * 3).await;
     assert_ne!(g[root].status.borrow().role, Role::Root);
+    engine.unmute("allot.test.up.");
     // The stall over, one root of a higher epoch hands out fresh quotas again.
     tokio::time::sleep(lease * 4).await;
     let (a, b, fresh) = settled(&all, 20).await;

@@ -405,6 +405,19 @@ impl Node {
         }
     }
 
+    /// Whether the tree below this node is alive: every child's last report is recent
+    /// enough to count in `window`'s sums (within [`CHILD_SILENT_WINDOWS`]). True for a
+    /// node without children; false for a node in no tree.
+    pub fn children_reporting(&self, window: u64) -> bool {
+        self.position.as_ref().is_some_and(|p| {
+            p.children.iter().all(|c| {
+                self.reports
+                    .get(c)
+                    .is_some_and(|r| r.window + CHILD_SILENT_WINDOWS > window)
+            })
+        })
+    }
+
     fn all_reported(&self, window: u64) -> bool {
         self.position.as_ref().is_some_and(|p| {
             p.children

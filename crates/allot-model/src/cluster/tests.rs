@@ -708,3 +708,36 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn the_tree_below_is_alive_while_every_child_reports_within_two_windows() {
+    let planner = two_tenants();
+    let shape = Shape::new(&names(4), "g00000", 2).expect("valid");
+    let mut agg = Node::new("g00001", Arc::clone(&planner));
+    assert!(!agg.children_reporting(3), "in no tree yet");
+    agg.reshape(1, &shape);
+    let report = |from: &str, window: u64| Report {
+        epoch: 1,
+        window,
+        from: from.into(),
+        demand: vec![0.0, 1.0, 0.0],
+    };
+    assert!(!agg.children_reporting(3), "no child has reported");
+    agg.on_report(report("g00002", 3))
+        .expect("a child's report");
+    assert!(!agg.children_reporting(3), "one child has not reported");
+    agg.on_report(report("g00003", 2))
+        .expect("a child's report");
+    assert!(
+        agg.children_reporting(3),
+        "the last report of each counts in window 3"
+    );
+    assert!(
+        !agg.children_reporting(4),
+        "g00003's report of window 2 is too old for 4"
+    );
+    // A leaf has no children: nothing below it can be silent.
+    let mut leaf = Node::new("g00002", Arc::clone(&planner));
+    leaf.reshape(1, &shape);
+    assert!(leaf.children_reporting(100));
+}

@@ -145,7 +145,8 @@ struct Gw {
 
 fn start(backend: SocketAddr, nats: &NatsCluster, i: usize, cluster: &str, token: &str) -> Gw {
     let mut servers = nats.urls.clone();
-    servers.rotate_left(i);
+    let n = servers.len();
+    servers.rotate_left(i % n);
     let text = config(backend, &servers, cluster, &format!("g{i}"), token);
     let (proc, gw, admin, _) = gateway(&text, &[], &[]);
     Gw {
@@ -1128,6 +1129,123 @@ async fn experiment_cluster_agreement_change_reaches_every_gateway() {
         format!("{:.0} units/s", mean / 100.0 * 400.0),
         "200 ± 5% (the new capacity)",
         (mean / 100.0 * 400.0 - 200.0).abs() <= 10.0,
+    );
+    rows.done();
+}
+
+/// CPU seconds (user and system, every thread) process `pid` has used so far.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start at the state, field 3:
+    // utime and stime are fields 14 and 15, in clock ticks of 1/100 s.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        f.get(i - 3)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(14) + ticks(15)) / 100.0
+}
+
+/// The coordination cost with 8 gateway processes: each gateway's CPU per window against
+/// a gateway without `[cluster]` under the same load, the messages each sends and
+/// receives per window (the root and a leaf), and the slowest step of the tree's logic at
+/// the root (which solves the plan) against a tenth of a window.
+#[ignore = "experiment: the coordination cost of 8 gateways, figures for docs/benchmarks.md"]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn experiment_cluster_coordination_cost_of_eight_gateways() {
+    let rig = Rig::start("cc", 8).await;
+    // A gateway planning alone: the same configuration without `[cluster]`.
+    let alone_text = {
+        let text = config(rig.backend, &rig.nats.urls, "unused", "alone", TOKEN);
+        let at = text.find("\n[cluster]").expect("a [cluster] table");
+        text[..at].to_string()
+    };
+    let (alone_proc, alone_gw, _, _) = gateway(&alone_text, &[], &[]);
+    let (idle_alone_proc, _, _, _) = gateway(&alone_text, &[], &[]);
+    let secs = 15.0;
+    let end = Instant::now() + Duration::from_secs_f64(secs);
+    // The same light load on the lone gateway and on g1; the others idle.
+    let _load = [
+        offer(alone_gw, "/a", 20.0, end),
+        offer(rig.g[1].gw, "/a", 20.0, end),
+    ];
+    let pids: Vec<u32> = rig
+        .g
+        .iter()
+        .map(|g| g.proc.as_ref().map_or(0, |p| p.child.id()))
+        .collect();
+    let alone_pid = alone_proc.child.id();
+    let idle_alone_pid = idle_alone_proc.child.id();
+    let before: Vec<Value> = futures_statuses(&rig.g).await;
+    let cpu0: Vec<f64> = pids.iter().map(|&p| cpu_seconds(p)).collect();
+    let alone0 = cpu_seconds(alone_pid);
+    let idle_alone0 = cpu_seconds(idle_alone_pid);
+    tokio::time::sleep_until(end).await;
+    let cpu1: Vec<f64> = pids.iter().map(|&p| cpu_seconds(p)).collect();
+    let alone1 = cpu_seconds(alone_pid);
+    let idle_alone1 = cpu_seconds(idle_alone_pid);
+    let after: Vec<Value> = futures_statuses(&rig.g).await;
+    let windows = secs * 1000.0 / WINDOW_MS as f64;
+    let ms_per_window = |c: f64| c * 1000.0 / windows;
+    let alone = ms_per_window(alone1 - alone0);
+    let idle_alone = ms_per_window(idle_alone1 - idle_alone0);
+    let per: Vec<f64> = cpu0
+        .iter()
+        .zip(&cpu1)
+        .map(|(a, b)| ms_per_window(b - a))
+        .collect();
+    let root = after
+        .iter()
+        .position(|s| s["cluster"]["role"] == "root")
+        .expect("a root");
+    let messages = |i: usize, key: &str| {
+        (after[i]["cluster"][key].as_f64().unwrap_or(0.0)
+            - before[i]["cluster"][key].as_f64().unwrap_or(0.0))
+            / windows
+    };
+    let idle_leaf = (0..8)
+        .find(|&i| i != root && i != 1 && after[i]["cluster"]["role"] == "leaf")
+        .unwrap_or(0);
+    let mut sorted = per.clone();
+    sorted.sort_by(f64::total_cmp);
+    let median = (sorted[3] + sorted[4]) / 2.0;
+    let slowest_us = after[root]["cluster"]["slowest_step_us"]
+        .as_u64()
+        .unwrap_or(u64::MAX);
+    let mut rows = Rows::new();
+    rows.row(
+        "8 gateways: CPU per 100 ms window (median of 8; the root; a loaded leaf; an idle leaf) against gateways alone, loaded and idle",
+        format!(
+            "{median:.2} ms; root g{root} {:.2} ms; g1 {:.2} ms; g{idle_leaf} {:.2} ms; alone {alone:.2} ms loaded, {idle_alone:.2} ms idle; the link's cost: loaded {:.2} ms, idle {:.2} ms, root {:.2} ms per window",
+            per[root],
+            per[1],
+            per[idle_leaf],
+            per[1] - alone,
+            per[idle_leaf] - idle_alone,
+            per[root] - idle_alone,
+        ),
+        "recorded",
+        true,
+    );
+    rows.row(
+        "8 gateways: messages per window, root sent / received; a leaf sent / received",
+        format!(
+            "{:.2} / {:.2}; {:.2} / {:.2}",
+            messages(root, "messages_sent_total"),
+            messages(root, "messages_received_total"),
+            messages(idle_leaf, "messages_sent_total"),
+            messages(idle_leaf, "messages_received_total"),
+        ),
+        "recorded",
+        true,
+    );
+    rows.row(
+        "8 gateways: the root's slowest step (sums and the plan)",
+        format!("{slowest_us} µs"),
+        "≤ a tenth of a window (10 000 µs)",
+        slowest_us <= WINDOW_MS * 100,
     );
     rows.done();
 }

@@ -125,6 +125,10 @@ pub struct LinkStatus {
     pub received: u64,
     /// Messages ignored (malformed, from outside the tree, of another epoch).
     pub ignored: u64,
+    /// The slowest single step of the tree's logic so far (closing a window, taking a
+    /// report or quotas, a deadline), microseconds: at the root it includes summing the
+    /// reports and solving the plan.
+    pub slowest_step_us: u64,
     /// The last engine error, until a chore (renewing the lease or the membership)
     /// succeeds again.
     pub engine_error: Option<String>,
@@ -152,6 +156,7 @@ impl LinkStatus {
             sent: 0,
             received: 0,
             ignored: 0,
+            slowest_step_us: 0,
             engine_error: None,
             agreements: String::new(),
         }
@@ -589,7 +594,7 @@ pub async fn run<E: Engine>(
             }
             _ = sleep_opt(deadline) => {
                 if let Some((_, w)) = link.deadline.take() {
-                    let out = link.node.deadline(w);
+                    let out = link.step(|n| n.deadline(w));
                     link.send(out).await;
                 }
             }
@@ -597,7 +602,7 @@ pub async fn run<E: Engine>(
                 Some(bytes) => {
                     link.status.received += 1;
                     match serde_json::from_slice::<Report>(&bytes) {
-                        Ok(r) => match link.node.on_report(r) {
+                        Ok(r) => match link.step(|n| n.on_report(r)) {
                             Ok(out) => link.send(out).await,
                             Err(_) => link.status.ignored += 1,
                         },
@@ -610,7 +615,7 @@ pub async fn run<E: Engine>(
                 Some(bytes) => {
                     link.status.received += 1;
                     match serde_json::from_slice::<Quotas>(&bytes) {
-                        Ok(q) => match link.node.on_quotas(&q) {
+                        Ok(q) => match link.step(|n| n.on_quotas(&q)) {
                             Ok(out) => {
                                 link.root_alive(q.epoch);
                                 link.send(out).await;
@@ -665,6 +670,15 @@ impl<E: Engine> Link<E> {
     fn instant_of(&self, unix_ms: u64) -> Instant {
         self.config.origin
             + Duration::from_millis(unix_ms.saturating_sub(self.config.origin_unix_ms))
+    }
+
+    /// One step of the tree's logic, timed for [`LinkStatus::slowest_step_us`].
+    fn step<T>(&mut self, f: impl FnOnce(&mut Node) -> T) -> T {
+        let began = std::time::Instant::now();
+        let out = f(&mut self.node);
+        let us = u64::try_from(began.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.status.slowest_step_us = self.status.slowest_step_us.max(us);
+        out
     }
 
     fn member_value(&self) -> Bytes {
@@ -825,7 +839,7 @@ impl<E: Engine> Link<E> {
         self.chores(b);
         self.reshape().await;
         if b > 0 {
-            let out = self.node.close_window(b - 1, demand);
+            let out = self.step(|n| n.close_window(b - 1, demand));
             self.send(out).await;
             if let Some(p) = self.node.position() {
                 if !p.children.is_empty() {

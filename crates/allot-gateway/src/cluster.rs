@@ -67,6 +67,10 @@ pub struct ClusterSnapshot {
     /// Messages ignored: malformed, from outside the tree, of another epoch.
     #[serde(default)]
     pub messages_ignored_total: u64,
+    /// The slowest single step of the link's tree logic so far, microseconds (at the
+    /// root: summing the reports and solving the plan).
+    #[serde(default)]
+    pub slowest_step_us: u64,
     /// The last problem with the coordination engine, if the last attempt failed.
     #[serde(default)]
     pub error: Option<String>,
@@ -233,6 +237,7 @@ impl ClusterShared {
             messages_sent_total: link.map_or(0, |l| l.sent),
             messages_received_total: link.map_or(0, |l| l.received),
             messages_ignored_total: link.map_or(0, |l| l.ignored),
+            slowest_step_us: link.map_or(0, |l| l.slowest_step_us),
             error: s.error.clone(),
             agreements: link.map(|l| l.agreements.clone()).unwrap_or_default(),
             principals,

@@ -485,6 +485,13 @@ fn cluster_metrics(
         "Messages ignored: malformed, from outside the tree, or of another epoch.",
         &[(vec![], c.messages_ignored_total)],
     )?;
+    gauge_f64(
+        e,
+        "allot_cluster_slowest_step_seconds",
+        "The slowest single step of the cluster link's tree logic so far (at the root: \
+         summing the reports and solving the plan).",
+        &[(vec![], c.slowest_step_us as f64 / 1e6)],
+    )?;
     let per = |f: fn(&crate::cluster::ClusterPrincipal) -> f64| -> Vec<(Labels, f64)> {
         c.principals
             .iter()

@@ -125,6 +125,25 @@ async fn settled(gateways: &[&Gateway], windows: u32) -> (f64, f64, usize) {
     totals(gateways)
 }
 
+/// For `windows` windows, every gateway holds a quota at most one window old of `epoch`,
+/// and together they never hand out more than capacity (40 units a window).
+async fn steady_for(gateways: &[&Gateway], windows: u32, epoch: u64, when: &str) {
+    for _ in 0..windows {
+        tokio::time::sleep(WINDOW).await;
+        for x in gateways {
+            let s = x.status.borrow();
+            assert!(
+                s.windows_since_fresh <= 1 && s.epoch == epoch,
+                "{} {when}: {:?}",
+                s.node,
+                *s
+            );
+        }
+        let (a, b, _) = totals(gateways);
+        assert!(a + b <= 40.0 + 1e-6, "A {a} B {b} {when}");
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn three_gateways_elect_one_root_share_the_plan_and_replace_a_root_that_leaves() {
     let engine = MemEngine::new(Lifetimes {
@@ -255,45 +274,13 @@ async fn a_stall_of_the_engines_keys_leaves_the_tree_alone_while_every_child_rep
         .expect("a root");
     // Stalled for 6 windows, less than the 10-window lease.
     engine.stall_keys(tokio::time::Instant::now() + WINDOW * 6);
-    for _ in 0..20 {
-        tokio::time::sleep(WINDOW).await;
-        for x in &g {
-            let s = x.status.borrow();
-            assert!(
-                s.windows_since_fresh <= 1 && s.epoch == epoch,
-                "{} during the stall: {:?}",
-                s.node,
-                *s
-            );
-        }
-        let (a, b, _) = totals(&all);
-        assert!(a + b <= 40.0 + 1e-6, "A {a} B {b}");
-    }
+    steady_for(&all, 20, epoch, "during the stall").await;
     assert_eq!(g[root].status.borrow().role, Role::Root);
     // Stalled for 3 leases: the root's renewals fail, but every child still reports, so
     // it leads on; its key expired meanwhile and nothing else was written to the
     // election bucket, so it wins the key back under the same epoch.
     engine.stall_keys(tokio::time::Instant::now() + lease * 3);
-    for _ in 0..50 {
-        tokio::time::sleep(WINDOW).await;
-        for x in &g {
-            let s = x.status.borrow();
-            assert!(
-                s.windows_since_fresh <= 1 && s.epoch == epoch,
-                "{} during and after a stall of 3 leases: {:?}",
-                s.node,
-                *s
-            );
-        }
-        let (a, b, _) = totals(&all);
-        assert!(
-            a + b <= 40.0 + 1e-6,
-            "A {a} B {b} {:#?}",
-            g.iter()
-                .map(|x| x.status.borrow().clone())
-                .collect::<Vec<_>>()
-        );
-    }
+    steady_for(&all, 50, epoch, "during and after a stall of 3 leases").await;
     assert_eq!(g[root].status.borrow().role, Role::Root);
     // Stalled again with the children's reports lost (the root cut off from its tree):
     // it steps down once its last renewal is a lease old.

@@ -299,17 +299,19 @@ enum RootOutcome {
     Renewed(u64, RootValue),
     /// The election won: the key's revision and value (with the epoch).
     Won(u64, RootValue),
-    /// The key holds another value (empty if none).
-    Seen(Bytes),
+    /// The key holds another value: its revision and value.
+    Seen(u64, Bytes),
 }
 
 /// Renews the root's lease (`renew`: the revision held and the value) or stands for
-/// election with epochs above `floor`.
+/// election with epochs above `floor` (taking over the key from revision `stale`, seen
+/// unrenewed for a lease).
 async fn root_chore<E: Engine>(
     engine: E,
     node: String,
     renew: Option<(u64, RootValue)>,
     floor: u64,
+    stale: Option<u64>,
     limit: Duration,
 ) -> RootFound {
     let mut found = RootFound {
@@ -318,7 +320,7 @@ async fn root_chore<E: Engine>(
         errors: Vec::new(),
     };
     let Some((rev, value)) = renew else {
-        stand(&engine, node, floor, None, limit, &mut found).await;
+        stand(&engine, node, floor, None, stale, limit, &mut found).await;
         return found;
     };
     match bounded(
@@ -336,7 +338,7 @@ async fn root_chore<E: Engine>(
             {
                 found.outcome = Some(RootOutcome::Renewed(e.revision, value));
             }
-            Ok(Some(e)) => found.outcome = Some(RootOutcome::Seen(e.value)),
+            Ok(Some(e)) => found.outcome = Some(RootOutcome::Seen(e.revision, e.value)),
             // Expired while the engine could not renew it (the root rode it through):
             // stand again at once.
             Ok(None) => {
@@ -345,6 +347,7 @@ async fn root_chore<E: Engine>(
                     node,
                     floor,
                     Some((rev, value.epoch)),
+                    None,
                     limit,
                     &mut found,
                 )
@@ -357,54 +360,82 @@ async fn root_chore<E: Engine>(
     found
 }
 
-/// Stands for election: create-if-absent, then writes the epoch into the key. The epoch
-/// is the winning revision (at least `floor + 1`), except for a root whose own key
-/// expired unrenewed (`held`: the revision it last held and its epoch): if its win is
-/// the bucket's very next revision, nothing was written to the election bucket between
-/// (no other gateway won the key meanwhile), so its term goes on under the same epoch
-/// and the tree need not change.
+/// Stands for election: create-if-absent, or, when the key still holds revision `stale`
+/// (a root's write seen unrenewed for a whole lease, which the engine has not expired
+/// yet), update-by-revision from it; then writes the epoch into the key. The epoch is the
+/// winning revision (at least `floor + 1`), except for a root whose own key expired
+/// unrenewed (`held`: the revision it last held and its epoch): if its win is the
+/// bucket's very next revision, nothing was written to the election bucket between (no
+/// other gateway won the key meanwhile), so its term goes on under the same epoch and the
+/// tree need not change.
 async fn stand<E: Engine>(
     engine: &E,
     node: String,
     floor: u64,
     held: Option<(u64, u64)>,
+    stale: Option<u64>,
     limit: Duration,
     found: &mut RootFound,
 ) {
-    let claim = RootValue {
+    let claim = root_bytes(&RootValue {
         node: node.clone(),
         epoch: 0,
-    };
-    match bounded(
+    });
+    let won = match bounded(
         limit,
-        engine.create(Bucket::Election, ROOT_KEY, root_bytes(&claim)),
+        engine.create(Bucket::Election, ROOT_KEY, claim.clone()),
     )
     .await
     {
-        Ok(Some(rev)) => {
-            // Won: the winning revision is the epoch; write it for everyone.
-            let epoch = match held {
-                Some((last, epoch)) if rev == last + 1 && epoch >= floor => epoch,
-                _ => rev.max(floor + 1),
-            };
-            let value = RootValue { node, epoch };
-            match bounded(
-                limit,
-                engine.update(Bucket::Election, ROOT_KEY, root_bytes(&value), rev),
-            )
-            .await
-            {
-                Ok(Some(next)) => found.outcome = Some(RootOutcome::Won(next, value)),
-                Ok(None) => {}
-                Err(e) => found.errors.push(e),
-            }
-        }
-        // Someone holds it: read who.
+        Ok(Some(rev)) => Some(rev),
+        // Someone holds it: read who, and take it over if it is the write seen unrenewed.
         Ok(None) => match bounded(limit, engine.get(Bucket::Election, ROOT_KEY)).await {
-            Ok(Some(e)) => found.outcome = Some(RootOutcome::Seen(e.value)),
-            Ok(None) => {}
-            Err(e) => found.errors.push(e),
+            Ok(Some(e)) if Some(e.revision) == stale => {
+                match bounded(
+                    limit,
+                    engine.update(Bucket::Election, ROOT_KEY, claim, e.revision),
+                )
+                .await
+                {
+                    Ok(won) => won,
+                    Err(e) => {
+                        found.errors.push(e);
+                        None
+                    }
+                }
+            }
+            Ok(Some(e)) => {
+                found.outcome = Some(RootOutcome::Seen(e.revision, e.value));
+                None
+            }
+            Ok(None) => None,
+            Err(e) => {
+                found.errors.push(e);
+                None
+            }
         },
+        Err(e) => {
+            found.errors.push(e);
+            None
+        }
+    };
+    let Some(rev) = won else {
+        return;
+    };
+    // Won: the winning revision is the epoch; write it for everyone.
+    let epoch = match held {
+        Some((last, epoch)) if rev == last + 1 && epoch >= floor => epoch,
+        _ => rev.max(floor + 1),
+    };
+    let value = RootValue { node, epoch };
+    match bounded(
+        limit,
+        engine.update(Bucket::Election, ROOT_KEY, root_bytes(&value), rev),
+    )
+    .await
+    {
+        Ok(Some(next)) => found.outcome = Some(RootOutcome::Won(next, value)),
+        Ok(None) => {}
         Err(e) => found.errors.push(e),
     }
 }
@@ -476,6 +507,11 @@ struct Link<E: Engine> {
     members: BTreeSet<String>,
     /// The root key as last seen: node, epoch, when.
     root_seen: Option<(String, u64, Instant)>,
+    /// The root key's revision as last seen: a read that finds the same revision again
+    /// finds the key not renewed since.
+    root_rev: Option<u64>,
+    /// When this node last stood for election.
+    stood_at: Option<Instant>,
     /// This node's lease revision while it is root.
     my_root_rev: Option<u64>,
     /// When the root's lease was last won or renewed by this node (the renewal's start).
@@ -535,6 +571,8 @@ pub async fn run<E: Engine>(
         member_rev: None,
         members: BTreeSet::new(),
         root_seen: None,
+        root_rev: None,
+        stood_at: None,
         my_root_rev: None,
         renewed_at: None,
         root_chore: None,
@@ -559,7 +597,7 @@ pub async fn run<E: Engine>(
     let mut shared = Some(link.engine.watch(Bucket::Config).await?);
     link.share_agreements().await;
     if let Ok(Some(e)) = link.engine.get(Bucket::Election, ROOT_KEY).await {
-        link.saw_root(&e.value);
+        link.saw_root(e.revision, &e.value);
     }
     tokio::pin!(shutdown);
     let window_ms = link.config.window.as_millis().max(1) as u64;
@@ -570,6 +608,7 @@ pub async fn run<E: Engine>(
     loop {
         let next = link.instant_of(next_b * window_ms);
         let deadline = link.deadline.map(|(at, _)| at);
+        let stand_at = link.election_at();
         tokio::select! {
             _ = &mut shutdown => break,
             _ = tokio::time::sleep_until(next) => {
@@ -584,6 +623,9 @@ pub async fn run<E: Engine>(
                 link.root_chore = None;
                 if let Some(found) = found {
                     link.root_found(found);
+                    // A root won or lost mid-window takes its place at once, so the
+                    // tree's next reports go to it.
+                    link.retake_place(&status).await;
                 }
             }
             found = join_opt(&mut link.members_chore) => {
@@ -592,6 +634,7 @@ pub async fn run<E: Engine>(
                     link.members_found(found);
                 }
             }
+            _ = sleep_opt(stand_at) => link.start_root_chore(None),
             _ = sleep_opt(deadline) => {
                 if let Some((_, w)) = link.deadline.take() {
                     let out = link.step(|n| n.deadline(w));
@@ -628,7 +671,10 @@ pub async fn run<E: Engine>(
                 None => link.down = None,
             },
             entry = recv_opt(&mut election) => match entry {
-                Some(e) if e.key == ROOT_KEY => link.saw_root(&e.value),
+                Some(e) if e.key == ROOT_KEY => {
+                    link.saw_root(e.revision, &e.value);
+                    link.retake_place(&status).await;
+                }
                 Some(_) => {}
                 None => election = None,
             },
@@ -773,9 +819,15 @@ impl<E: Engine> Link<E> {
     }
 
     /// The root's key changed.
-    fn saw_root(&mut self, value: &[u8]) {
+    fn saw_root(&mut self, revision: u64, value: &[u8]) {
+        if value.is_empty() && self.my_root_rev.is_none() {
+            // Deleted by a root that left: no root now; stand at once.
+            self.root_seen = None;
+            self.root_rev = None;
+            return;
+        }
         let Ok(root) = serde_json::from_slice::<RootValue>(value) else {
-            return; // emptied by a root that left, or being written
+            return; // being written
         };
         if root.epoch == 0 {
             return;
@@ -792,7 +844,61 @@ impl<E: Engine> Link<E> {
             // earlier process of the same name): not a live root; it expires.
             return;
         }
+        if self.root_rev == Some(revision) && self.root_seen.is_some() {
+            // The same write as before: not renewed since it was first seen.
+            return;
+        }
+        self.root_rev = Some(revision);
         self.root_seen = Some((root.node, root.epoch, Instant::now()));
+    }
+
+    /// When this node is to stand for election between boundaries: as soon as the root's
+    /// key, unrenewed, has expired (a lease after its last renewal was seen), not at the
+    /// next boundary; retried every half window while the key is still there unrenewed.
+    /// `None` while this node is root or a chore on the root's key is running.
+    fn election_at(&self) -> Option<Instant> {
+        if self.my_root_rev.is_some() || self.root_chore.is_some() {
+            return None;
+        }
+        let due = self
+            .root_seen
+            .as_ref()
+            .map(|(_, _, seen)| *seen + self.config.root_lease);
+        let retry = self.stood_at.map(|t| t + self.config.window / 2);
+        match (due, retry) {
+            (Some(d), Some(r)) => Some(d.max(r)),
+            (d, r) => d.or(r).or_else(|| Some(Instant::now())),
+        }
+    }
+
+    /// Starts renewing the root's lease (`renew`: the revision held and the value) or,
+    /// without one, standing for election.
+    fn start_root_chore(&mut self, renew: Option<(u64, RootValue)>) {
+        if self.root_chore.is_some() {
+            return;
+        }
+        if renew.is_none() {
+            self.stood_at = Some(Instant::now());
+        }
+        // The root's write seen unrenewed for a whole lease: its holder's lease is over
+        // (a lease counts from the start of the renewal, before the write was seen).
+        let stale = self
+            .root_seen
+            .as_ref()
+            .filter(|(_, _, seen)| seen.elapsed() >= self.config.root_lease)
+            .and(self.root_rev);
+        let limit = self.request_limit();
+        let engine = self.engine.clone();
+        let node = self.config.node.clone();
+        let floor = self.node.epoch();
+        self.root_chore = Some(tokio::spawn(root_chore(
+            engine, node, renew, floor, stale, limit,
+        )));
+    }
+
+    /// How long one engine request may take.
+    fn request_limit(&self) -> Duration {
+        (self.config.root_lease / 2).clamp(self.config.window, REQUEST_LIMIT)
     }
 
     /// Fresh quotas of `epoch` arrived from the parent: the root of that epoch planned
@@ -901,7 +1007,7 @@ impl<E: Engine> Link<E> {
             self.root_seen = None;
             self.detach_tree();
         }
-        let limit = (self.config.root_lease / 2).clamp(self.config.window, REQUEST_LIMIT);
+        let limit = self.request_limit();
         if self.root_chore.is_none() {
             let renew = self.my_root_rev.map(|rev| {
                 (
@@ -916,10 +1022,7 @@ impl<E: Engine> Link<E> {
                 now.saturating_duration_since(*seen) >= self.config.root_lease
             });
             if renew.is_some() || expired {
-                let engine = self.engine.clone();
-                let node = self.config.node.clone();
-                let floor = self.node.epoch();
-                self.root_chore = Some(tokio::spawn(root_chore(engine, node, renew, floor, limit)));
+                self.start_root_chore(renew);
             }
         }
         let refresh = self.config.member_refresh_windows.max(1);
@@ -948,24 +1051,26 @@ impl<E: Engine> Link<E> {
         match found.outcome {
             Some(RootOutcome::Renewed(rev, value)) if self.my_root_rev.is_some() => {
                 self.my_root_rev = Some(rev);
+                self.root_rev = Some(rev);
                 self.renewed_at = Some(found.began);
                 self.root_seen = Some((value.node, value.epoch, found.began));
             }
             Some(RootOutcome::Won(rev, value)) if value.epoch >= self.node.epoch() => {
                 tracing::info!(epoch = value.epoch, "cluster: this gateway is the root");
                 self.my_root_rev = Some(rev);
+                self.root_rev = Some(rev);
                 self.renewed_at = Some(found.began);
                 self.node.observe_epoch(value.epoch);
                 write_epoch(&self.config.epoch_file, value.epoch);
                 self.root_seen = Some((value.node, value.epoch, found.began));
             }
-            Some(RootOutcome::Seen(value)) => {
+            Some(RootOutcome::Seen(revision, value)) => {
                 if self.my_root_rev.is_some() {
                     // The lease is lost: the key changed or expired.
                     self.my_root_rev = None;
                     self.root_seen = None;
                 }
-                self.saw_root(&value);
+                self.saw_root(revision, &value);
             }
             _ => {}
         }
@@ -1000,6 +1105,17 @@ impl<E: Engine> Link<E> {
             }
             self.status.members = members.len();
             self.members = members;
+        }
+    }
+
+    /// Between boundaries: takes this node's place in the tree of the root in force if
+    /// it changed, and shows it.
+    async fn retake_place(&mut self, status: &watch::Sender<LinkStatus>) {
+        let before = self.shaped.clone();
+        self.reshape().await;
+        if self.shaped != before {
+            self.status.epoch = self.node.epoch();
+            status.send_replace(self.status.clone());
         }
     }
 

@@ -40,6 +40,8 @@ struct Gateway {
     status: watch::Receiver<LinkStatus>,
     stop: Option<oneshot::Sender<()>>,
     _demand: watch::Sender<Vec<f64>>,
+    /// The link's task: aborting it is a crash (no leaving, its keys expire).
+    task: tokio::task::JoinHandle<()>,
 }
 
 fn start(
@@ -76,7 +78,7 @@ fn start_leased(
         origin,
     };
     let engine = engine.clone();
-    tokio::spawn(async move {
+    let task = tokio::spawn(async move {
         let stopped = async {
             let _ = stop_rx.await;
         };
@@ -88,6 +90,7 @@ fn start_leased(
         status: status_rx,
         stop: Some(stop_tx),
         _demand: demand_tx,
+        task,
     }
 }
 
@@ -300,4 +303,63 @@ async fn a_stall_of_the_engines_keys_leaves_the_tree_alone_while_every_child_rep
         .count();
     assert_eq!(roots, 1);
     assert!(g.iter().all(|x| x.status.borrow().epoch > epoch));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_crashed_root_is_replaced_as_soon_as_its_key_expires_not_a_window_later() {
+    let lease = WINDOW * 10;
+    let engine = MemEngine::new(Lifetimes {
+        member: Duration::from_secs(3),
+        root: lease,
+    });
+    let origin = tokio::time::Instant::now();
+    let g = [
+        start_leased(&engine, "g1", vec![0.0, 10.0, 0.0], origin, lease),
+        start_leased(&engine, "g2", vec![0.0, 10.0, 30.0], origin, lease),
+        start_leased(&engine, "g3", vec![0.0, 0.0, 10.0], origin, lease),
+    ];
+    let all: Vec<&Gateway> = g.iter().collect();
+    tokio::time::sleep(Duration::from_secs(2) + WINDOW / 2).await;
+    let (_, _, fresh) = settled(&all, 10).await;
+    assert_eq!(fresh, 3);
+    let epoch = g[0].status.borrow().epoch;
+    let root = g
+        .iter()
+        .position(|x| x.status.borrow().role == Role::Root)
+        .expect("a root");
+    // Mid-window, a little after the root renewed its lease at the boundary: it
+    // crashes, leaving its key to expire a lease after that renewal.
+    g[root].task.abort();
+    let crashed_at = tokio::time::Instant::now();
+    let others: Vec<&Gateway> = g
+        .iter()
+        .enumerate()
+        .filter(|&(i, _)| i != root)
+        .map(|(_, x)| x)
+        .collect();
+    let new_root = loop {
+        let elapsed = crashed_at.elapsed();
+        assert!(elapsed < lease * 2, "no new root after {elapsed:?}");
+        if let Some(x) = others.iter().find(|x| {
+            let s = x.status.borrow();
+            s.epoch > epoch && s.role == Role::Root
+        }) {
+            break (x.status.borrow().node.clone(), elapsed);
+        }
+        tokio::time::sleep(WINDOW / 20).await;
+    };
+    // The key expired less than a lease after the crash; standing at the next boundary
+    // would have taken half a window more.
+    assert!(
+        new_root.1 <= lease,
+        "{} root after {:?}",
+        new_root.0,
+        new_root.1
+    );
+    // Within two windows of that, every gateway left holds the new root's fresh quota.
+    tokio::time::sleep(WINDOW * 2).await;
+    for x in &others {
+        let s = x.status.borrow();
+        assert!(s.windows_since_fresh == 0 && s.epoch > epoch, "{:?}", *s);
+    }
 }

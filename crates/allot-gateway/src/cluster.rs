@@ -5,8 +5,10 @@
 //!
 //! The link publishes its state every window. A state not renewed for more than
 //! [`STALE_WINDOWS`] windows (the process was stopped, the link's loop is stuck on the
-//! engine) is no longer enforced: the gateway enforces its fallback share and `/status`
-//! says so, until the link publishes again. This is judged on the monotonic clock, so a
+//! engine) is no longer enforced: the gateway admits nothing (its parent has dropped it
+//! meanwhile, and the others' quotas may hold its part) for up to `REJOIN_WINDOWS`
+//! windows, then its fallback share, and `/status` says so, until the link publishes
+//! again. This is judged on the monotonic clock, so a
 //! gateway continued after SIGSTOP never applies, even for a moment, the quota it held
 //! before it stopped.
 
@@ -14,7 +16,7 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use allot_cluster::link::{LinkStatus, Role};
-use allot_model::cluster::Source;
+use allot_model::cluster::{Source, REJOIN_WINDOWS};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
@@ -268,14 +270,22 @@ impl State {
     }
 
     /// What to enforce now, units per window per principal: the link's quota while its
-    /// state is renewed in time; once stale, the lesser of its last quota and the
-    /// detached share (so the gateways together stay within what their last plans or
-    /// the mandatory-only plan allow); with no link, the detached share.
+    /// state is renewed in time. Once stale, nothing for [`REJOIN_WINDOWS`] windows: the
+    /// link has not reported either, so its parent has dropped it and the others' quotas
+    /// may hold its part (the process was stopped; its link's next state says more).
+    /// Stale for longer, the lesser of its last quota and the detached share (so the
+    /// gateways together stay within what their last plans or the mandatory-only plan
+    /// allow); with no link, the detached share.
     fn units(&self) -> Vec<f64> {
         if let Some(e) = self.in_force().and_then(|l| l.enforcement.as_ref()) {
             return e.units.clone();
         }
+        let window_ms = self.configured.as_ref().map_or(100, |c| c.1.max(1));
+        let rejoining = self
+            .stale_ms()
+            .is_some_and(|ms| ms < window_ms.saturating_mul(REJOIN_WINDOWS));
         match self.link.as_ref().and_then(|l| l.enforcement.as_ref()) {
+            Some(e) if rejoining => vec![0.0; e.units.len()],
             Some(e) if e.units.len() == self.detached_quota.len() => e
                 .units
                 .iter()
@@ -347,10 +357,16 @@ mod tests {
         });
         c.update(&link);
         std::thread::sleep(std::time::Duration::from_millis(10));
-        assert_eq!(c.quota(1), Quota::Units(vec![1.0]));
+        // Just stale: the others may hold this gateway's part now; nothing.
+        assert_eq!(c.quota(1), Quota::Units(vec![0.0]));
         let s = c.snapshot().expect("configured");
         assert!(s.fallback && s.fallback_since_ms.is_some(), "{s:?}");
         assert!(s.windows_since_fresh >= STALE_WINDOWS, "{s:?}");
+        assert_eq!(s.principals[0].local_share, 0.0);
+        // Stale for longer than a rejoin takes: the detached share.
+        std::thread::sleep(std::time::Duration::from_millis(REJOIN_WINDOWS + 10));
+        assert_eq!(c.quota(1), Quota::Units(vec![1.0]));
+        let s = c.snapshot().expect("configured");
         assert_eq!(s.principals[0].local_share, 1000.0);
         // A last quota below the detached share: the lesser is enforced.
         link.enforcement = Some(Enforcement {
@@ -358,7 +374,7 @@ mod tests {
             source: Source::Fresh,
         });
         c.update(&link);
-        std::thread::sleep(std::time::Duration::from_millis(10));
+        std::thread::sleep(std::time::Duration::from_millis(REJOIN_WINDOWS + 10));
         assert_eq!(c.quota(1), Quota::Units(vec![0.5]));
     }
 }

@@ -31,6 +31,12 @@ pub const PUMPS_PER_WINDOW: u32 = 10;
 /// everything that accrued, and an idle principal saves at most this much.
 const CREDIT_ROOM_STEPS: f64 = 3.0;
 
+/// Windows without a pump after which the gateway is taken to have been away (its
+/// process stopped, its runtime stuck): the credit its principals saved before is
+/// forgotten, not spent at once on return, since under `[cluster]` the other gateways'
+/// quotas may have taken this one's part meanwhile.
+const AWAY_WINDOWS: u64 = 2;
+
 #[derive(Debug, Default)]
 struct Counters {
     admitted: AtomicU64,
@@ -142,6 +148,8 @@ pub struct Enforcer {
     /// Connections: the back-end address of each principal's capacity.
     addresses: Vec<Option<std::net::SocketAddr>>,
     window: Duration,
+    /// When credit was last offered to the waiting requests (a [`Nanos`] count).
+    last_pump_ns: AtomicU64,
 }
 
 impl std::fmt::Debug for Enforcer {
@@ -174,7 +182,7 @@ impl Enforcer {
                             name: p.name.clone(),
                             state: Mutex::new(PrincipalState {
                                 arrived: 0.0,
-                                demand: Ewma::new(config.demand_smoothing).unwrap_or_else(|_| {
+                                demand: Ewma::new(config.demand_weight()).unwrap_or_else(|_| {
                                     Ewma::new(0.5).expect("0.5 is a valid weight")
                                 }),
                                 credit: TokenBucket::new(0.0, 1.0, now),
@@ -217,6 +225,7 @@ impl Enforcer {
             locations,
             addresses,
             window: Duration::from_millis(config.window_ms),
+            last_pump_ns: AtomicU64::new(now.0),
         };
         if previous.is_none() {
             // Until demand is known, the guarantees alone: the conservative plan.
@@ -269,9 +278,10 @@ impl Enforcer {
                 cost,
             });
         };
+        let away = self.away(now);
         let mut s = lock(&p.state);
         s.arrived += cost;
-        if s.waiting.is_empty() && s.credit.try_take(cost, now) {
+        if !away && s.waiting.is_empty() && s.credit.try_take(cost, now) {
             p.counters.admitted.fetch_add(1, Relaxed);
             return Credit::Now(Charge {
                 principal: Some(Arc::clone(p)),
@@ -411,10 +421,23 @@ impl Enforcer {
         }
     }
 
+    /// Whether no pump has run for [`AWAY_WINDOWS`] windows up to `now`: requests then
+    /// wait for the next pump rather than spend credit saved before the gap.
+    pub fn away(&self, now: Nanos) -> bool {
+        let gap_ns = now.0.saturating_sub(self.last_pump_ns.load(Relaxed));
+        u128::from(gap_ns) > self.window.as_nanos() * u128::from(AWAY_WINDOWS)
+    }
+
     /// Offers the credit accrued since the last call to the requests waiting, in order.
+    /// After a gap of [`AWAY_WINDOWS`] windows the credit saved before it is forgotten.
     pub fn pump(&self, now: Nanos) {
+        let away = self.away(now);
+        self.last_pump_ns.store(now.0, Relaxed);
         for p in &self.principals {
             let mut s = lock(&p.state);
+            if away {
+                s.credit.drain(now);
+            }
             while let Some(front) = s.waiting.front() {
                 if front.tx.is_closed() {
                     s.waiting.pop_front();
@@ -487,10 +510,38 @@ mod tests {
         lock(&e.principals[0].state).credit.available(now)
     }
 
+    /// The window loop's pumps, every tenth of a window, over `from..=to` milliseconds.
+    fn pumps(e: &Enforcer, from: u64, to: u64) {
+        for ms in (from..=to).step_by(10) {
+            e.pump(Nanos::from_millis(ms));
+        }
+    }
+
+    #[test]
+    fn credit_saved_before_a_gap_without_pumps_is_not_spent_after_it() {
+        let e = enforcer(100.0);
+        pumps(&e, 0, 1000);
+        let t = Nanos::from_millis(1000);
+        let saved = credit_left(&e, t);
+        assert!(saved >= 1.0, "{saved}");
+        // The process stopped for 5 s: a request on return waits for the next pump...
+        let back = Nanos::from_millis(6000);
+        assert!(matches!(e.arrive(0, 1.0, true, back), Credit::Wait(_)));
+        // ...which forgets what was saved before the gap.
+        e.pump(back);
+        assert!(credit_left(&e, back) <= 0.0);
+        // Live again: credit earned from then on is spent as it comes.
+        pumps(&e, 6010, 6100);
+        let Credit::Now(_) = e.arrive(0, 1.0, true, Nanos::from_millis(6100)) else {
+            panic!("credit again once the pumps run");
+        };
+    }
+
     #[test]
     fn credit_of_a_request_refused_later_goes_back() {
         let e = enforcer(100.0);
         // A second in: the bucket is full.
+        pumps(&e, 0, 1000);
         let t = Nanos::from_millis(1000);
         let before = credit_left(&e, t);
         let Credit::Now(charge) = e.arrive(0, 1.0, true, t) else {
@@ -519,7 +570,7 @@ mod tests {
         // Credit accrues and is sent to the waiter, who has left meanwhile.
         let t = Nanos::from_millis(1000);
         drop(wait);
-        e.pump(t);
+        pumps(&e, 10, 1000);
         let left = credit_left(&e, t);
         assert!(
             left >= 1.0 - 1e-9,

@@ -140,6 +140,13 @@ impl TokenBucket {
         self.tokens = (self.tokens + n).min(self.burst);
     }
 
+    /// Forgets the tokens saved up to `now` (a debt stays): from `now` the bucket holds
+    /// only what it earns from then on.
+    pub fn drain(&mut self, now: Nanos) {
+        self.refill(now);
+        self.tokens = self.tokens.min(0.0);
+    }
+
     /// Tokens available at `now`; negative while a reservation's debt is being repaid.
     /// Infinite when the rate is.
     pub fn available(&mut self, now: Nanos) -> f64 {
@@ -198,6 +205,18 @@ mod tests {
         assert!(!b.try_take(1.0, ms(10)));
         // Refill caps at burst.
         assert_eq!(b.available(ms(10_000)), 10.0);
+    }
+
+    #[test]
+    fn drained_it_holds_only_what_it_earns_after() {
+        let mut b = TokenBucket::new(100.0, 10.0, ms(0));
+        b.drain(ms(5_000));
+        assert!(!b.try_take(1.0, ms(5_000)));
+        assert!(b.try_take(1.0, ms(5_010)));
+        // A debt is not forgiven.
+        b.reserve(5.0, ms(5_010));
+        b.drain(ms(5_010));
+        assert!(b.available(ms(5_010)) < -4.9);
     }
 
     #[test]

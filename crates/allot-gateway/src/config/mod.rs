@@ -203,9 +203,13 @@ pub struct ServerLocation {
 fn default_agreement_window_ms() -> u64 {
     100
 }
-fn default_demand_smoothing() -> f64 {
-    0.5
-}
+/// The newest window's weight in the demand estimate of a gateway planning alone.
+pub const DEFAULT_DEMAND_SMOOTHING: f64 = 0.5;
+/// The same under `[cluster]`: each gateway reports its last window's demand as it was.
+/// The tree's quotas already come two windows after the demand they answer, and the sum
+/// over many gateways is smoother than any one of them; smoothing again would only add
+/// lag (a principal that stops would hold its part for windows more).
+pub const CLUSTER_DEMAND_SMOOTHING: f64 = 1.0;
 fn default_deferral_ms() -> u64 {
     1000
 }
@@ -223,9 +227,11 @@ pub struct AgreementsConfig {
     /// Planning window, in milliseconds.
     #[serde(default = "default_agreement_window_ms")]
     pub window_ms: u64,
-    /// Weight of the newest window in the demand estimate, in (0, 1].
-    #[serde(default = "default_demand_smoothing")]
-    pub demand_smoothing: f64,
+    /// Weight of the newest window in the demand estimate, in (0, 1]; when not given,
+    /// [`DEFAULT_DEMAND_SMOOTHING`] alone and [`CLUSTER_DEMAND_SMOOTHING`] under
+    /// `[cluster]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub demand_smoothing: Option<f64>,
     /// Longest a request over its principal's credit waits for a later window; then 503.
     #[serde(default = "default_deferral_ms")]
     pub max_wait_ms: u64,
@@ -246,6 +252,11 @@ pub struct AgreementsConfig {
 }
 
 impl AgreementsConfig {
+    /// The newest window's weight in the demand estimate, in (0, 1].
+    pub fn demand_weight(&self) -> f64 {
+        self.demand_smoothing.unwrap_or(DEFAULT_DEMAND_SMOOTHING)
+    }
+
     /// The agreement set as `allot plan` reads it.
     pub fn spec(&self) -> allot_model::agreements::AgreementsSpec {
         allot_model::agreements::AgreementsSpec {
@@ -572,11 +583,19 @@ impl Config {
 
     /// Parses and validates `text`; `origin` names it in errors (a file path).
     pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+        let mut config: Config = toml::from_str(text).map_err(|e| ConfigError::Syntax {
             path: origin.to_string(),
             line: e.span().map(|s| line_of(text, s.start)).unwrap_or(0),
             message: e.message().trim().to_string(),
         })?;
+        let clustered = config.cluster.is_some();
+        if let Some(a) = config.agreements.as_mut() {
+            a.get_mut().demand_smoothing.get_or_insert(if clustered {
+                CLUSTER_DEMAND_SMOOTHING
+            } else {
+                DEFAULT_DEMAND_SMOOTHING
+            });
+        }
         config.validate(text, origin)?;
         Ok(config)
     }
@@ -970,10 +989,11 @@ impl Config {
     ) -> Result<(), (String, String)> {
         let set = allot_model::agreements::AgreementSet::from_spec(&a.spec())
             .map_err(|e| ("agreements".to_string(), e.to_string()))?;
-        if !(a.demand_smoothing > 0.0 && a.demand_smoothing <= 1.0) {
+        let weight = a.demand_weight();
+        if !(weight > 0.0 && weight <= 1.0) {
             return Err((
                 "agreements.demand_smoothing".into(),
-                format!("expected a number in (0, 1], got {}", a.demand_smoothing),
+                format!("expected a number in (0, 1], got {weight}"),
             ));
         }
         if a.max_wait_ms == 0 {
@@ -1166,6 +1186,23 @@ id = "net"
 source = ["10.0.0.0/8"]
 target = { class = "premium" }
 "#;
+
+    #[test]
+    fn demand_is_smoothed_alone_and_reported_as_it_was_under_a_cluster() {
+        let agreements = "\n[agreements]\nclasses = { basic = \"p\" }\n\
+                          [[agreements.principal]]\nname = \"p\"\ncapacity = 100\n";
+        let weight = |text: &str| {
+            let c = Config::parse(text, "t.toml").expect("valid");
+            c.agreements.expect("agreements").get_ref().demand_weight()
+        };
+        let alone = format!("{GOOD}{agreements}");
+        assert_eq!(weight(&alone), DEFAULT_DEMAND_SMOOTHING);
+        let clustered =
+            format!("{alone}\n[cluster]\nservers = [\"nats://127.0.0.1:4222\"]\nname = \"edge\"\n");
+        assert_eq!(weight(&clustered), CLUSTER_DEMAND_SMOOTHING);
+        let chosen = clustered.replace("[agreements]\n", "[agreements]\ndemand_smoothing = 0.25\n");
+        assert_eq!(weight(&chosen), 0.25);
+    }
 
     #[test]
     fn good_config_loads() {

@@ -43,7 +43,9 @@ pub(crate) async fn run(live: Weak<Live>) {
         };
         let now = crate::clock::now();
         pumps += 1;
-        if pumps >= PUMPS_PER_WINDOW {
+        // Back from a gap (the process was stopped): plan at once, so the quota the
+        // cluster holds for this gateway now applies from the first pump, not the old one.
+        if pumps >= PUMPS_PER_WINDOW || enforcer.away(now) {
             pumps = 0;
             let quota = live.cluster.quota(enforcer.principals());
             let demand = enforcer.end_window(now, &quota);

@@ -14,7 +14,7 @@ pub mod shape;
 pub use node::{
     mandatory_plan, Enforcement, Ignored, Node, Outgoing, QuotaPart, Quotas, Report, Source,
     CHILD_SILENT_WINDOWS, ENGINE_FAILED_WINDOWS, LEAD_WINDOWS, PARENT_SILENT_WINDOWS,
-    REPEAT_CHANGE, STALE_WINDOWS,
+    REJOIN_WINDOWS, REPEAT_CHANGE, STALE_WINDOWS,
 };
 pub use shape::{Position, Shape, ShapeError};
 

@@ -45,6 +45,12 @@ pub const STALE_WINDOWS: u64 = 3;
 pub const PARENT_SILENT_WINDOWS: u64 = 2;
 /// A child that has not reported for this many windows is dropped from the sums.
 pub const CHILD_SILENT_WINDOWS: u64 = 2;
+/// A node whose window starts jump by more than [`CHILD_SILENT_WINDOWS`] (its process was
+/// stopped, its loop stuck) was dropped by its parent meanwhile, and the others' quotas
+/// took its part: its fallback share would come on top of them. Until a fresh quota
+/// takes it back, it admits nothing, for at most this many windows; past that the
+/// cluster is taken to be gone too and the fallback share applies.
+pub const REJOIN_WINDOWS: u64 = 20;
 /// Quotas are split a hair under proportion so round-off never hands down more than
 /// was received.
 const SPLIT_MARGIN: f64 = 1.0 - 1e-12;
@@ -208,6 +214,10 @@ pub struct Node {
     /// This node's share of the mandatory-only plan, from the last quota received.
     fallback_share: Option<Vec<f64>>,
     fallback_since: Option<u64>,
+    /// The window last enforced, to see a jump.
+    last_enforced: Option<u64>,
+    /// The window in which this node found it had been away, until a fresh quota.
+    rejoining_since: Option<u64>,
     /// The last window in which the shell saw the engine fail (an error, a reconnect).
     engine_failed: Option<u64>,
     /// The whole cluster's demand behind the last plan made or received.
@@ -295,6 +305,8 @@ impl Node {
             held: VecDeque::new(),
             fallback_share: None,
             fallback_since: None,
+            last_enforced: None,
+            rejoining_since: None,
             engine_failed: None,
             global_demand: Vec::new(),
             last_report_sent: None,
@@ -685,6 +697,13 @@ impl Node {
 
     /// What this node admits in window `window` (call once, at the window's start).
     pub fn enforce(&mut self, window: u64) -> Enforcement {
+        if self
+            .last_enforced
+            .is_some_and(|last| window > last + CHILD_SILENT_WINDOWS)
+        {
+            self.rejoining_since = Some(window);
+        }
+        self.last_enforced = Some(window);
         let current = self
             .held
             .iter()
@@ -692,7 +711,12 @@ impl Node {
             .find(|h| h.target_window <= window && h.epoch >= self.epoch);
         if let Some(h) = current {
             let age_windows = window - h.target_window;
-            if age_windows < PARENT_SILENT_WINDOWS.min(STALE_WINDOWS + 1) {
+            if age_windows == 0 {
+                self.rejoining_since = None;
+            }
+            if age_windows < PARENT_SILENT_WINDOWS.min(STALE_WINDOWS + 1)
+                && self.rejoining_since.is_none()
+            {
                 self.fallback_since = None;
                 // Stale: the last plan stands in. A plan that moved from the one before
                 // was sent twice, so it is off by more than REPEAT_CHANGE only when
@@ -729,7 +753,11 @@ impl Node {
             }
         }
         let since_window = *self.fallback_since.get_or_insert(window);
+        let rejoining = self
+            .rejoining_since
+            .is_some_and(|r| window < r + REJOIN_WINDOWS);
         let units = match &self.fallback_share {
+            _ if rejoining => vec![0.0; self.principals],
             Some(share) => share.clone(),
             // Never told a share: an equal part of the mandatory-only plan.
             None => self

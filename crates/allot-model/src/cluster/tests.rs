@@ -233,9 +233,63 @@ fn the_root_plans_global_demand_and_each_gateway_gets_its_part_two_windows_later
         "{:?}",
         g2.units
     );
-    let g1 = nodes.get_mut("g00001").expect("member").enforce(12);
-    assert_eq!(g1.source, Source::Fallback { since_window: 12 });
+    let g1 = nodes.get_mut("g00001").expect("member");
+    g1.enforce(10);
+    let g1 = g1.enforce(11);
+    assert_eq!(g1.source, Source::Fallback { since_window: 11 });
     assert!(near(g1.units[1], 7.5), "{:?}", g1.units);
+}
+
+#[test]
+fn a_gateway_back_from_a_stop_admits_nothing_until_a_fresh_quota_takes_it_back() {
+    let planner = two_tenants();
+    let members = names(3);
+    let (shape, mut nodes) = tree(&members, "g00000", 4, &planner);
+    let demand = |name: &str| match name {
+        "g00001" => vec![0.0, 30.0, 0.0],
+        "g00002" => vec![0.0, 10.0, 50.0],
+        _ => vec![0.0; 3],
+    };
+    let mut run = |nodes: &mut HashMap<String, Node>, w: u64| {
+        run_window(nodes, &shape, w, &demand, &mut || false);
+        nodes
+            .iter_mut()
+            .map(|(name, n)| (name.clone(), n.enforce(w + 1)))
+            .collect::<HashMap<_, _>>()
+    };
+    for w in 1..5 {
+        run(&mut nodes, w);
+    }
+    // g2 stops for windows 6 to 11: the root drops it and plans for the others alone.
+    let mut g2 = nodes.remove("g00002").expect("member");
+    let mut last = HashMap::new();
+    for w in 5..11 {
+        last = run(&mut nodes, w);
+    }
+    let (a, b) = last.values().fold((0.0, 0.0), |(a, b), e| {
+        assert_eq!(e.source, Source::Fresh);
+        (a + e.units[1], b + e.units[2])
+    });
+    assert!(near(a, 30.0) && near(b, 0.0), "A {a} B {b} without g2");
+    // Back at window 12, its old fallback share (A 2.5, B 30 by its demand) on top of
+    // theirs would make 62.5 units of 40: it admits nothing until the root, which has
+    // its report of window 11, hands it its part of the plan for window 13.
+    nodes.insert("g00002".into(), g2);
+    let back = run(&mut nodes, 11).remove("g00002").expect("member");
+    assert!(matches!(back.source, Source::Fallback { .. }), "{back:?}");
+    assert!(back.units.iter().all(|u| *u == 0.0), "{back:?}");
+    let e = run(&mut nodes, 12).remove("g00002").expect("member");
+    assert_eq!(e.source, Source::Fresh);
+    assert!(near(e.units[2], 30.0), "{e:?}");
+    // Never taken back (the whole cluster went): the fallback share after REJOIN_WINDOWS.
+    let mut alone = nodes.remove("g00002").expect("member");
+    let from = 20;
+    for w in from..from + REJOIN_WINDOWS {
+        let e = alone.enforce(w);
+        assert!(e.units.iter().all(|u| *u == 0.0), "window {w}: {e:?}");
+    }
+    let e = alone.enforce(from + REJOIN_WINDOWS);
+    assert!(near(e.units[2], 30.0), "{e:?}");
 }
 
 #[test]

@@ -1,7 +1,8 @@
 //! Gateways enforce one agreement set together over a real three-node NATS cluster
 //! (installed by the tests when missing), as real processes. One back end of 400 units/s
-//! (requests cost 10 units in the CI tests, 1 in the experiments), A [0.25, 1] and B [0.75, 1]; clients of A on two gateways
-//! and of B on the third, each offering more than its share.
+//! (requests cost 10 units in the CI tests, 1 in the experiments), A [0.25, 1] and
+//! B [0.75, 1]; clients of A on two gateways and of B on the third, each offering more
+//! than its share.
 //!
 //! The CI test checks behaviour with bounds that hold on a busy machine: one root, one
 //! epoch, fresh quotas; the gateways together admit within a generous band of the

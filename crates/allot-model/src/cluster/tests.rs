@@ -250,7 +250,7 @@ fn a_gateway_back_from_a_stop_admits_nothing_until_a_fresh_quota_takes_it_back()
         "g00002" => vec![0.0, 10.0, 50.0],
         _ => vec![0.0; 3],
     };
-    let mut run = |nodes: &mut HashMap<String, Node>, w: u64| {
+    let run = |nodes: &mut HashMap<String, Node>, w: u64| {
         run_window(nodes, &shape, w, &demand, &mut || false);
         nodes
             .iter_mut()
@@ -261,7 +261,7 @@ fn a_gateway_back_from_a_stop_admits_nothing_until_a_fresh_quota_takes_it_back()
         run(&mut nodes, w);
     }
     // g2 stops for windows 6 to 11: the root drops it and plans for the others alone.
-    let mut g2 = nodes.remove("g00002").expect("member");
+    let g2 = nodes.remove("g00002").expect("member");
     let mut last = HashMap::new();
     for w in 5..11 {
         last = run(&mut nodes, w);

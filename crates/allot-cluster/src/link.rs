@@ -1109,11 +1109,15 @@ impl<E: Engine> Link<E> {
     }
 
     /// Between boundaries: takes this node's place in the tree of the root in force if
-    /// it changed, and shows it.
+    /// it changed, and shows it. Not shown while this window's boundary has not run yet
+    /// (the process was stopped, the loop is late): the state held is an old window's,
+    /// its quota included, and the boundary about to run publishes the current one.
     async fn retake_place(&mut self, status: &watch::Sender<LinkStatus>) {
         let before = self.shaped.clone();
         self.reshape().await;
-        if self.shaped != before {
+        let window_ms = self.config.window.as_millis().max(1) as u64;
+        let current = self.status.window == self.unix_ms(Instant::now()) / window_ms;
+        if self.shaped != before && current {
             self.status.epoch = self.node.epoch();
             status.send_replace(self.status.clone());
         }

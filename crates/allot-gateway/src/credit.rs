@@ -365,8 +365,18 @@ impl Enforcer {
     /// principal), and set every principal's credit rate for the next window. Returns the
     /// smoothed demand, units per window per principal.
     pub fn end_window(&self, now: Nanos, quota: &crate::cluster::Quota) -> Vec<f64> {
-        let demand: Vec<f64> = self
-            .principals
+        let demand = self.fold_demand();
+        match quota {
+            crate::cluster::Quota::Alone => self.plan(Some(&demand), now),
+            crate::cluster::Quota::Units(units) => self.apply_quota(units, now),
+        }
+        demand
+    }
+
+    /// Folds the window's arrivals (and the backlog still waiting) into the demand
+    /// estimates; returns them, units per window per principal.
+    pub fn fold_demand(&self) -> Vec<f64> {
+        self.principals
             .iter()
             .map(|p| {
                 let mut s = lock(&p.state);
@@ -380,12 +390,13 @@ impl Enforcer {
                 s.arrived = 0.0;
                 s.demand.observe(sample).unwrap_or(0.0)
             })
-            .collect();
-        match quota {
-            crate::cluster::Quota::Alone => self.plan(Some(&demand), now),
-            crate::cluster::Quota::Units(units) => self.apply(units.clone(), Vec::new(), now),
-        }
-        demand
+            .collect()
+    }
+
+    /// Sets every principal's credit rate from a quota handed down (units per window per
+    /// principal): the cluster's, or the fallback share.
+    pub fn apply_quota(&self, units: &[f64], now: Nanos) {
+        self.apply(units.to_vec(), Vec::new(), now);
     }
 
     fn plan(&self, demand: Option<&[f64]>, now: Nanos) {

@@ -2,12 +2,14 @@
 //! controller (smoothed demand, the model's planner) → actuator (each principal's credit
 //! rate), at every window's end; in between, the credit that accrued is offered to the
 //! requests waiting for it, [`PUMPS_PER_WINDOW`] times a window. Under `[cluster]` the
-//! plan is the cluster's: the demand goes to the cluster link, and the quota it hands
-//! back (or the fallback share) sets the credit rates instead of the local planner.
+//! plan is the cluster's: the demand goes to the cluster link at each window's end, and
+//! the quota it hands back (or the fallback share) sets the credit rates at every pump
+//! instead of the local planner at the window's end.
 
 use std::sync::Weak;
 use std::time::Duration;
 
+use crate::cluster::Quota;
 use crate::credit::PUMPS_PER_WINDOW;
 use crate::runtime::Live;
 
@@ -43,13 +45,26 @@ pub(crate) async fn run(live: Weak<Live>) {
         };
         let now = crate::clock::now();
         pumps += 1;
-        // Back from a gap (the process was stopped): plan at once, so the quota the
-        // cluster holds for this gateway now applies from the first pump, not the old one.
-        if pumps >= PUMPS_PER_WINDOW || enforcer.away(now) {
+        // Back from a gap (the process was stopped): at once, not at the window's end.
+        let window_end = pumps >= PUMPS_PER_WINDOW || enforcer.away(now);
+        if window_end {
             pumps = 0;
-            let quota = live.cluster.quota(enforcer.principals());
-            let demand = enforcer.end_window(now, &quota);
-            live.cluster.set_demand(demand);
+        }
+        match live.cluster.quota(enforcer.principals()) {
+            Quota::Alone => {
+                if window_end {
+                    enforcer.end_window(now, &Quota::Alone);
+                }
+            }
+            Quota::Units(units) => {
+                if window_end {
+                    live.cluster.set_demand(enforcer.fold_demand());
+                }
+                // The quota in force now, at every pump: the link publishes each window's
+                // at its boundary, so the gateways switch plans within a pump of it, not
+                // each at its own window's end.
+                enforcer.apply_quota(&units, now);
+            }
         }
         enforcer.pump(now);
     }

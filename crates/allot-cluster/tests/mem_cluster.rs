@@ -307,10 +307,24 @@ async fn a_stall_of_the_engines_keys_leaves_the_tree_alone_while_every_child_rep
 
 #[tokio::test(start_paused = true)]
 async fn a_crashed_root_is_replaced_as_soon_as_its_key_expires_not_a_window_later() {
+    crashed_root_replaced_within_its_lease(WINDOW * 10).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_crashed_root_is_replaced_after_its_lease_even_while_the_engine_keeps_its_key() {
+    // The engine expires the key only after three leases (its own expiry lagging): the
+    // others take the key over from the revision they saw unrenewed for a lease.
+    crashed_root_replaced_within_its_lease(WINDOW * 30).await;
+}
+
+/// Three gateways with a root lease of 10 windows on an engine that expires the root's
+/// key after `engine_keeps`; the root crashes mid-window, and another is root within a
+/// lease of the crash, every gateway left with its fresh quota two windows after.
+async fn crashed_root_replaced_within_its_lease(engine_keeps: Duration) {
     let lease = WINDOW * 10;
     let engine = MemEngine::new(Lifetimes {
         member: Duration::from_secs(3),
-        root: lease,
+        root: engine_keeps,
     });
     let origin = tokio::time::Instant::now();
     let g = [

@@ -248,6 +248,26 @@ async fn a_second_gateway_with_a_live_name_is_refused() {
     );
 }
 
+/// Three gateways with root lease `lease` (A 10 + 10, B 30 + 10 per window), settled on
+/// fresh quotas: the gateways, the epoch and which of them is root.
+async fn three_settled(engine: &MemEngine, lease: Duration) -> ([Gateway; 3], u64, usize) {
+    let origin = tokio::time::Instant::now();
+    let g = [
+        start_leased(engine, "g1", vec![0.0, 10.0, 0.0], origin, lease),
+        start_leased(engine, "g2", vec![0.0, 10.0, 30.0], origin, lease),
+        start_leased(engine, "g3", vec![0.0, 0.0, 10.0], origin, lease),
+    ];
+    tokio::time::sleep(Duration::from_secs(2) + WINDOW / 2).await;
+    let (_, _, fresh) = settled(&g.iter().collect::<Vec<_>>(), 10).await;
+    assert_eq!(fresh, 3);
+    let epoch = g[0].status.borrow().epoch;
+    let root = g
+        .iter()
+        .position(|x| x.status.borrow().role == Role::Root)
+        .expect("a root");
+    (g, epoch, root)
+}
+
 /// The engine's keys stall (a JetStream leader election) for less than the root's lease:
 /// the tree goes on as if nothing happened, every gateway on fresh quotas every window,
 /// one root of one epoch. Stalled for several leases while every child still reports,
@@ -260,21 +280,8 @@ async fn a_stall_of_the_engines_keys_leaves_the_tree_alone_while_every_child_rep
         member: Duration::from_secs(3),
         root: lease,
     });
-    let origin = tokio::time::Instant::now();
-    let g = [
-        start_leased(&engine, "g1", vec![0.0, 10.0, 0.0], origin, lease),
-        start_leased(&engine, "g2", vec![0.0, 10.0, 30.0], origin, lease),
-        start_leased(&engine, "g3", vec![0.0, 0.0, 10.0], origin, lease),
-    ];
+    let (g, epoch, root) = three_settled(&engine, lease).await;
     let all: Vec<&Gateway> = g.iter().collect();
-    tokio::time::sleep(Duration::from_secs(2) + WINDOW / 2).await;
-    let (_, _, fresh) = settled(&all, 10).await;
-    assert_eq!(fresh, 3);
-    let epoch = g[0].status.borrow().epoch;
-    let root = g
-        .iter()
-        .position(|x| x.status.borrow().role == Role::Root)
-        .expect("a root");
     // Stalled for 6 windows, less than the 10-window lease.
     engine.stall_keys(tokio::time::Instant::now() + WINDOW * 6);
     steady_for(&all, 20, epoch, "during the stall").await;
@@ -326,21 +333,7 @@ async fn crashed_root_replaced_within_its_lease(engine_keeps: Duration) {
         member: Duration::from_secs(3),
         root: engine_keeps,
     });
-    let origin = tokio::time::Instant::now();
-    let g = [
-        start_leased(&engine, "g1", vec![0.0, 10.0, 0.0], origin, lease),
-        start_leased(&engine, "g2", vec![0.0, 10.0, 30.0], origin, lease),
-        start_leased(&engine, "g3", vec![0.0, 0.0, 10.0], origin, lease),
-    ];
-    let all: Vec<&Gateway> = g.iter().collect();
-    tokio::time::sleep(Duration::from_secs(2) + WINDOW / 2).await;
-    let (_, _, fresh) = settled(&all, 10).await;
-    assert_eq!(fresh, 3);
-    let epoch = g[0].status.borrow().epoch;
-    let root = g
-        .iter()
-        .position(|x| x.status.borrow().role == Role::Root)
-        .expect("a root");
+    let (g, epoch, root) = three_settled(&engine, lease).await;
     // Mid-window, a little after the root renewed its lease at the boundary: it
     // crashes, leaving its key to expire a lease after that renewal.
     g[root].task.abort();

@@ -25,3 +25,10 @@ pub fn to_nanos(at: Instant) -> Nanos {
 pub fn to_instant(at: Nanos) -> Instant {
     origin() + std::time::Duration::from_nanos(at.0)
 }
+
+/// Now, in nanoseconds since the Unix epoch (the wall clock; 0 before 1970).
+pub fn unix_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}

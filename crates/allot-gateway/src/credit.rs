@@ -37,6 +37,15 @@ const CREDIT_ROOM_STEPS: f64 = 3.0;
 /// quotas may have taken this one's part meanwhile.
 const AWAY_WINDOWS: u64 = 2;
 
+/// Pump steps of credit from one wall-clock window that may still be spent in the next,
+/// once the enforcer follows the wall clock's windows (under `[cluster]`, where the
+/// quotas are per wall-clock window): the credit of the last step before the boundary,
+/// which the first pump after it hands out, and less than one request's cost besides (the
+/// part of a request the last pump could not pay for yet). Credit older than that, saved by
+/// an idle principal or left by a pump that ran late across the boundary, is forgotten
+/// there, so one window never admits the previous one's part on top of its own.
+const CARRY_STEPS: u64 = 1;
+
 #[derive(Debug, Default)]
 struct Counters {
     admitted: AtomicU64,
@@ -57,6 +66,8 @@ struct PrincipalState {
     waiting: VecDeque<Waiter>,
     /// Units per window, last plan.
     allocation: f64,
+    /// The wall-clock window (`unix_ns / window_ns`) the credit was last used in.
+    credit_window: u64,
     /// Owners whose capacity serves this principal, with units (redirect targets).
     owners: Vec<(usize, f64)>,
 }
@@ -150,6 +161,9 @@ pub struct Enforcer {
     window: Duration,
     /// When credit was last offered to the waiting requests (a [`Nanos`] count).
     last_pump_ns: AtomicU64,
+    /// Unix time minus the model's time, ns, while the credit follows the wall clock's
+    /// windows; 0 when it does not.
+    wall_offset_ns: AtomicU64,
 }
 
 impl std::fmt::Debug for Enforcer {
@@ -188,6 +202,7 @@ impl Enforcer {
                                 credit: TokenBucket::new(0.0, 1.0, now),
                                 waiting: VecDeque::new(),
                                 allocation: 0.0,
+                                credit_window: 0,
                                 owners: Vec::new(),
                             }),
                             counters: Counters::default(),
@@ -226,6 +241,7 @@ impl Enforcer {
             addresses,
             window: Duration::from_millis(config.window_ms),
             last_pump_ns: AtomicU64::new(now.0),
+            wall_offset_ns: AtomicU64::new(previous.map_or(0, |o| o.wall_offset_ns.load(Relaxed))),
         };
         if previous.is_none() {
             // Until demand is known, the guarantees alone: the conservative plan.
@@ -280,6 +296,7 @@ impl Enforcer {
         };
         let away = self.away(now);
         let mut s = lock(&p.state);
+        self.keep_to_window(&mut s, now);
         s.arrived += cost;
         if !away && s.waiting.is_empty() && s.credit.try_take(cost, now) {
             p.counters.admitted.fetch_add(1, Relaxed);
@@ -414,7 +431,7 @@ impl Enforcer {
     /// Sets every principal's allocation (units per window) and credit rate.
     fn apply(&self, units: Vec<f64>, placement: Vec<allot_model::planner::Placement>, now: Nanos) {
         let window_s = self.window.as_secs_f64();
-        let max_cost = self.config.cost.iter().map(|c| c.units).fold(1.0, f64::max);
+        let max_cost = self.max_cost();
         for (i, p) in self.principals.iter().enumerate() {
             let alloc = units.get(i).copied().unwrap_or(0.0).max(0.0);
             let mut s = lock(&p.state);
@@ -432,6 +449,45 @@ impl Enforcer {
         }
     }
 
+    /// The largest cost of one request or connection, units.
+    fn max_cost(&self) -> f64 {
+        self.config.cost.iter().map(|c| c.units).fold(1.0, f64::max)
+    }
+
+    /// From now on, credit follows the wall clock's windows (see [`CARRY_STEPS`]):
+    /// `unix_ns` is the Unix time in nanoseconds at model time `now`.
+    pub fn follow_wall_windows(&self, now: Nanos, unix_ns: u64) {
+        self.wall_offset_ns
+            .store(unix_ns.saturating_sub(now.0).max(1), Relaxed);
+    }
+
+    /// Credit follows the enforcer's own windows again.
+    pub fn unfollow_wall_windows(&self) {
+        self.wall_offset_ns.store(0, Relaxed);
+    }
+
+    /// The first use of a principal's credit in a new wall-clock window forgets what was
+    /// saved before the window's last [`CARRY_STEPS`] steps.
+    fn keep_to_window(&self, s: &mut PrincipalState, now: Nanos) {
+        let offset = self.wall_offset_ns.load(Relaxed);
+        if offset == 0 {
+            return;
+        }
+        let window_ns = u64::try_from(self.window.as_nanos())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let wall_ns = now.0.saturating_add(offset);
+        let window = wall_ns / window_ns;
+        if window == s.credit_window {
+            return;
+        }
+        s.credit_window = window;
+        let step_ns = window_ns / u64::from(PUMPS_PER_WINDOW) * CARRY_STEPS;
+        let since_ns = wall_ns.saturating_sub(window * window_ns) + step_ns;
+        let earned = s.credit.rate_per_sec() * since_ns as f64 / 1e9;
+        s.credit.keep_at_most(earned + self.max_cost(), now);
+    }
+
     /// Whether no pump has run for [`AWAY_WINDOWS`] windows up to `now`: requests then
     /// wait for the next pump rather than spend credit saved before the gap.
     pub fn away(&self, now: Nanos) -> bool {
@@ -447,8 +503,9 @@ impl Enforcer {
         for p in &self.principals {
             let mut s = lock(&p.state);
             if away {
-                s.credit.drain(now);
+                s.credit.keep_at_most(0.0, now);
             }
+            self.keep_to_window(&mut s, now);
             while let Some(front) = s.waiting.front() {
                 if front.tx.is_closed() {
                     s.waiting.pop_front();
@@ -526,6 +583,42 @@ mod tests {
         for ms in (from..=to).step_by(10) {
             e.pump(Nanos::from_millis(ms));
         }
+    }
+
+    #[test]
+    fn following_wall_windows_credit_saved_in_one_is_not_spent_in_the_next() {
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-6;
+        // 10 units a window, 1 a pump step; the bucket holds 3 steps and one request.
+        let e = enforcer(100.0);
+        e.apply_quota(&[10.0], Nanos(0));
+        // Model time 0 is a boundary of the wall clock's windows.
+        e.follow_wall_windows(Nanos(0), 17_000_000 * 100_000_000);
+        // Idle, the principal saves what the bucket holds.
+        pumps(&e, 5, 85);
+        assert!(close(credit_left(&e, Nanos::from_millis(85)), 4.0));
+        // The next pump runs late, in the next window: it keeps only what was earned
+        // since one step before the boundary (90 ms) and a request's part, not the
+        // savings of the window past.
+        e.pump(Nanos::from_millis(103));
+        let kept = credit_left(&e, Nanos::from_millis(103));
+        assert!(close(kept, 2.3), "{kept}");
+        // Within a window nothing is forgotten.
+        pumps(&e, 113, 193);
+        assert!(close(credit_left(&e, Nanos::from_millis(193)), 4.0));
+        // A quota of less than a request a step: the same.
+        let small = enforcer(100.0);
+        small.apply_quota(&[3.0], Nanos(0));
+        small.follow_wall_windows(Nanos(0), 17_000_000 * 100_000_000);
+        pumps(&small, 5, 85);
+        small.pump(Nanos::from_millis(103));
+        let kept = credit_left(&small, Nanos::from_millis(103));
+        assert!(close(kept, 1.39), "{kept}");
+        // Planning alone, the enforcer's own windows count: the savings stay.
+        let alone = enforcer(100.0);
+        alone.apply_quota(&[10.0], Nanos(0));
+        pumps(&alone, 5, 85);
+        alone.pump(Nanos::from_millis(103));
+        assert!(close(credit_left(&alone, Nanos::from_millis(103)), 4.0));
     }
 
     #[test]

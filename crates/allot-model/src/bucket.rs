@@ -140,11 +140,11 @@ impl TokenBucket {
         self.tokens = (self.tokens + n).min(self.burst);
     }
 
-    /// Forgets the tokens saved up to `now` (a debt stays): from `now` the bucket holds
-    /// only what it earns from then on.
-    pub fn drain(&mut self, now: Nanos) {
+    /// Keeps at most `max_tokens` of the tokens saved up to `now` (a debt stays): 0
+    /// forgets them all, and from `now` the bucket holds only what it earns after.
+    pub fn keep_at_most(&mut self, max_tokens: f64, now: Nanos) {
         self.refill(now);
-        self.tokens = self.tokens.min(0.0);
+        self.tokens = self.tokens.min(max_tokens.max(0.0));
     }
 
     /// Tokens available at `now`; negative while a reservation's debt is being repaid.
@@ -208,14 +208,21 @@ mod tests {
     }
 
     #[test]
-    fn drained_it_holds_only_what_it_earns_after() {
+    fn it_keeps_at_most_what_it_is_told_and_never_forgives_a_debt() {
         let mut b = TokenBucket::new(100.0, 10.0, ms(0));
-        b.drain(ms(5_000));
+        // Full (10 saved); 2 kept.
+        b.keep_at_most(2.0, ms(5_000));
+        assert!((b.available(ms(5_000)) - 2.0).abs() < 1e-9);
+        // Holding less than that, it keeps what it holds.
+        b.keep_at_most(3.0, ms(5_000));
+        assert!((b.available(ms(5_000)) - 2.0).abs() < 1e-9);
+        // Nothing: only what it earns from then on.
+        b.keep_at_most(0.0, ms(5_000));
         assert!(!b.try_take(1.0, ms(5_000)));
         assert!(b.try_take(1.0, ms(5_010)));
         // A debt is not forgiven.
         b.reserve(5.0, ms(5_010));
-        b.drain(ms(5_010));
+        b.keep_at_most(0.0, ms(5_010));
         assert!(b.available(ms(5_010)) < -4.9);
     }
 

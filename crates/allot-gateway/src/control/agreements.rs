@@ -52,6 +52,7 @@ pub(crate) async fn run(live: Weak<Live>) {
         }
         match live.cluster.quota(enforcer.principals()) {
             Quota::Alone => {
+                enforcer.unfollow_wall_windows();
                 if window_end {
                     enforcer.end_window(now, &Quota::Alone);
                 }
@@ -64,6 +65,8 @@ pub(crate) async fn run(live: Weak<Live>) {
                 // at its boundary, so the gateways switch plans within a pump of it, not
                 // each at its own window's end.
                 enforcer.apply_quota(&units, now);
+                // The quotas are per wall-clock window: so is the credit.
+                enforcer.follow_wall_windows(now, crate::clock::unix_ns());
             }
         }
         enforcer.pump(now);

@@ -68,6 +68,8 @@ struct PrincipalState {
     allocation: f64,
     /// The wall-clock window (`unix_ns / window_ns`) the credit was last used in.
     credit_window: u64,
+    /// Units admitted in `credit_window` (followed under wall-clock windows only).
+    window_admitted: f64,
     /// Owners whose capacity serves this principal, with units (redirect targets).
     owners: Vec<(usize, f64)>,
 }
@@ -116,9 +118,7 @@ impl Charge {
 impl Drop for Charge {
     fn drop(&mut self) {
         if let Some(p) = self.principal.take() {
-            lock(&p.state)
-                .credit
-                .give_back(self.cost, crate::clock::now());
+            lock(&p.state).give_back(self.cost, crate::clock::now());
         }
     }
 }
@@ -203,6 +203,7 @@ impl Enforcer {
                                 waiting: VecDeque::new(),
                                 allocation: 0.0,
                                 credit_window: 0,
+                                window_admitted: 0.0,
                                 owners: Vec::new(),
                             }),
                             counters: Counters::default(),
@@ -298,7 +299,7 @@ impl Enforcer {
         let mut s = lock(&p.state);
         self.keep_to_window(&mut s, now);
         s.arrived += cost;
-        if !away && s.waiting.is_empty() && s.credit.try_take(cost, now) {
+        if !away && s.waiting.is_empty() && s.take(cost, now, self.per_window()) {
             p.counters.admitted.fetch_add(1, Relaxed);
             return Credit::Now(Charge {
                 principal: Some(Arc::clone(p)),
@@ -461,6 +462,11 @@ impl Enforcer {
             .store(unix_ns.saturating_sub(now.0).max(1), Relaxed);
     }
 
+    /// Whether credit follows the wall clock's windows.
+    fn per_window(&self) -> bool {
+        self.wall_offset_ns.load(Relaxed) != 0
+    }
+
     /// Credit follows the enforcer's own windows again.
     pub fn unfollow_wall_windows(&self) {
         self.wall_offset_ns.store(0, Relaxed);
@@ -482,6 +488,7 @@ impl Enforcer {
             return;
         }
         s.credit_window = window;
+        s.window_admitted = 0.0;
         let step_ns = window_ns / u64::from(PUMPS_PER_WINDOW) * CARRY_STEPS;
         let since_ns = wall_ns.saturating_sub(window * window_ns) + step_ns;
         let earned = s.credit.rate_per_sec() * since_ns as f64 / 1e9;
@@ -506,13 +513,14 @@ impl Enforcer {
                 s.credit.keep_at_most(0.0, now);
             }
             self.keep_to_window(&mut s, now);
+            let per_window = self.per_window();
             while let Some(front) = s.waiting.front() {
                 if front.tx.is_closed() {
                     s.waiting.pop_front();
                     continue;
                 }
                 let cost = front.cost;
-                if !s.credit.try_take(cost, now) {
+                if !s.take(cost, now, per_window) {
                     break;
                 }
                 if let Some(w) = s.waiting.pop_front() {
@@ -524,7 +532,7 @@ impl Enforcer {
                         // Gone between the check and the send: the credit goes back
                         // here, under the lock this loop holds.
                         back.keep();
-                        s.credit.give_back(cost, now);
+                        s.give_back(cost, now);
                     }
                 }
             }
@@ -551,6 +559,29 @@ impl Enforcer {
                 }
             })
             .collect()
+    }
+}
+
+impl PrincipalState {
+    /// Takes `cost` units of credit if there are that many; `per_window`, only while the
+    /// units admitted in this wall-clock window stay within the quota rounded up to a
+    /// whole request (so the gateways together never admit more in a window than their
+    /// quotas and one request each, however their pumps fall).
+    fn take(&mut self, cost: f64, now: Nanos, per_window: bool) -> bool {
+        if per_window && self.window_admitted + cost > self.allocation + cost * (1.0 - 1e-6) {
+            return false;
+        }
+        if !self.credit.try_take(cost, now) {
+            return false;
+        }
+        self.window_admitted += cost;
+        true
+    }
+
+    /// Gives back credit taken for a request refused later.
+    fn give_back(&mut self, cost: f64, now: Nanos) {
+        self.credit.give_back(cost, now);
+        self.window_admitted = (self.window_admitted - cost).max(0.0);
     }
 }
 
@@ -619,6 +650,47 @@ mod tests {
         pumps(&alone, 5, 85);
         alone.pump(Nanos::from_millis(103));
         assert!(close(credit_left(&alone, Nanos::from_millis(103)), 4.0));
+    }
+
+    /// Requests of 1 unit admitted in wall-clock windows 0 and 1 (100 ms each) when 30
+    /// wait from the start, with pumps at 5..85 ms, one late at 103 ms (the one due at
+    /// 95 ms), then 113..193 ms.
+    fn admitted_per_window_with_a_late_pump(follow: bool) -> [u32; 2] {
+        let e = enforcer(100.0);
+        e.apply_quota(&[10.0], Nanos(0));
+        if follow {
+            e.follow_wall_windows(Nanos(0), 17_000_000 * 100_000_000);
+        }
+        let mut waiting: Vec<CreditWait> = (0..30)
+            .map(|_| match e.arrive(0, 1.0, false, Nanos(0)) {
+                Credit::Wait(w) => w,
+                _ => panic!("no credit at the start"),
+            })
+            .collect();
+        let mut per_window = [0u32; 2];
+        let times = (5..=85)
+            .step_by(10)
+            .chain([103])
+            .chain((113..=193).step_by(10));
+        for ms in times {
+            e.pump(Nanos::from_millis(ms));
+            for w in &mut waiting {
+                if let Ok(charge) = w.rx.try_recv() {
+                    charge.keep();
+                    per_window[(ms / 100) as usize] += 1;
+                }
+            }
+        }
+        per_window
+    }
+
+    #[test]
+    fn following_wall_windows_a_late_pump_never_admits_more_than_the_quota_in_a_window() {
+        // 10 units a window. The late pump hands out what its step and the one before
+        // earned; alone, the window after it admits 11.
+        assert_eq!(admitted_per_window_with_a_late_pump(false), [8, 11]);
+        // Per wall-clock window: never more than the quota (rounded up to a request).
+        assert_eq!(admitted_per_window_with_a_late_pump(true), [8, 10]);
     }
 
     #[test]

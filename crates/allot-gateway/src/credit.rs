@@ -297,9 +297,9 @@ impl Enforcer {
         };
         let away = self.away(now);
         let mut s = lock(&p.state);
-        self.keep_to_window(&mut s, now);
+        let per_window = self.keep_to_window(&mut s, now);
         s.arrived += cost;
-        if !away && s.waiting.is_empty() && s.take(cost, now, self.per_window()) {
+        if !away && s.waiting.is_empty() && s.take(cost, now, per_window) {
             p.counters.admitted.fetch_add(1, Relaxed);
             return Credit::Now(Charge {
                 principal: Some(Arc::clone(p)),
@@ -462,22 +462,18 @@ impl Enforcer {
             .store(unix_ns.saturating_sub(now.0).max(1), Relaxed);
     }
 
-    /// Whether credit follows the wall clock's windows.
-    fn per_window(&self) -> bool {
-        self.wall_offset_ns.load(Relaxed) != 0
-    }
-
     /// Credit follows the enforcer's own windows again.
     pub fn unfollow_wall_windows(&self) {
         self.wall_offset_ns.store(0, Relaxed);
     }
 
     /// The first use of a principal's credit in a new wall-clock window forgets what was
-    /// saved before the window's last [`CARRY_STEPS`] steps.
-    fn keep_to_window(&self, s: &mut PrincipalState, now: Nanos) {
+    /// saved before the window's last [`CARRY_STEPS`] steps. Says whether the credit
+    /// follows the wall clock's windows.
+    fn keep_to_window(&self, s: &mut PrincipalState, now: Nanos) -> bool {
         let offset = self.wall_offset_ns.load(Relaxed);
         if offset == 0 {
-            return;
+            return false;
         }
         let window_ns = u64::try_from(self.window.as_nanos())
             .unwrap_or(u64::MAX)
@@ -485,7 +481,7 @@ impl Enforcer {
         let wall_ns = now.0.saturating_add(offset);
         let window = wall_ns / window_ns;
         if window == s.credit_window {
-            return;
+            return true;
         }
         s.credit_window = window;
         s.window_admitted = 0.0;
@@ -493,6 +489,7 @@ impl Enforcer {
         let since_ns = wall_ns.saturating_sub(window * window_ns) + step_ns;
         let earned = s.credit.rate_per_sec() * since_ns as f64 / 1e9;
         s.credit.keep_at_most(earned + self.max_cost(), now);
+        true
     }
 
     /// Whether no pump has run for [`AWAY_WINDOWS`] windows up to `now`: requests then
@@ -512,8 +509,7 @@ impl Enforcer {
             if away {
                 s.credit.keep_at_most(0.0, now);
             }
-            self.keep_to_window(&mut s, now);
-            let per_window = self.per_window();
+            let per_window = self.keep_to_window(&mut s, now);
             while let Some(front) = s.waiting.front() {
                 if front.tx.is_closed() {
                     s.waiting.pop_front();

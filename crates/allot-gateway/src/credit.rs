@@ -46,6 +46,10 @@ const AWAY_WINDOWS: u64 = 2;
 /// there, so one window never admits the previous one's part on top of its own.
 const CARRY_STEPS: u64 = 1;
 
+/// How many ended wall-clock windows a principal's admissions are kept for, as `/status`
+/// shows them: 6.4 s of 100 ms windows, so a reader polling every second misses none.
+const PAST_WINDOWS: usize = 64;
+
 #[derive(Debug, Default)]
 struct Counters {
     admitted: AtomicU64,
@@ -70,6 +74,8 @@ struct PrincipalState {
     credit_window: u64,
     /// Units admitted in `credit_window` (followed under wall-clock windows only).
     window_admitted: f64,
+    /// The last [`PAST_WINDOWS`] wall-clock windows that ended: (window, units admitted).
+    past_windows: VecDeque<(u64, f64)>,
     /// Owners whose capacity serves this principal, with units (redirect targets).
     owners: Vec<(usize, f64)>,
 }
@@ -204,6 +210,7 @@ impl Enforcer {
                                 allocation: 0.0,
                                 credit_window: 0,
                                 window_admitted: 0.0,
+                                past_windows: VecDeque::new(),
                                 owners: Vec::new(),
                             }),
                             counters: Counters::default(),
@@ -483,6 +490,13 @@ impl Enforcer {
         if window == s.credit_window {
             return true;
         }
+        if s.credit_window != 0 {
+            if s.past_windows.len() == PAST_WINDOWS {
+                s.past_windows.pop_front();
+            }
+            s.past_windows
+                .push_back((s.credit_window, s.window_admitted));
+        }
         s.credit_window = window;
         s.window_admitted = 0.0;
         let step_ns = window_ns / u64::from(PUMPS_PER_WINDOW) * CARRY_STEPS;
@@ -552,6 +566,7 @@ impl Enforcer {
                     admitted: p.counters.admitted.load(Relaxed),
                     deferred: p.counters.deferred.load(Relaxed),
                     refused: p.counters.refused.load(Relaxed),
+                    windows: s.past_windows.iter().copied().collect(),
                 }
             })
             .collect()
@@ -650,8 +665,9 @@ mod tests {
 
     /// Requests of 1 unit admitted in wall-clock windows 0 and 1 (100 ms each) when 30
     /// wait from the start, with pumps at 5..85 ms, one late at 103 ms (the one due at
-    /// 95 ms), then 113..193 ms.
-    fn admitted_per_window_with_a_late_pump(follow: bool) -> [u32; 2] {
+    /// 95 ms), then 113..193 ms; and the windows that ended as the enforcer reports them
+    /// after one more pump at 203 ms.
+    fn admitted_per_window_with_a_late_pump(follow: bool) -> ([u32; 2], Vec<(u64, f64)>) {
         let e = enforcer(100.0);
         e.apply_quota(&[10.0], Nanos(0));
         if follow {
@@ -677,16 +693,25 @@ mod tests {
                 }
             }
         }
-        per_window
+        e.pump(Nanos::from_millis(203));
+        let reported = e.snapshot().swap_remove(0).windows;
+        (per_window, reported)
     }
 
     #[test]
     fn following_wall_windows_a_late_pump_never_admits_more_than_the_quota_in_a_window() {
         // 10 units a window. The late pump hands out what its step and the one before
         // earned; alone, the window after it admits 11.
-        assert_eq!(admitted_per_window_with_a_late_pump(false), [8, 11]);
-        // Per wall-clock window: never more than the quota (rounded up to a request).
-        assert_eq!(admitted_per_window_with_a_late_pump(true), [8, 10]);
+        let (alone, reported) = admitted_per_window_with_a_late_pump(false);
+        assert_eq!(alone, [8, 11]);
+        // Not following the wall clock, there are no wall-clock windows to report.
+        assert!(reported.is_empty());
+        // Per wall-clock window: never more than the quota (rounded up to a request),
+        // and each ended window reported with what it admitted.
+        let (per_window, reported) = admitted_per_window_with_a_late_pump(true);
+        assert_eq!(per_window, [8, 10]);
+        let w = 17_000_000;
+        assert_eq!(reported, vec![(w, 8.0), (w + 1, 10.0)]);
     }
 
     #[test]

@@ -553,6 +553,10 @@ pub struct PrincipalSnapshot {
     pub deferred: u64,
     /// Requests refused: no credit within `max_wait_ms`.
     pub refused: u64,
+    /// Under `[cluster]`: the units admitted in each of the last wall-clock windows that
+    /// ended, as (window = Unix time ÷ window length, units), oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub windows: Vec<(u64, f64)>,
 }
 
 #[cfg(test)]

@@ -670,14 +670,17 @@ impl Counted {
         }
     }
 
-    /// From every reading's `principals[].windows`; a window a gateway reported in several
-    /// readings counts once.
-    fn admitted<'a>(readings: impl IntoIterator<Item = &'a Value>) -> Counted {
+    /// From every reading's `principals[].windows` (of principal `only`, or all); a
+    /// window a gateway reported in several readings counts once.
+    fn admitted<'a>(readings: impl IntoIterator<Item = &'a Value>, only: Option<&str>) -> Counted {
         let mut each: BTreeMap<(String, String, u64), f64> = BTreeMap::new();
         for r in readings {
             let node = r["cluster"]["node"].as_str().unwrap_or("").to_string();
             for p in r["principals"].as_array().into_iter().flatten() {
                 let name = p["name"].as_str().unwrap_or("").to_string();
+                if only.is_some_and(|o| o != name) {
+                    continue;
+                }
                 for w in p["windows"].as_array().into_iter().flatten() {
                     if let (Some(w), Some(u)) = (w[0].as_u64(), w[1].as_f64()) {
                         each.insert((node.clone(), name.clone(), w), u);
@@ -809,6 +812,7 @@ async fn experiment_cluster_shares_within_five_percent_and_a_root_kill() {
     let _b2 = offer(rig.g[2].gw, "/b/x", rig.requests(400.0), b_stop);
     let mut phases: Vec<Vec<Sample>> = vec![Vec::new()];
     let mut readings: Vec<Value> = Vec::new();
+    let mut b_demand: Vec<String> = Vec::new();
     let mut killed = None;
     let mut b_stop_w = None;
     let mut kill_w = 0;
@@ -826,6 +830,14 @@ async fn experiment_cluster_shares_within_five_percent_and_a_root_kill() {
             p.push(sample);
         }
         readings.extend(s.iter().cloned());
+        if killed.is_none() {
+            let root = s.iter().find(|x| x["cluster"]["role"] == "root");
+            let demand = root
+                .and_then(|r| r["cluster"]["principals"].as_array())
+                .and_then(|ps| ps.iter().find(|p| p["name"] == "B"))
+                .and_then(|p| p["global_demand"].as_f64());
+            b_demand.push(demand.map_or("-".into(), |d| format!("{d:.0}")));
+        }
         if b_stop_w.is_none() && Instant::now() >= b_stop {
             b_stop_w = Some(window_now());
         }
@@ -851,7 +863,21 @@ async fn experiment_cluster_shares_within_five_percent_and_a_root_kill() {
     }
     let last_w = window_now();
     let served = Counted::served(&rig).await;
-    let admitted = Counted::admitted(&readings);
+    let admitted = Counted::admitted(&readings, None);
+    for name in ["A", "B"] {
+        let c = Counted::admitted(&readings, Some(name));
+        let series: Vec<String> = (first_w + 30..b_stop_w.unwrap_or(first_w + 80))
+            .map(|w| format!("{:.0}", c.units(w)))
+            .collect();
+        println!(
+            "steady with B: {name} admitted per window, units: {}",
+            series.join(" ")
+        );
+    }
+    println!(
+        "until the kill: B's demand at the root per reading, units/s: {}",
+        b_demand.join(" ")
+    );
     let before_kill = &phases[0];
     let after_kill = &phases[1];
     // Steady state with B: from 3 s to B's stop.
@@ -966,6 +992,7 @@ async fn experiment_cluster_leaf_killed() {
         before
             .iter()
             .chain(readings.iter().flat_map(|r| &r.statuses)),
+        None,
     );
     let mut rows = Rows::new();
     rows.backend("leaf killed: before", &served, first_w + 20, kill_w);
@@ -1238,7 +1265,8 @@ fn cpu_seconds(pid: u32) -> f64 {
 /// The coordination cost with 8 gateway processes: each gateway's CPU per window against
 /// a gateway without `[cluster]` under the same load, the messages each sends and
 /// receives per window (the root and a leaf), and the slowest step of the tree's logic at
-/// the root (which solves the plan) against a tenth of a window.
+/// the root (which solves the plan): its CPU time against a tenth of a window, and its
+/// wall-clock time, which on a loaded machine includes waiting for a CPU.
 #[ignore = "experiment: the coordination cost of 8 gateways, figures for docs/benchmarks.md"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn experiment_cluster_coordination_cost_of_eight_gateways() {
@@ -1308,6 +1336,9 @@ async fn experiment_cluster_coordination_cost_of_eight_gateways() {
     let slowest_us = after[root]["cluster"]["slowest_step_us"]
         .as_u64()
         .unwrap_or(u64::MAX);
+    let slowest_cpu_us = after[root]["cluster"]["slowest_step_cpu_us"]
+        .as_u64()
+        .unwrap_or(u64::MAX);
     let mut rows = Rows::new();
     rows.row(
         "8 gateways: CPU per 100 ms window (median of 8; the root; a loaded leaf; an idle leaf) against gateways alone, loaded and idle",
@@ -1336,10 +1367,10 @@ async fn experiment_cluster_coordination_cost_of_eight_gateways() {
         true,
     );
     rows.row(
-        "8 gateways: the root's slowest step (sums and the plan)",
-        format!("{slowest_us} µs"),
-        "≤ a tenth of a window (10 000 µs)",
-        slowest_us <= WINDOW_MS * 100,
+        "8 gateways: the root's slowest step (sums and the plan), CPU time; wall clock",
+        format!("{slowest_cpu_us} µs; {slowest_us} µs"),
+        "CPU ≤ a tenth of a window (10 000 µs); the wall clock's reported (it includes waiting for a CPU)",
+        slowest_cpu_us <= WINDOW_MS * 100,
     );
     rows.done();
 }

@@ -129,6 +129,10 @@ pub struct LinkStatus {
     /// report or quotas, a deadline), microseconds: at the root it includes summing the
     /// reports and solving the plan.
     pub slowest_step_us: u64,
+    /// The most CPU time a single step took so far, microseconds: what the step itself
+    /// cost, without the time its thread waited for a CPU (which `slowest_step_us`
+    /// includes, and which a loaded machine makes long).
+    pub slowest_step_cpu_us: u64,
     /// The last engine error, until a chore (renewing the lease or the membership)
     /// succeeds again.
     pub engine_error: Option<String>,
@@ -157,6 +161,7 @@ impl LinkStatus {
             received: 0,
             ignored: 0,
             slowest_step_us: 0,
+            slowest_step_cpu_us: 0,
             engine_error: None,
             agreements: String::new(),
         }
@@ -718,12 +723,18 @@ impl<E: Engine> Link<E> {
             + Duration::from_millis(unix_ms.saturating_sub(self.config.origin_unix_ms))
     }
 
-    /// One step of the tree's logic, timed for [`LinkStatus::slowest_step_us`].
+    /// One step of the tree's logic, timed for [`LinkStatus::slowest_step_us`] and
+    /// [`LinkStatus::slowest_step_cpu_us`] (a step runs on one thread from start to end).
     fn step<T>(&mut self, f: impl FnOnce(&mut Node) -> T) -> T {
+        let cpu_began = thread_cpu_ns();
         let began = std::time::Instant::now();
         let out = f(&mut self.node);
         let us = u64::try_from(began.elapsed().as_micros()).unwrap_or(u64::MAX);
         self.status.slowest_step_us = self.status.slowest_step_us.max(us);
+        if let (Some(from), Some(to)) = (cpu_began, thread_cpu_ns()) {
+            let cpu_us = to.saturating_sub(from) / 1000;
+            self.status.slowest_step_cpu_us = self.status.slowest_step_cpu_us.max(cpu_us);
+        }
         out
     }
 
@@ -1199,4 +1210,14 @@ impl<E: Engine> Link<E> {
             }
         }
     }
+}
+
+/// The CPU time the calling thread has used, nanoseconds (`None` where the clock cannot be
+/// read).
+fn thread_cpu_ns() -> Option<u64> {
+    use nix::time::{clock_gettime, ClockId};
+    let t = clock_gettime(ClockId::CLOCK_THREAD_CPUTIME_ID).ok()?;
+    let secs = u64::try_from(t.tv_sec()).ok()?;
+    let nanos = u64::try_from(t.tv_nsec()).ok()?;
+    Some(secs.saturating_mul(1_000_000_000).saturating_add(nanos))
 }

@@ -73,6 +73,10 @@ pub struct ClusterSnapshot {
     /// root: summing the reports and solving the plan).
     #[serde(default)]
     pub slowest_step_us: u64,
+    /// The most CPU time a single step of the link's tree logic took so far, microseconds
+    /// (without the time its thread waited for a CPU).
+    #[serde(default)]
+    pub slowest_step_cpu_us: u64,
     /// The last problem with the coordination engine, if the last attempt failed.
     #[serde(default)]
     pub error: Option<String>,
@@ -240,6 +244,7 @@ impl ClusterShared {
             messages_received_total: link.map_or(0, |l| l.received),
             messages_ignored_total: link.map_or(0, |l| l.ignored),
             slowest_step_us: link.map_or(0, |l| l.slowest_step_us),
+            slowest_step_cpu_us: link.map_or(0, |l| l.slowest_step_cpu_us),
             error: s.error.clone(),
             agreements: link.map(|l| l.agreements.clone()).unwrap_or_default(),
             principals,

@@ -492,6 +492,13 @@ fn cluster_metrics(
          summing the reports and solving the plan).",
         &[(vec![], c.slowest_step_us as f64 / 1e6)],
     )?;
+    gauge_f64(
+        e,
+        "allot_cluster_slowest_step_cpu_seconds",
+        "The most CPU time a single step of the cluster link's tree logic took so far \
+         (without the time its thread waited for a CPU).",
+        &[(vec![], c.slowest_step_cpu_us as f64 / 1e6)],
+    )?;
     let per = |f: fn(&crate::cluster::ClusterPrincipal) -> f64| -> Vec<(Labels, f64)> {
         c.principals
             .iter()

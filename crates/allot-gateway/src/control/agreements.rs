@@ -20,10 +20,16 @@ use crate::runtime::Live;
 /// the window ends and what it admits reaches the back end within that window despite the
 /// transit (a pump just before the boundary would have its lump counted in the next
 /// window, on top of that window's own quota); spread, so the gateways do not all wake at
-/// the same instant. Nanoseconds after the step's start.
-fn wall_phase_ns(step_ns: u64) -> u64 {
-    let spread = u64::from(std::process::id()).wrapping_mul(0x9E37_79B9) % 1000;
-    step_ns / 10 + step_ns * 3 / 10 * spread / 1000
+/// the same instant. Nanoseconds after the step's start; `spread` is this gateway's
+/// place in the range, in thousandths ([`phase_spread`]).
+fn wall_phase_ns(step_ns: u64, spread: u64) -> u64 {
+    step_ns / 10 + step_ns * 3 / 10 * (spread % 1000) / 1000
+}
+
+/// This gateway's place in the range of phases, in thousandths: a hash of its process id,
+/// so gateways on one host differ too.
+fn phase_spread() -> u64 {
+    u64::from(std::process::id()).wrapping_mul(0x9E37_79B9) % 1000
 }
 
 /// How far off its phase a pump may run before the ticks are set again, ns.
@@ -48,6 +54,7 @@ fn realign(unix_ns: u64, step_ns: u64, phase_ns: u64) -> Option<Duration> {
 pub(crate) async fn run(live: Weak<Live>) {
     let mut pumps = 0u32;
     let mut last_wall_window: Option<u64> = None;
+    let spread = phase_spread();
     let mut ticks: Option<(Duration, tokio::time::Interval)> = None;
     loop {
         let step = {
@@ -112,7 +119,7 @@ pub(crate) async fn run(live: Weak<Live>) {
                 enforcer.follow_wall_windows(now, unix_ns);
                 // And so are the pumps' steps: keep this gateway's phase in them.
                 let step_ns = u64::try_from(step.as_nanos()).unwrap_or(u64::MAX);
-                if let Some(wait) = realign(unix_ns, step_ns, wall_phase_ns(step_ns)) {
+                if let Some(wait) = realign(unix_ns, step_ns, wall_phase_ns(step_ns, spread)) {
                     let mut i = tokio::time::interval_at(tokio::time::Instant::now() + wait, step);
                     i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
                     ticks = Some((step, i));
@@ -152,8 +159,12 @@ mod tests {
     #[test]
     fn every_gateway_pumps_early_in_its_step_and_well_before_the_window_ends() {
         let step = 10_000_000;
-        let phase = wall_phase_ns(step);
-        assert!((step / 10..=step * 4 / 10).contains(&phase), "{phase}");
-        assert!(phase + phase_tolerance_ns(step) < step / 2);
+        for spread in [0, 1, 499, 999, phase_spread()] {
+            let phase = wall_phase_ns(step, spread);
+            assert!((step / 10..=step * 4 / 10).contains(&phase), "{phase}");
+            assert!(phase + phase_tolerance_ns(step) < step / 2);
+        }
+        // Gateways at different places pump at different instants.
+        assert!(wall_phase_ns(step, 0) < wall_phase_ns(step, 999));
     }
 }

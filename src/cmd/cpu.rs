@@ -28,7 +28,7 @@ pub struct Args {
     /// ALPS quantum (e.g. 10ms, 20ms, 40ms).
     #[arg(long, value_parser = parse_duration)]
     pub quantum: Option<Duration>,
-    /// Basic or optimised ALPS (the optimised one reads /proc less).
+    /// Predicted (default), optimised or basic ALPS (each reads /proc less than the next).
     #[arg(long, value_enum)]
     pub algorithm: Option<AlgorithmArg>,
     /// Do not apply the I/O rule (a blocked member then holds up the cycle).
@@ -108,6 +108,9 @@ pub enum AlgorithmArg {
     Optimized,
     /// Algorithm 1 of the ALPS paper.
     Basic,
+    /// Algorithm 2, reading each member again shortly before it is predicted to use up
+    /// its allowance at the rate it was seen to use.
+    Predicted,
 }
 
 /// Parses `20ms`, `1.5s`, `2m`, `500us`.
@@ -496,7 +499,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     };
     let algorithm = match args.algorithm.or(file.algorithm) {
         Some(AlgorithmArg::Basic) => Algorithm::Basic,
-        _ => Algorithm::Optimized,
+        Some(AlgorithmArg::Optimized) => Algorithm::Optimized,
+        _ => Algorithm::Predicted,
     };
     let io_rule = !args.no_io && file.io.unwrap_or(true);
     let mut principals = Vec::new();

@@ -42,7 +42,21 @@ pub enum Algorithm {
     Basic,
     /// Skip reads that cannot change a decision (algorithm 2).
     Optimized,
+    /// As `Optimized`, but a member is read again when it is predicted to be near the end
+    /// of its allowance at the rate it was seen to use (or its even split, if more),
+    /// rather than at the earliest it could be on every CPU it can use: far fewer
+    /// wake-ups, at the risk of an overrun when a member's rate jumps unseen (the next
+    /// cycle corrects it). A member is read at least every [`PREDICTED_MAX_WAIT_QUANTA`].
+    Predicted,
 }
+
+/// Under [`Algorithm::Predicted`], the fraction of the predicted time to exhaustion after
+/// which a member is read again (the margin absorbs errors in the predicted rate).
+pub const PREDICTED_READ_FRACTION: f64 = 0.85;
+
+/// Under [`Algorithm::Predicted`], the most quanta between two readings of an eligible
+/// member.
+pub const PREDICTED_MAX_WAIT_QUANTA: f64 = 8.0;
 
 /// Parameters of the scheduler.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,6 +101,9 @@ struct Member {
     /// When it was last read (its unread consumption started then).
     last_read_ns: u64,
     parallelism: u32,
+    /// The CPU it was seen to use between its last two readings, in CPUs (0 until seen
+    /// over at least half a quantum).
+    seen_rate: f64,
 }
 
 /// The scheduler's state: members indexed `0..n` in the order given.
@@ -138,6 +155,7 @@ impl Alps {
                 last_cpu_ns: None,
                 last_read_ns: 0,
                 parallelism: 1,
+                seen_rate: 0.0,
             })
             .collect();
         let mut alps = Alps {
@@ -445,12 +463,16 @@ impl Alps {
                 continue;
             };
             read[id] = true;
+            let since_ns = now.0.saturating_sub(m.last_read_ns);
             m.last_read_ns = now.0;
             // The first reading (or the first after a return) only sets the origin.
             let consumed = match m.last_cpu_ns {
                 Some(last) => progress.cpu_ns.saturating_sub(last),
                 None => 0,
             };
+            if m.last_cpu_ns.is_some() && since_ns >= self.config.quantum_ns / 2 {
+                m.seen_rate = consumed as f64 / since_ns as f64;
+            }
             m.last_cpu_ns = Some(progress.cpu_ns.max(m.last_cpu_ns.unwrap_or(0)));
             m.allowance -= consumed as f64 / q;
             self.cycle_remaining_ns -= i128::from(consumed);
@@ -509,7 +531,48 @@ impl Alps {
                 };
             }
         }
+        if self.config.algorithm == Algorithm::Predicted {
+            self.predict_reads(now, &read, !outcome.stop.is_empty());
+        }
         outcome
+    }
+
+    /// [`Algorithm::Predicted`]: moves each eligible member's next reading to shortly
+    /// before its predicted exhaustion, at the larger of its seen rate and its even split.
+    /// Members read now are planned afresh; when members were stopped now, the others
+    /// (whose even split just rose) are planned again from what they are estimated to have
+    /// used since their last reading, and only ever brought forward.
+    fn predict_reads(&mut self, now: Nanos, read: &[bool], split_rose: bool) {
+        let q = self.config.quantum_ns as f64;
+        for (id, &was_read) in read.iter().enumerate() {
+            let fair = self.fair_rate(id);
+            let m = &self.members[id];
+            if !m.active || !m.eligible || m.next_read_ns <= now.0 {
+                continue;
+            }
+            let rate = m.seen_rate.max(fair).min(f64::from(m.parallelism));
+            if rate <= 0.0 {
+                continue;
+            }
+            let next = if was_read {
+                let bound = m.allowance.max(0.0) * q / f64::from(m.parallelism);
+                let predicted = m.allowance.max(0.0) * q / rate * PREDICTED_READ_FRACTION;
+                let wait = predicted.min(PREDICTED_MAX_WAIT_QUANTA * q).max(bound);
+                now.0.saturating_add(wait as u64)
+            } else if split_rose {
+                let used = m.seen_rate * now.0.saturating_sub(m.last_read_ns) as f64 / q;
+                let left = (m.allowance - used).max(0.0);
+                let wait = left * q / rate * PREDICTED_READ_FRACTION;
+                let bound = m.allowance.max(0.0) * q / f64::from(m.parallelism);
+                let earliest = m.last_read_ns.saturating_add(bound as u64);
+                m.next_read_ns
+                    .min(now.0.saturating_add(wait as u64))
+                    .max(earliest)
+            } else {
+                continue;
+            };
+            self.members[id].next_read_ns = next;
+        }
     }
 }
 
@@ -669,7 +732,7 @@ mod tests {
 
     #[test]
     fn linear_shares_are_met_per_cycle_and_in_the_long_run() {
-        for algorithm in [Algorithm::Basic, Algorithm::Optimized] {
+        for algorithm in [Algorithm::Basic, Algorithm::Optimized, Algorithm::Predicted] {
             let shares = [1, 3, 5, 7, 9];
             let mut alps = Alps::new(config(algorithm), &shares).unwrap();
             let mut cpu = SimCpu::new(5, 3_000_000);
@@ -715,6 +778,55 @@ mod tests {
             reads[0],
             reads[1]
         );
+    }
+
+    #[test]
+    fn predicted_reads_less_than_optimized() {
+        let shares = [1, 3, 5, 7, 9];
+        let mut reads = Vec::new();
+        for algorithm in [Algorithm::Optimized, Algorithm::Predicted] {
+            let mut alps = Alps::new(config(algorithm), &shares).unwrap();
+            let mut cpu = SimCpu::new(5, 3_000_000);
+            drive(&mut alps, &mut cpu, 2_500, &|_, _| true);
+            reads.push(alps.reads());
+        }
+        assert!(
+            reads[1] * 3 < reads[0] * 2,
+            "optimized {} predicted {}",
+            reads[0],
+            reads[1]
+        );
+    }
+
+    #[test]
+    fn predicted_reads_come_forward_when_others_stop() {
+        // Two members split one CPU; the first uses up its allowance and is stopped, so
+        // the second now gets the whole CPU: its next reading must come forward to what
+        // the whole CPU would use up, not stay where half a CPU put it.
+        let q = 20_000_000;
+        let mut alps = Alps::new(config(Algorithm::Predicted), &[1, 8]).unwrap();
+        let p = |cpu_ns| Progress {
+            cpu_ns,
+            blocked: false,
+        };
+        alps.prime(0, 0);
+        alps.prime(1, 0);
+        alps.begin_quantum(Nanos(q));
+        alps.end_quantum(Nanos(q), &[(0, p(q / 2)), (1, p(q / 2))]);
+        // Member 1: 7.5 quanta left at half a CPU, read again before 15 quanta from now.
+        let planned = alps.members[1].next_read_ns;
+        assert!(planned > 8 * q && planned < 16 * q, "{planned}");
+        alps.begin_quantum(Nanos(2 * q));
+        let out = alps.end_quantum(Nanos(2 * q), &[(0, p(q + 1))]);
+        assert_eq!(out.stop, vec![0]);
+        // About 7 quanta left now (it used about half a quantum since), on the whole CPU.
+        let moved = alps.members[1].next_read_ns;
+        assert!(
+            moved < planned && moved < 2 * q + 7 * q,
+            "{moved} vs {planned}"
+        );
+        // Never before the optimised algorithm's bound: 7.5 quanta after its reading.
+        assert!(moved >= q + 15 * q / 2, "{moved}");
     }
 
     #[test]
@@ -883,7 +995,7 @@ mod tests {
 
     #[test]
     fn while_one_sleeps_the_others_split_by_their_shares_and_cycles_keep_ending() {
-        for algorithm in [Algorithm::Basic, Algorithm::Optimized] {
+        for algorithm in [Algorithm::Basic, Algorithm::Optimized, Algorithm::Predicted] {
             let mut alps = Alps::new(config(algorithm), &[1, 2, 3]).unwrap();
             let mut cpu = SimCpu::new(3, 2_000_000);
             // Member 1 sleeps throughout.
@@ -947,9 +1059,9 @@ mod tests {
         fn long_run_fractions_follow_shares(
             shares in prop::collection::vec(1u64..12, 2..8),
             slice_ms in 1u64..20,
-            optimized in any::<bool>(),
+            variant in 0u8..3,
         ) {
-            let algorithm = if optimized { Algorithm::Optimized } else { Algorithm::Basic };
+            let algorithm = [Algorithm::Basic, Algorithm::Optimized, Algorithm::Predicted][usize::from(variant)];
             let mut alps = Alps::new(config(algorithm), &shares).unwrap();
             let total: u64 = shares.iter().sum();
             let mut cpu = SimCpu::new(shares.len(), slice_ms * 1_000_000);

@@ -58,6 +58,14 @@ pub const PREDICTED_READ_FRACTION: f64 = 0.85;
 /// member.
 pub const PREDICTED_MAX_WAIT_QUANTA: f64 = 8.0;
 
+/// Under [`Algorithm::Predicted`], a member left with at most this much allowance (in
+/// quanta) is stopped at once and keeps the rest for the next cycle, rather than being
+/// read again and again for a remainder the kernel may not even let it run before the
+/// next tick. The cycle does not wait for such remainders: it ends when no present member
+/// has more than this left, and what each kept is added to its next allowance, so the
+/// long-run shares are unchanged.
+pub const PREDICTED_STOP_TOLERANCE_QUANTA: f64 = 0.06;
+
 /// Parameters of the scheduler.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AlpsConfig {
@@ -182,6 +190,28 @@ impl Alps {
         i128::from(s) * i128::from(self.config.quantum_ns)
     }
 
+    /// The allowance (quanta) at or below which a member is stopped.
+    fn stop_tolerance(&self) -> f64 {
+        match self.config.algorithm {
+            Algorithm::Predicted => PREDICTED_STOP_TOLERANCE_QUANTA,
+            Algorithm::Basic | Algorithm::Optimized => 0.0,
+        }
+    }
+
+    /// What is left of the cycle for the members that may still run (ns): the cycle's
+    /// remaining time less the remainders that stopped members keep for the next cycle.
+    fn live_remaining_ns(&self) -> i128 {
+        let tol = self.stop_tolerance();
+        let q = self.config.quantum_ns as f64;
+        let kept: f64 = self
+            .members
+            .iter()
+            .filter(|m| m.active && m.allowance <= tol)
+            .map(|m| m.allowance.max(0.0) * q)
+            .sum();
+        self.cycle_remaining_ns - kept as i128
+    }
+
     /// The configuration.
     pub fn config(&self) -> AlpsConfig {
         self.config
@@ -286,7 +316,8 @@ impl Alps {
     /// instead of up to a quantum late, or, if the members got less than every CPU, finds
     /// what is left and predicts again.
     pub fn cycle_end_in_ns(&self, now: Nanos) -> Option<u64> {
-        if self.cycle_remaining_ns <= 0 {
+        let remaining = self.live_remaining_ns();
+        if remaining <= 0 {
             return None;
         }
         let mut par = 0u32;
@@ -300,7 +331,7 @@ impl Alps {
         if cpus == 0 {
             return None;
         }
-        let t = self.cycle_remaining_ns / i128::from(cpus);
+        let t = remaining / i128::from(cpus);
         (t < i128::from(self.config.quantum_ns)).then_some(t as u64)
     }
 
@@ -403,7 +434,7 @@ impl Alps {
         let by_cpus = u128::from(now.0 - oldest) * u128::from(self.cpus);
         let unread = per_member.min(by_cpus) as i128;
         let rate = i128::from(par.min(self.cpus).max(1));
-        let left = (self.cycle_remaining_ns - unread).max(0) / rate;
+        let left = (self.live_remaining_ns() - unread).max(0) / rate;
         let cycle_end = now
             .0
             .saturating_add(left.min(i128::from(u64::MAX >> 1)) as u64);
@@ -439,7 +470,7 @@ impl Alps {
         }
         let by_cpus = u128::from(horizon - oldest) * u128::from(self.cpus);
         let unread_bound = per_member.min(by_cpus) as i128;
-        let read_all = basic || self.cycle_remaining_ns <= unread_bound;
+        let read_all = basic || self.live_remaining_ns() <= unread_bound;
         let due: Vec<usize> = self
             .members
             .iter()
@@ -483,8 +514,12 @@ impl Alps {
             }
         }
 
+        let tol = self.stop_tolerance();
         let mut cycle_ended = false;
-        if self.cycle_remaining_ns <= 0 && self.cycle_length_ns() > 0 {
+        // The cycle ends when what is left of it is only what stopped members keep, or
+        // when no present member may run any more (whatever rounding left over).
+        let none_may_run = !self.members.iter().any(|m| m.active && m.allowance > tol);
+        if (self.live_remaining_ns() <= 0 || none_may_run) && self.cycle_length_ns() > 0 {
             // End of cycle: extend, never reset, so errors carry over (section 3.1).
             cycle_ended = true;
             self.cycles += 1;
@@ -506,7 +541,7 @@ impl Alps {
             if cycle_ended {
                 m.allowance += m.share as f64;
             }
-            let eligible = m.allowance > 0.0;
+            let eligible = m.allowance > tol;
             if eligible != m.eligible {
                 m.eligible = eligible;
                 if eligible {
@@ -960,6 +995,37 @@ mod tests {
         assert_eq!(alps.cycle_end_in_ns(Nanos(2 * q)), Some(7_500_000));
         // A reading older than `now`: the remaining time is not known, no prediction.
         assert_eq!(alps.cycle_end_in_ns(Nanos(2 * q + 1)), None);
+    }
+
+    #[test]
+    fn a_small_remainder_is_kept_for_the_next_cycle() {
+        let q = 20_000_000u64;
+        let tol = (PREDICTED_STOP_TOLERANCE_QUANTA * q as f64) as u64;
+        let mut alps = Alps::new(config(Algorithm::Predicted), &[1, 1]).unwrap();
+        alps.prime(0, 0);
+        alps.prime(1, 0);
+        // Member 0 is a hair inside the tolerance: stopped now, not read again for it.
+        alps.begin_step(Nanos(q), Nanos(q), &[0, 1]);
+        let out = alps.end_quantum(Nanos(q), &[(0, p_of(q - tol / 2)), (1, p_of(q / 2))]);
+        assert_eq!(out.stop, vec![0]);
+        assert!(!out.cycle_ended);
+        // Member 1 is stopped inside the tolerance too: only kept remainders are left, so
+        // the cycle ends at once rather than waiting on members that will not run.
+        alps.begin_step(Nanos(2 * q), Nanos(2 * q), &[1]);
+        let out = alps.end_quantum(Nanos(2 * q), &[(1, p_of(q - tol / 4))]);
+        assert!(out.cycle_ended);
+        assert_eq!(out.resume, vec![0]);
+        // Both carry what they kept into the new cycle: share plus remainder.
+        assert!((alps.allowance(0) - (1.0 + PREDICTED_STOP_TOLERANCE_QUANTA / 2.0)).abs() < 1e-9);
+        assert!((alps.allowance(1) - (1.0 + PREDICTED_STOP_TOLERANCE_QUANTA / 4.0)).abs() < 1e-9);
+        assert!(alps.is_eligible(1));
+        // The optimised algorithm keeps the paper's rule: run until nothing is left.
+        let mut opt = Alps::new(config(Algorithm::Optimized), &[1, 1]).unwrap();
+        opt.prime(0, 0);
+        opt.prime(1, 0);
+        opt.begin_quantum(Nanos(q));
+        let out = opt.end_quantum(Nanos(q), &[(0, p_of(q - tol / 2)), (1, p_of(q / 2))]);
+        assert!(out.stop.is_empty());
     }
 
     #[test]

@@ -8,7 +8,11 @@
 //! CPU time: where the process's CPU clock can be read (`clock_gettime` on its
 //! `CPUCLOCK_SCHED` clock, which the kernel brings up to date for a task running at that
 //! instant) and a pidfd is held, that is the reading: one call for every thread, live or
-//! exited, to the nanosecond. `schedstat` (what the other path reads) is only brought up to
+//! exited, to the nanosecond. The clock is named by the PID, so it could only ever read
+//! another process if this one were reaped and its PID handed out again; the kernel hands
+//! PIDs out in turn, so that takes every other PID being used first, and
+//! [`ProcHandle::refresh_tasks`] (about once a second) asks the pidfd whether the process
+//! exited. A reading is therefore one system call, not two. `schedstat` (what the other path reads) is only brought up to
 //! date at a context switch or a scheduler tick, so a task running on another CPU reads up
 //! to one tick (4 ms at 250 Hz) behind.
 
@@ -202,8 +206,12 @@ impl ProcHandle {
     }
 
     /// Re-lists the process's threads: opens new ones (their CPU until now is not
-    /// counted), forgets exited ones (keeping the CPU they used).
+    /// counted), forgets exited ones (keeping the CPU they used). Fails with
+    /// [`ProcError::Gone`] once the process has exited.
     pub fn refresh_tasks(&mut self) -> Result<(), ProcError> {
+        if self.pidfd.as_ref().is_some_and(pidfd_exited) {
+            return Err(ProcError::Gone { pid: self.pid });
+        }
         let tids = procfs::task_ids(self.pid)?;
         let live: std::collections::BTreeSet<i32> = tids.iter().copied().collect();
         let gone: Vec<i32> = self
@@ -269,15 +277,13 @@ impl ProcHandle {
     }
 
     /// CPU used since opened, from the process CPU clock alone (no `/proc` read) where it
-    /// is available and the process has not exited; a full [`ProcHandle::sample`]
+    /// can be read (a zombie's is frozen at its total); a full [`ProcHandle::sample`]
     /// otherwise.
     pub fn cpu_now(&mut self) -> Result<u64, ProcError> {
-        if let (Some(ns), Some(fd)) = (self.clock_now(), &self.pidfd) {
-            if !pidfd_exited(fd) {
-                if let Some(c) = self.clock.as_mut() {
-                    c.last_ns = ns;
-                    return Ok(ns - c.origin_ns);
-                }
+        if let Some(ns) = self.clock_now() {
+            if let Some(c) = self.clock.as_mut() {
+                c.last_ns = ns;
+                return Ok(ns - c.origin_ns);
             }
         }
         self.sample().map(|s| s.cpu_ns)
@@ -290,8 +296,8 @@ impl ProcHandle {
     /// clock) a full sample.
     pub fn sample_cpu(&mut self, min_progress_ns: u64) -> Result<Sample, ProcError> {
         if min_progress_ns > 0 {
-            if let (Some(ns), Some(fd), Some(c)) = (self.clock_now(), &self.pidfd, self.clock) {
-                if ns - c.last_ns >= min_progress_ns && !pidfd_exited(fd) {
+            if let (Some(ns), Some(c)) = (self.clock_now(), self.clock) {
+                if ns - c.last_ns >= min_progress_ns {
                     if let Some(c) = self.clock.as_mut() {
                         c.last_ns = ns;
                     }

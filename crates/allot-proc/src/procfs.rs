@@ -75,11 +75,27 @@ pub fn ticks_to_ns(ticks: u64) -> u64 {
     ticks.saturating_mul(1_000_000_000 / clock_ticks_per_sec())
 }
 
-/// Reads and parses `/proc/PID/stat`.
+/// Reads and parses `/proc/PID/stat`: one `read` into a buffer that holds any stat line
+/// (the kernel writes the whole line at once), so open, read and close are the only
+/// system calls; the loops read these every second.
 pub fn read_stat(pid: i32) -> Result<StatFields, ProcError> {
     let path = format!("/proc/{pid}/stat");
-    let text = fs::read_to_string(&path).map_err(|e| gone_or_io(pid, &path, e))?;
-    parse_stat(&text).ok_or(ProcError::Gone { pid })
+    let io = |e| gone_or_io(pid, &path, e);
+    let mut file = fs::File::open(&path).map_err(io)?;
+    let mut buf = [0u8; 2048];
+    let mut len = 0;
+    while len < buf.len() {
+        match std::io::Read::read(&mut file, &mut buf[len..]).map_err(io)? {
+            0 => break,
+            n => len += n,
+        }
+        // A line read whole ends with a newline: no need to ask again for the end.
+        if buf[len - 1] == b'\n' {
+            break;
+        }
+    }
+    // A command name may hold any bytes.
+    parse_stat(&String::from_utf8_lossy(&buf[..len])).ok_or(ProcError::Gone { pid })
 }
 
 pub(crate) fn gone_or_io(pid: i32, path: &str, e: std::io::Error) -> ProcError {
@@ -198,7 +214,9 @@ fn process_info(pid: i32) -> Option<ProcessInfo> {
 
 /// This process's own CPU time in nanoseconds (all its threads).
 pub fn self_cpu_ns() -> u64 {
-    cpu_ns(std::process::id() as i32).unwrap_or(0)
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_PROCESS_CPUTIME_ID).map_or(0, |t| {
+        t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
+    })
 }
 
 #[cfg(test)]

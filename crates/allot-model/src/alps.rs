@@ -837,15 +837,15 @@ mod tests {
         );
     }
 
-    /// Drives `alps` for `quanta` ticks, stepping only on the ticks `next_due_ns` asks
-    /// for, as the shell does; returns the steps taken.
-    fn drive_skipping(alps: &mut Alps, cpu: &mut SimCpu, quanta: u64) -> u64 {
+    /// Drives `alps` for `quanta` ticks, every tick or (`skip`) only the ticks
+    /// `next_due_ns` asks for, as the shell does; returns the steps taken.
+    fn drive_steps(alps: &mut Alps, cpu: &mut SimCpu, quanta: u64, skip: bool) -> u64 {
         let q = alps.config().quantum_ns;
         let mut steps = 0;
         for k in 0..quanta {
             cpu.run(q, &|_| true);
             let now = Nanos((k + 1) * q);
-            if alps.next_due_ns(now) > now.0 {
+            if skip && alps.next_due_ns(now) > now.0 {
                 continue;
             }
             steps += 1;
@@ -870,7 +870,7 @@ mod tests {
         for algorithm in [Algorithm::Optimized, Algorithm::Predicted] {
             let mut alps = Alps::new(config(algorithm), &shares).unwrap();
             let mut cpu = SimCpu::new(5, 3_000_000);
-            let steps = drive_skipping(&mut alps, &mut cpu, 2_500);
+            let steps = drive_steps(&mut alps, &mut cpu, 2_500, true);
             runs.push((steps, alps.reads()));
         }
         assert!(runs[1].0 * 3 < runs[0].0 * 2, "steps {:?}", runs);
@@ -978,30 +978,11 @@ mod tests {
     fn skipping_ticks_changes_no_decision() {
         // Every tick against only the ticks `next_due_ns` asks for: the same CPU split.
         let shares = [1, 9, 20];
-        let q = 20_000_000u64;
         let mut runs = Vec::new();
         for skip in [false, true] {
             let mut alps = Alps::new(config(Algorithm::Optimized), &shares).unwrap();
             let mut cpu = SimCpu::new(5, 3_000_000);
-            let mut steps = 0;
-            for k in 0..2_500u64 {
-                cpu.run(q, &|_| true);
-                let now = Nanos((k + 1) * q);
-                if skip && alps.next_due_ns(now) > now.0 {
-                    continue;
-                }
-                steps += 1;
-                let due = alps.begin_quantum(now);
-                let readings: Vec<(usize, Progress)> =
-                    due.iter().map(|&i| (i, p_of(cpu.cpu_ns[i]))).collect();
-                let out = alps.end_quantum(now, &readings);
-                for &i in &out.stop {
-                    cpu.stopped[i] = true;
-                }
-                for &i in &out.resume {
-                    cpu.stopped[i] = false;
-                }
-            }
+            let steps = drive_steps(&mut alps, &mut cpu, 2_500, skip);
             runs.push((cpu.cpu_ns.clone(), steps, alps.reads()));
         }
         assert_eq!(runs[0].0, runs[1].0, "the same CPU split");
